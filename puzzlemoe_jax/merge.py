@@ -1,0 +1,277 @@
+"""Dual-mask pairwise sparse merging of experts (PuzzleMoE), as jit-compiled array ops.
+
+For two experts' weights ``a = W_i``, ``b = W_j`` (same matrix, element by element):
+
+* similarity mask: ``M_sim = | |a| - |b| | <= t * max(|a|, |b|)`` (relative magnitude difference).
+  Signs are stored per expert, so only magnitudes need to agree.  The default
+  ``t = 2 - sqrt(2)`` is where sharing the average stops beating keeping one expert exactly:
+  sharing costs ``(|a|-|b|)**2 / 2``; giving the element to one expert costs the other's
+  ``min(|a|,|b|)**2``; the two are equal at ``|a|-|b| = sqrt(2) * min``.
+* saliency: ``score = |W|**2`` (``"magnitude"``), or ``|W|**2 * E[x_k**2]`` with per-expert
+  input second moments (``"activation"``, Wanda-style; needs calibration statistics).
+* where the experts are not similar, the element goes to the expert with the larger score
+  (``M_sal``) and is zero for the other.  The paper's formula would add both magnitudes where
+  both are salient, which is right for neither; never pruning both keeps the error lower than
+  any saliency-fraction cut.
+* merged magnitude ``W = M_sim*(|a|+|b|)/2 + (1-M_sim)*(M_sal_i*|a| + M_sal_j*|b|)``; expert i is
+  recovered as ``sign_i * W`` where ``M_sim | M_sal_i``, zero elsewhere.
+
+Pairing within a layer (``choose_pairs``) minimises the summed relative merge error of the pairs
+(estimated on a fixed subsample of elements), by greedy matching refined with 2-opt swaps.
+``ratio`` is the fraction of expert memory saved: each merged pair stores one matrix instead of
+two, so ``ratio * E`` pairs are merged (0.5 merges every expert); the cheapest pairs go first.
+
+Expert matrices use the Flax ``x @ W`` layout: ``w_gate``/``w_up`` ``[E, H, I]``,
+``w_down`` ``[E, I, H]``; any leading axes (layers, pairs) broadcast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from puzzlemoe_jax import codec
+
+MATRICES = ("w_gate", "w_up", "w_down")
+DEFAULT_SIMILARITY = 2.0 - math.sqrt(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    """The method's open choices, with the defaults that keep merged experts closest."""
+    similarity_threshold: float = DEFAULT_SIMILARITY  # max | |a|-|b| | / max(|a|,|b|) to share
+    saliency: str = "magnitude"       # "magnitude" | "activation" (needs input second moments)
+    pairing: str = "min_error"        # "min_error" | "sequential" ((0,1), (2,3), ...)
+    pairing_sample: int = 1 << 16     # elements per matrix used to estimate pair costs
+    strict: bool = False              # raise when a magnitude saturates the 5-bit exponent
+
+    def __post_init__(self):
+        if not 0.0 <= self.similarity_threshold <= 1.0:
+            raise ValueError(f"similarity_threshold must be in [0, 1], got {self.similarity_threshold}")
+        if self.saliency not in ("magnitude", "activation"):
+            raise ValueError(f"saliency must be 'magnitude' or 'activation', got {self.saliency!r}")
+        if self.pairing not in ("min_error", "sequential"):
+            raise ValueError(f"pairing must be 'min_error' or 'sequential', got {self.pairing!r}")
+        if self.pairing_sample < 1:
+            raise ValueError(f"pairing_sample must be positive, got {self.pairing_sample}")
+
+
+def merge_rule(a, b, score_a, score_b, threshold):
+    """Element-wise rule on magnitudes a, b: (similar, i_wins, merged magnitude), in f32."""
+    hi, lo = jnp.maximum(a, b), jnp.minimum(a, b)
+    similar = (hi - lo) <= threshold * hi
+    i_wins = score_a >= score_b
+    magnitude = jnp.where(similar, (a + b) * 0.5, jnp.where(i_wins, a, b))
+    return similar, i_wins, magnitude
+
+
+def _scores(a, b, imp_i, imp_j):
+    return a * a * imp_i, b * b * imp_j
+
+
+@jax.jit
+def _merge_core(w_i, w_j, imp_i, imp_j, threshold):
+    """Merge, pack and measure; stats are reduced over the last two (matrix) axes."""
+    a = jnp.abs(w_i.astype(jnp.float32))
+    b = jnp.abs(w_j.astype(jnp.float32))
+    similar, i_wins, magnitude = merge_rule(a, b, *_scores(a, b, imp_i, imp_j), threshold)
+    words, flags = codec.encode_words(magnitude, similar | i_wins, similar | ~i_wins,
+                                      w_i < 0, w_j < 0)
+    hat_i, hat_j = codec.decode(words)
+    mean = lambda x: jnp.mean(x, axis=(-2, -1), dtype=jnp.float32)
+    total = lambda x: jnp.sum(x, axis=(-2, -1), dtype=jnp.int32)
+
+    def rel_err(hat, w):
+        w = w.astype(jnp.float32)
+        num = jnp.sum(jnp.square(hat.astype(jnp.float32) - w), axis=(-2, -1))
+        den = jnp.sum(jnp.square(w), axis=(-2, -1))
+        return jnp.sqrt(num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny))
+
+    stats = dict(
+        frac_similar=mean(similar), frac_salient_i=mean(~similar & i_wins),
+        frac_salient_j=mean(~similar & ~i_wins),
+        frac_kept_i=mean((words & (1 << codec.MASK_I_BIT)) != 0),
+        frac_kept_j=mean((words & (1 << codec.MASK_J_BIT)) != 0),
+        rel_err_i=rel_err(hat_i, w_i), rel_err_j=rel_err(hat_j, w_j),
+        rounded_to_zero=total(flags["rounded_to_zero"]), rounded_to_min=total(flags["rounded_to_min"]),
+        saturated=total(flags["saturated"]),
+        nonfinite=total(~jnp.isfinite(w_i)) + total(~jnp.isfinite(w_j)))
+    return words, stats
+
+
+def _importance(config: MergeConfig, imp, shape_kn):
+    """Per-input-row importance multiplier broadcastable to [..., K, N] (1 for magnitude)."""
+    if config.saliency == "magnitude":
+        return jnp.float32(1.0)
+    if imp is None:
+        raise ValueError("saliency='activation' needs input second moments for every expert")
+    imp = jnp.asarray(imp, jnp.float32)
+    if imp.shape[-1] != shape_kn[0]:
+        raise ValueError(f"input second moments have {imp.shape[-1]} features, the matrix has "
+                         f"{shape_kn[0]} input rows")
+    return imp[..., :, None]
+
+
+def merge_pairs(w_i, w_j, config: MergeConfig = MergeConfig(), imp_i=None, imp_j=None,
+                name: str = "weights"):
+    """Merge expert matrices ``w_i[..., K, N]`` with ``w_j[..., K, N]`` into packed uint16 words.
+
+    ``imp_*``: per-expert input second moments ``[..., K]`` (only for ``saliency="activation"``).
+    Returns ``(words, stats)``; stats maps each statistic to a numpy array over the leading axes.
+    Raises ValueError for NaN/Inf weights or, when ``config.strict``, for saturated magnitudes.
+    """
+    w_i, w_j = jnp.asarray(w_i), jnp.asarray(w_j)
+    if w_i.shape != w_j.shape or w_i.ndim < 2:
+        raise ValueError(f"{name}: expert matrices must have one shape [..., K, N], got "
+                         f"{w_i.shape} and {w_j.shape}")
+    words, stats = _merge_core(w_i, w_j, _importance(config, imp_i, w_i.shape[-2:]),
+                               _importance(config, imp_j, w_i.shape[-2:]),
+                               jnp.float32(config.similarity_threshold))
+    stats = {k: np.asarray(v) for k, v in stats.items()}
+    if stats["nonfinite"].sum():
+        raise ValueError(f"{name}: {int(stats['nonfinite'].sum())} NaN/Inf weights; "
+                         "expert weights must be finite")
+    if config.strict and stats["saturated"].sum():
+        raise ValueError(f"{name}: {int(stats['saturated'].sum())} magnitudes >= 2**17 do not fit "
+                         "the 5-bit exponent (strict mode)")
+    return words, stats
+
+
+@jax.jit
+def _pair_costs_row(w_row, w_all, imp_row, imp_all, threshold):
+    """Relative squared merge error of expert `row` paired with each expert: [E] (f32, no rounding)."""
+    a = jnp.abs(w_row)[None]
+    b = jnp.abs(w_all)
+    similar, i_wins, mag = merge_rule(a, b, *_scores(a, b, imp_row[None], imp_all), threshold)
+    err_a = jnp.where(similar | i_wins, mag - a, a)
+    err_b = jnp.where(similar | ~i_wins, mag - b, b)
+    num = jnp.sum(imp_row[None] * err_a ** 2 + imp_all * err_b ** 2, axis=-1)
+    den = jnp.sum(imp_row[None] * a ** 2 + imp_all * b ** 2, axis=-1)
+    return num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)
+
+
+def pair_costs(weights: Mapping[str, jax.Array], config: MergeConfig = MergeConfig(),
+               importance: Mapping[str, jax.Array] | None = None) -> np.ndarray:
+    """[E, E] matrix of summed relative merge errors over the matrices (diagonal = inf)."""
+    rng = np.random.default_rng(0)
+    samples, imps = [], []
+    for name, w in weights.items():
+        e, k, n = w.shape
+        idx = np.sort(rng.choice(k * n, size=min(config.pairing_sample, k * n), replace=False))
+        samples.append(jnp.asarray(w).reshape(e, k * n)[:, idx].astype(jnp.float32))
+        if config.saliency == "activation":
+            imps.append(_importance(config, (importance or {}).get(name), (k, n))[..., 0][:, idx // n])
+        else:
+            imps.append(jnp.ones((e, idx.size), jnp.float32))
+    w_all, imp_all = jnp.concatenate(samples, axis=1), jnp.concatenate(imps, axis=1)
+    thr = jnp.float32(config.similarity_threshold)
+    cost = np.stack([np.asarray(_pair_costs_row(w_all[r], w_all, imp_all[r], imp_all, thr))
+                     for r in range(w_all.shape[0])])
+    np.fill_diagonal(cost, np.inf)
+    return cost
+
+
+def min_cost_matching(cost: np.ndarray) -> list[tuple[int, int]]:
+    """Perfect matching (one expert left out if E is odd) of low total cost: greedy, then 2-opt."""
+    e = cost.shape[0]
+    free, pairs = set(range(e)), []
+    for flat in np.argsort(np.triu(cost, 1) + np.tril(np.full_like(cost, np.inf)), axis=None):
+        i, j = divmod(int(flat), e)
+        if i < j and i in free and j in free:
+            pairs.append((i, j))
+            free -= {i, j}
+    improved = True
+    while improved:
+        improved = False
+        for p in range(len(pairs)):
+            for q in range(p + 1, len(pairs)):
+                (a, b), (c, d) = pairs[p], pairs[q]
+                now = cost[a, b] + cost[c, d]
+                for new in (((a, c), (b, d)), ((a, d), (b, c))):
+                    if cost[new[0]] + cost[new[1]] < now - 1e-12:
+                        pairs[p], pairs[q] = (tuple(sorted(new[0])), tuple(sorted(new[1])))
+                        now, improved = cost[new[0]] + cost[new[1]], True
+                        (a, b), (c, d) = pairs[p], pairs[q]
+    return pairs
+
+
+def pairs_for_ratio(num_experts: int, ratio: float) -> int:
+    """How many pairs to merge to save ``ratio`` of the expert memory (0 <= ratio <= 0.5)."""
+    if not 0.0 <= ratio <= 0.5:
+        raise ValueError(f"ratio must be in [0, 0.5] (pairwise merging saves at most half), got {ratio}")
+    return min(int(math.floor(ratio * num_experts + 0.5)), num_experts // 2)
+
+
+def choose_pairs(weights: Mapping[str, jax.Array], n_pairs: int, config: MergeConfig = MergeConfig(),
+                 importance: Mapping[str, jax.Array] | None = None) -> np.ndarray:
+    """Pick ``n_pairs`` disjoint expert pairs to merge: int32 [n_pairs, 2], each row (i < j)."""
+    e = next(iter(weights.values())).shape[0]
+    if n_pairs > e // 2:
+        raise ValueError(f"cannot merge {n_pairs} disjoint pairs out of {e} experts")
+    if n_pairs == 0:
+        return np.zeros((0, 2), np.int32)
+    if config.pairing == "sequential":
+        return np.arange(2 * n_pairs, dtype=np.int32).reshape(n_pairs, 2)
+    cost = pair_costs(weights, config, importance)
+    pairs = sorted(min_cost_matching(cost), key=lambda p: cost[p])[:n_pairs]
+    return np.asarray(sorted(pairs), np.int32).reshape(n_pairs, 2)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedExperts:
+    """One MoE layer's experts after merging: packed pairs plus the experts left dense.
+
+    ``packed[name]`` is uint16 ``[P, K, N]`` (codec layout, expert ``pairs[p, 0]`` is "i",
+    ``pairs[p, 1]`` is "j"); ``dense[name]`` holds experts ``dense_ids`` unchanged.
+    """
+    pairs: jax.Array                 # int32 [P, 2]
+    packed: dict[str, jax.Array]     # name -> uint16 [P, K, N]
+    dense_ids: jax.Array             # int32 [E - 2P]
+    dense: dict[str, jax.Array]      # name -> [E - 2P, K, N]
+    num_experts: int = dataclasses.field(metadata=dict(static=True))
+
+    def unpack(self, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
+        """Decoded ``[E, K, N]`` weights of every expert: the plain-jnp reference form."""
+        out = {}
+        for name, words in self.packed.items():
+            hat_i, hat_j = codec.decode(words)
+            dense = self.dense[name]
+            full = jnp.zeros((self.num_experts,) + words.shape[1:], dtype)
+            full = full.at[self.pairs[:, 0]].set(hat_i.astype(dtype))
+            full = full.at[self.pairs[:, 1]].set(hat_j.astype(dtype))
+            out[name] = full.at[self.dense_ids].set(dense.astype(dtype))
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of expert weights held (packed + dense)."""
+        return sum(int(x.size) * x.dtype.itemsize for x in (*self.packed.values(), *self.dense.values()))
+
+
+def compress_layer(weights: Mapping[str, jax.Array], ratio: float = 0.5,
+                   config: MergeConfig = MergeConfig(),
+                   importance: Mapping[str, jax.Array] | None = None):
+    """Merge one layer's experts ``{name: [E, K, N]}`` at ``ratio``: (PackedExperts, stats).
+
+    stats maps each matrix name to ``merge_pairs`` statistics (one entry per pair) and holds
+    ``"pairs"``.  ``importance`` maps names to per-expert input second moments ``[E, K]``.
+    """
+    shapes = {name: tuple(w.shape) for name, w in weights.items()}
+    if not weights or len({s[0] for s in shapes.values()}) != 1 or any(len(s) != 3 for s in shapes.values()):
+        raise ValueError(f"expected {{name: [E, K, N]}} with one expert count E, got {shapes}")
+    e = next(iter(shapes.values()))[0]
+    pairs = choose_pairs(weights, pairs_for_ratio(e, ratio), config, importance)
+    dense_ids = np.setdiff1d(np.arange(e), pairs.ravel()).astype(np.int32)
+    packed, dense, stats = {}, {}, {"pairs": pairs}
+    for name, w in weights.items():
+        w = jnp.asarray(w)
+        imp = (importance or {}).get(name)
+        imp_i, imp_j = (None, None) if imp is None else (jnp.asarray(imp)[pairs[:, 0]], jnp.asarray(imp)[pairs[:, 1]])
+        packed[name], stats[name] = merge_pairs(w[pairs[:, 0]], w[pairs[:, 1]], config, imp_i, imp_j,
+                                                name=name)
+        dense[name] = w[dense_ids]
+    return PackedExperts(jnp.asarray(pairs), packed, jnp.asarray(dense_ids), dense, e), stats

@@ -1,0 +1,15 @@
+"""GPU decode-GEMM kernels for packed (merged) expert pairs; see kernels/decode_gemm.py."""
+from kernels.decode_gemm import (  # noqa: F401
+    IMPLS,
+    LAYER_KERNEL_MAX_TOKENS,
+    PAIR_KERNEL_MAX_M,
+    TileConfig,
+    decode_tile,
+    dual_decode_gemm,
+    dual_decode_gemm_reference,
+    grouped_dual_gemm,
+    grouped_dual_gemm_reference,
+    layer_config,
+    packed_moe_ffn,
+    pair_config,
+)

@@ -1,0 +1,397 @@
+"""Flax NNX causal LMs for the MoE families we compress: Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-MoE.
+
+One decoder serves all four; ``ModelConfig`` (parsed from a Hugging Face ``config.json``, v4 or
+v5 spellings) holds the differences.  Kernels use the Flax ``x @ W`` layout (``[in, out]``).
+The routed experts of each MoE layer are either dense (``DenseExperts``: ``[E, K, N]``) or merged
+pairs (``PackedExpertsModule``, the ``merge.PackedExperts`` arrays), chosen per layer.
+
+Numerics follow transformers' eager PyTorch forward: RMSNorm in fp32 cast back before the scale,
+RoPE tables in fp32 cast to the activation dtype, attention softmax in fp32, router softmax in
+fp32 (Mixtral keeps fp32 routing weights, the others cast them to the activation dtype).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from puzzlemoe_jax.merge import MATRICES, PackedExperts
+from puzzlemoe_jax.moe import IMPLS, moe_ffn
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek")
+
+
+class ConfigError(ValueError):
+    """A config.json this library cannot represent (unknown model_type, unsupported option)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the forward pass needs; ``from_hf`` fills it from a config.json dict."""
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int          # dense MLP layers (Qwen mlp_only_layers, DeepSeek first layers)
+    moe_intermediate_size: int      # one routed expert
+    num_experts: int
+    top_k: int
+    moe_layers: tuple[int, ...]     # indices of the MoE layers; the rest use the dense MLP
+    norm_topk_prob: bool = False    # renormalise the top-k routing weights (Mixtral: always)
+    shared_intermediate_size: int = 0   # 0: no shared expert
+    shared_gate: bool = False       # Qwen2-MoE: shared expert output times sigmoid(x @ gate)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False           # Qwen3-MoE: per-head RMSNorm on q and k before RoPE
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    routed_scaling_factor: float = 1.0
+
+    @property
+    def routing_fp32(self) -> bool:
+        """Mixtral feeds fp32 routing weights to the experts; the others the activation dtype."""
+        return self.model_type == "mixtral"
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
+        """Parse a Hugging Face config.json dict (v4 Hub or v5 ``save_pretrained`` spellings)."""
+        mt = hf.get("model_type")
+        if mt not in ARCHS:
+            raise ConfigError(f"unknown model_type {mt!r} in config.json; supported: {', '.join(ARCHS)}")
+
+        def need(*keys):
+            for k in keys:
+                if hf.get(k) is not None:
+                    return hf[k]
+            raise ConfigError(f"config.json ({mt}) lacks {' / '.join(keys)}")
+
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling")
+        rope_type = rope.get("rope_type", (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")))
+        if rope_type != "default":
+            raise ConfigError(f"rope scaling {rope_type!r} is not supported (only the default RoPE)")
+        theta = float(rope.get("rope_theta", hf.get("rope_theta") or (1e6 if mt == "mixtral" else 1e4)))
+        h, nh = int(need("hidden_size")), int(need("num_attention_heads"))
+        nl = int(need("num_hidden_layers"))
+        common = dict(model_type=mt, vocab_size=int(need("vocab_size")), hidden_size=h,
+                      num_layers=nl, num_heads=nh,
+                      num_kv_heads=int(hf.get("num_key_value_heads") or nh),
+                      head_dim=int(hf.get("head_dim") or h // nh),
+                      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+                      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        if mt in ("qwen2_moe", "qwen3_moe") and hf.get("use_sliding_window"):
+            raise ConfigError(f"{mt}: use_sliding_window=true is not supported")
+        if mt == "mixtral":
+            return cls(**common, intermediate_size=int(need("intermediate_size")),
+                       moe_intermediate_size=int(need("intermediate_size")),
+                       num_experts=int(need("num_local_experts", "num_experts")),
+                       top_k=int(need("num_experts_per_tok")), moe_layers=tuple(range(nl)),
+                       norm_topk_prob=True, sliding_window=hf.get("sliding_window") or None)
+        if mt in ("qwen2_moe", "qwen3_moe"):
+            e = int(need("num_experts", "num_local_experts"))
+            step = int(hf.get("decoder_sparse_step", 1))
+            dense = set(hf.get("mlp_only_layers") or [])
+            moe = tuple(i for i in range(nl) if i not in dense and e > 0 and (i + 1) % step == 0)
+            q2 = mt == "qwen2_moe"
+            return cls(**common, intermediate_size=int(need("intermediate_size")),
+                       moe_intermediate_size=int(need("moe_intermediate_size")), num_experts=e,
+                       top_k=int(need("num_experts_per_tok")), moe_layers=moe,
+                       norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                       shared_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0) if q2 else 0,
+                       shared_gate=q2, qkv_bias=bool(hf.get("qkv_bias", True)) if q2 else bool(hf.get("attention_bias", False)),
+                       o_bias=False if q2 else bool(hf.get("attention_bias", False)), qk_norm=not q2)
+        # deepseek (DeepSeek-MoE 16B, remote-code layout)
+        if hf.get("scoring_func", "softmax") != "softmax":
+            raise ConfigError(f"deepseek: scoring_func {hf['scoring_func']!r} is not supported (softmax only)")
+        if hf.get("topk_method", "greedy") != "greedy" or int(hf.get("n_group") or 1) != 1:
+            raise ConfigError("deepseek: only greedy top-k routing is supported (DeepSeek-MoE), "
+                              "not group-limited routing (DeepSeek-V2/V3)")
+        if hf.get("attention_bias"):
+            raise ConfigError("deepseek: attention_bias=true is not supported")
+        e = int(need("n_routed_experts"))
+        first, freq = int(hf.get("first_k_dense_replace", 0)), int(hf.get("moe_layer_freq", 1))
+        mi = int(need("moe_intermediate_size"))
+        return cls(**common, intermediate_size=int(need("intermediate_size")), moe_intermediate_size=mi,
+                   num_experts=e, top_k=int(need("num_experts_per_tok")),
+                   moe_layers=tuple(i for i in range(nl) if i >= first and i % freq == 0),
+                   norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                   shared_intermediate_size=mi * int(hf.get("n_shared_experts") or 0),
+                   routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
+
+
+def hf_dtype(hf: Mapping[str, Any]) -> str | None:
+    """The checkpoint dtype a config.json declares (``dtype`` in v5, ``torch_dtype`` in v4)."""
+    return hf.get("dtype") or hf.get("torch_dtype")
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+class Buffer(nnx.Variable):
+    """Non-trainable arrays: packed uint16 words, pair and expert indices."""
+
+
+def _init(rngs, shape, dtype, std=0.02):
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with kernel ``[in, out]``."""
+
+    def __init__(self, din, dout, *, bias=False, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = _init(rngs, (din, dout), dtype)
+        self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.kernel[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+    """transformers' RMSNorm: normalise in fp32, cast to the input dtype, then scale."""
+
+    def __init__(self, dim, eps, *, dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * xf.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` (dense layers and shared experts)."""
+
+    def __init__(self, hidden, inter, *, dtype, rngs):
+        self.gate = Linear(hidden, inter, dtype=dtype, rngs=rngs)
+        self.up = Linear(hidden, inter, dtype=dtype, rngs=rngs)
+        self.down = Linear(inter, hidden, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def rope_tables(positions, head_dim, theta, dtype):
+    """(cos, sin) ``[..., S, head_dim]`` for rotate_half RoPE, computed in fp32."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x ``[B, S, heads, D]``; rotate_half (NeoX) convention used by HF checkpoints."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None] + rot * sin[:, :, None]
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with RoPE, optional qkv/o bias and per-head q/k RMSNorm.
+
+    ``__call__(x, positions, mask)`` takes explicit positions and a boolean mask ``[B, S, S_kv]``
+    so that a KV cache can later pass longer key/value sequences.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim, self.theta = cfg.num_heads, cfg.num_kv_heads, d, cfg.rope_theta
+        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
+
+    def __call__(self, x, positions, mask):
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_tables(positions, self.head_dim, self.theta, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = self.num_heads // self.num_kv_heads
+        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(self.head_dim ** -0.5, x.dtype)
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class DenseExperts(nnx.Module):
+    """Original routed experts: ``w_gate``/``w_up`` ``[E, H, I]``, ``w_down`` ``[E, I, H]``."""
+
+    def __init__(self, e, hidden, inter, *, dtype, rngs):
+        self.w_gate = _init(rngs, (e, hidden, inter), dtype)
+        self.w_up = _init(rngs, (e, hidden, inter), dtype)
+        self.w_down = _init(rngs, (e, inter, hidden), dtype)
+
+    def weights(self):
+        return {n: getattr(self, n)[...] for n in MATRICES}
+
+
+class PackedExpertsModule(nnx.Module):
+    """Merged experts of one layer: the arrays of a ``merge.PackedExperts``, held as variables.
+
+    ``packed_*`` are uint16 ``[P, K, N]`` words for the pairs ``pairs`` ``[P, 2]``; ``dense_*``
+    hold the ``E - 2P`` unmerged experts ``dense_ids`` in the model dtype.
+    """
+
+    def __init__(self, e, hidden, inter, num_pairs, *, dtype, rngs=None):
+        shapes = {"w_gate": (hidden, inter), "w_up": (hidden, inter), "w_down": (inter, hidden)}
+        self.num_experts = e
+        self.pairs = Buffer(jnp.stack([jnp.arange(num_pairs), jnp.arange(num_pairs) + num_pairs], 1).astype(jnp.int32))
+        self.dense_ids = Buffer(jnp.arange(2 * num_pairs, e, dtype=jnp.int32))
+        for n, kn in shapes.items():
+            setattr(self, "packed_" + n, Buffer(jnp.zeros((num_pairs, *kn), jnp.uint16)))
+            setattr(self, "dense_" + n, nnx.Param(jnp.zeros((e - 2 * num_pairs, *kn), dtype)))
+
+    @classmethod
+    def from_packed(cls, p: PackedExperts, dtype):
+        m = cls.__new__(cls)
+        m.num_experts = p.num_experts
+        m.pairs, m.dense_ids = Buffer(jnp.asarray(p.pairs, jnp.int32)), Buffer(jnp.asarray(p.dense_ids, jnp.int32))
+        for n in MATRICES:
+            setattr(m, "packed_" + n, Buffer(jnp.asarray(p.packed[n], jnp.uint16)))
+            setattr(m, "dense_" + n, nnx.Param(jnp.asarray(p.dense[n], dtype)))
+        return m
+
+    def weights(self) -> PackedExperts:
+        return PackedExperts(self.pairs[...], {n: getattr(self, "packed_" + n)[...] for n in MATRICES},
+                             self.dense_ids[...], {n: getattr(self, "dense_" + n)[...] for n in MATRICES},
+                             self.num_experts)
+
+
+def route(logits, top_k, norm_topk_prob):
+    """softmax (fp32) -> top-k -> optional renormalisation: (ids [T,k] int32, weights fp32)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, ids = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return ids.astype(jnp.int32), weights
+
+
+class MoE(nnx.Module):
+    """Router + routed experts (dense or packed, via ``moe.moe_ffn``) + optional shared expert.
+
+    ``impl`` is passed to ``moe_ffn`` for packed experts ("auto", "pallas" or "reference").
+    """
+
+    def __init__(self, cfg: ModelConfig, *, num_pairs=0, dtype, rngs, impl="auto"):
+        h, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        self.top_k, self.norm_topk_prob, self.routing_fp32 = cfg.top_k, cfg.norm_topk_prob, cfg.routing_fp32
+        self.scale = cfg.routed_scaling_factor
+        self.impl = impl
+        self.router = Linear(h, e, dtype=dtype, rngs=rngs)
+        self.experts = (PackedExpertsModule(e, h, i, num_pairs, dtype=dtype) if num_pairs
+                        else DenseExperts(e, h, i, dtype=dtype, rngs=rngs))
+        self.shared = MLP(h, cfg.shared_intermediate_size, dtype=dtype, rngs=rngs) if cfg.shared_intermediate_size else None
+        self.shared_gate = Linear(h, 1, dtype=dtype, rngs=rngs) if (cfg.shared_gate and self.shared) else None
+
+    def __call__(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        ids, w = route(self.router(x), self.top_k, self.norm_topk_prob)
+        if self.scale != 1.0:
+            w = w * self.scale
+        if not self.routing_fp32:
+            w = w.astype(x.dtype)
+        y = moe_ffn(x, ids, w, self.experts.weights(), impl=self.impl)
+        if self.shared is not None:
+            s = self.shared(x)
+            y = y + (jax.nn.sigmoid(self.shared_gate(x)) * s if self.shared_gate is not None else s)
+        return y.reshape(shape)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, *, num_pairs=0, dtype, rngs, impl="auto"):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        if idx in cfg.moe_layers:
+            self.mlp = MoE(cfg, num_pairs=num_pairs, dtype=dtype, rngs=rngs, impl=impl)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, mask):
+        x = x + self.attn(self.input_norm(x), positions, mask)
+        return x + self.mlp(self.post_norm(x))
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only MoE LM: ``__call__(input_ids [B, S]) -> logits [B, S, V]`` (no cache yet).
+
+    ``packed_pairs[i]`` > 0 makes layer i's routed experts a ``PackedExpertsModule`` with that
+    many merged pairs (to be filled by ``load_pretrained`` or ``set_experts``).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, packed_pairs: Mapping[int, int] | None = None,
+                 impl="auto", rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        packed_pairs = packed_pairs or {}
+        self.config = cfg
+        self.embed = _init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, i, num_pairs=packed_pairs.get(i, 0), dtype=dtype, rngs=rngs,
+                                             impl=impl) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
+
+    def attention_mask(self, positions):
+        """Causal (and sliding-window) mask ``[B, S, S]`` from query/key positions."""
+        q, k = positions[:, :, None], positions[:, None, :]
+        mask = k <= q
+        if self.config.sliding_window:
+            mask &= (q - k) < self.config.sliding_window
+        return mask
+
+    def __call__(self, input_ids):
+        b, s = input_ids.shape
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        mask = self.attention_mask(positions)
+        x = self.embed[...][input_ids]
+        for layer in self.layers:
+            x = layer(x, positions, mask)
+        x = self.final_norm(x)
+        return x @ (self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...])
+
+    def moe_layers(self) -> dict[int, MoE]:
+        return {i: layer.mlp for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)}
+
+    def set_impl(self, impl: str) -> None:
+        """Force the packed-experts implementation of every MoE layer (see ``moe.moe_ffn``)."""
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        for moe in self.moe_layers().values():
+            moe.impl = impl
+
+    def set_experts(self, layer: int, experts: PackedExperts | Mapping[str, jax.Array]) -> None:
+        """Replace layer ``layer``'s routed experts with dense ``{name: [E,K,N]}`` or packed ones."""
+        moe = self.moe_layers()[layer]
+        dtype = moe.router.kernel[...].dtype
+        if isinstance(experts, PackedExperts):
+            moe.experts = PackedExpertsModule.from_packed(experts, dtype)
+        else:
+            dense = DenseExperts.__new__(DenseExperts)
+            for n in MATRICES:
+                setattr(dense, n, nnx.Param(jnp.asarray(experts[n], dtype)))
+            moe.experts = dense
+
+
+@nnx.jit
+def forward(model: CausalLM, input_ids):
+    """Jitted ``model(input_ids)``."""
+    return model(input_ids)

@@ -27,6 +27,7 @@ Expert matrices use the Flax ``x @ W`` layout: ``w_gate``/``w_up`` ``[E, H, I]``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping
 
@@ -37,6 +38,7 @@ import numpy as np
 from puzzlemoe_jax import codec
 
 MATRICES = ("w_gate", "w_up", "w_down")
+METHODS = ("puzzle", "average", "frequency", "drop")
 DEFAULT_SIMILARITY = 2.0 - math.sqrt(2.0)
 
 
@@ -48,6 +50,8 @@ class MergeConfig:
     pairing: str = "min_error"        # "min_error" | "sequential" ((0,1), (2,3), ...)
     pairing_sample: int = 1 << 16     # elements per matrix used to estimate pair costs
     strict: bool = False              # raise when a magnitude saturates the 5-bit exponent
+    method: str = "puzzle"            # "puzzle" | baselines: "average", "frequency", "drop"
+    align_neurons: bool = False       # permute expert j's neurons to match expert i first
 
     def __post_init__(self):
         if not 0.0 <= self.similarity_threshold <= 1.0:
@@ -56,6 +60,8 @@ class MergeConfig:
             raise ValueError(f"saliency must be 'magnitude' or 'activation', got {self.saliency!r}")
         if self.pairing not in ("min_error", "sequential"):
             raise ValueError(f"pairing must be 'min_error' or 'sequential', got {self.pairing!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.pairing_sample < 1:
             raise ValueError(f"pairing_sample must be positive, got {self.pairing_sample}")
 
@@ -73,14 +79,23 @@ def _scores(a, b, imp_i, imp_j):
     return a * a * imp_i, b * b * imp_j
 
 
-@jax.jit
-def _merge_core(w_i, w_j, imp_i, imp_j, threshold):
-    """Merge, pack and measure; stats are reduced over the last two (matrix) axes."""
+@functools.partial(jax.jit, static_argnames="method")
+def _merge_core(w_i, w_j, imp_i, imp_j, threshold, alpha, method):
+    """Merge, pack and measure; stats are reduced over the last two (matrix) axes.
+
+    "puzzle" is the dual-mask merge; the baselines store ``alpha*W_i + (1-alpha)*W_j`` for both
+    experts (both masks set, one sign), which the same codec represents.
+    """
     a = jnp.abs(w_i.astype(jnp.float32))
     b = jnp.abs(w_j.astype(jnp.float32))
-    similar, i_wins, magnitude = merge_rule(a, b, *_scores(a, b, imp_i, imp_j), threshold)
-    words, flags = codec.encode_words(magnitude, similar | i_wins, similar | ~i_wins,
-                                      w_i < 0, w_j < 0)
+    if method == "puzzle":
+        similar, i_wins, magnitude = merge_rule(a, b, *_scores(a, b, imp_i, imp_j), threshold)
+        sign_i, sign_j = w_i < 0, w_j < 0
+    else:
+        mixed = alpha * w_i.astype(jnp.float32) + (1 - alpha) * w_j.astype(jnp.float32)
+        similar, i_wins, magnitude = jnp.ones(a.shape, bool), jnp.ones(a.shape, bool), jnp.abs(mixed)
+        sign_i = sign_j = mixed < 0
+    words, flags = codec.encode_words(magnitude, similar | i_wins, similar | ~i_wins, sign_i, sign_j)
     hat_i, hat_j = codec.decode(words)
     mean = lambda x: jnp.mean(x, axis=(-2, -1), dtype=jnp.float32)
     total = lambda x: jnp.sum(x, axis=(-2, -1), dtype=jnp.int32)
@@ -117,10 +132,11 @@ def _importance(config: MergeConfig, imp, shape_kn):
 
 
 def merge_pairs(w_i, w_j, config: MergeConfig = MergeConfig(), imp_i=None, imp_j=None,
-                name: str = "weights"):
+                name: str = "weights", alpha=0.5):
     """Merge expert matrices ``w_i[..., K, N]`` with ``w_j[..., K, N]`` into packed uint16 words.
 
     ``imp_*``: per-expert input second moments ``[..., K]`` (only for ``saliency="activation"``).
+    ``alpha``: weight of expert i in the averaging baselines (scalar or one per leading index).
     Returns ``(words, stats)``; stats maps each statistic to a numpy array over the leading axes.
     Raises ValueError for NaN/Inf weights or, when ``config.strict``, for saturated magnitudes.
     """
@@ -130,7 +146,8 @@ def merge_pairs(w_i, w_j, config: MergeConfig = MergeConfig(), imp_i=None, imp_j
                          f"{w_i.shape} and {w_j.shape}")
     words, stats = _merge_core(w_i, w_j, _importance(config, imp_i, w_i.shape[-2:]),
                                _importance(config, imp_j, w_i.shape[-2:]),
-                               jnp.float32(config.similarity_threshold))
+                               jnp.float32(config.similarity_threshold),
+                               jnp.asarray(alpha, jnp.float32)[..., None, None], method=config.method)
     stats = {k: np.asarray(v) for k, v in stats.items()}
     if stats["nonfinite"].sum():
         raise ValueError(f"{name}: {int(stats['nonfinite'].sum())} NaN/Inf weights; "
@@ -224,24 +241,26 @@ def choose_pairs(weights: Mapping[str, jax.Array], n_pairs: int, config: MergeCo
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PackedExperts:
-    """One MoE layer's experts after merging: packed pairs plus the experts left dense.
+    """One MoE layer's experts after compression: packed pairs plus the experts left dense.
 
     ``packed[name]`` is uint16 ``[P, K, N]`` (codec layout, expert ``pairs[p, 0]`` is "i",
-    ``pairs[p, 1]`` is "j"); ``dense[name]`` holds experts ``dense_ids`` unchanged.
+    ``pairs[p, 1]`` is "j"); ``dense[name]`` holds experts ``dense_ids`` unchanged.  Experts in
+    ``dropped_ids`` (the dropping baseline) have no weights: the router must never pick them.
     """
     pairs: jax.Array                 # int32 [P, 2]
     packed: dict[str, jax.Array]     # name -> uint16 [P, K, N]
-    dense_ids: jax.Array             # int32 [E - 2P]
-    dense: dict[str, jax.Array]      # name -> [E - 2P, K, N]
+    dense_ids: jax.Array             # int32 [E - 2P - D]
+    dense: dict[str, jax.Array]      # name -> [E - 2P - D, K, N]
     num_experts: int = dataclasses.field(metadata=dict(static=True))
+    dropped_ids: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((0,), jnp.int32))
 
     def unpack(self, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
-        """Decoded ``[E, K, N]`` weights of every expert: the plain-jnp reference form."""
+        """Decoded ``[E, K, N]`` weights of every expert (zeros for dropped ones): the reference."""
         out = {}
         for name, words in self.packed.items():
             hat_i, hat_j = codec.decode(words)
             dense = self.dense[name]
-            full = jnp.zeros((self.num_experts,) + words.shape[1:], dtype)
+            full = jnp.zeros((self.num_experts,) + dense.shape[1:], dtype)
             full = full.at[self.pairs[:, 0]].set(hat_i.astype(dtype))
             full = full.at[self.pairs[:, 1]].set(hat_j.astype(dtype))
             out[name] = full.at[self.dense_ids].set(dense.astype(dtype))
@@ -252,26 +271,72 @@ class PackedExperts:
         return sum(int(x.size) * x.dtype.itemsize for x in (*self.packed.values(), *self.dense.values()))
 
 
+def align_neurons(weights: Mapping[str, jax.Array], i: int, j: int, signed: bool) -> np.ndarray:
+    """Permutation of expert j's intermediate neurons that best matches expert i's.
+
+    A neuron is its ``w_gate``/``w_up`` column and ``w_down`` row; permuting all three alike
+    leaves expert j's function unchanged.  Matches minimise the squared distance between neuron
+    vectors (of magnitudes for "puzzle", whose signs are stored per expert; signed for the
+    averaging baselines) with an optimal assignment, O(I**3): cheap for fine-grained experts.
+    """
+    import scipy.optimize  # noqa: PLC0415 (a jax dependency; only needed here)
+    missing = set(MATRICES) - set(weights)
+    if missing:
+        raise ValueError(f"align_neurons needs {MATRICES}, missing {sorted(missing)}")
+
+    def neurons(e):
+        f = jnp.concatenate([weights["w_gate"][e].T, weights["w_up"][e].T, weights["w_down"][e]], 1)
+        f = f.astype(jnp.float32)
+        return f if signed else jnp.abs(f)
+    f_i, f_j = neurons(i), neurons(j)
+    cost = np.asarray(jnp.sum(f_j * f_j, axis=1)[None, :] - 2.0 * (f_i @ f_j.T), np.float64)
+    return scipy.optimize.linear_sum_assignment(cost)[1]
+
+
 def compress_layer(weights: Mapping[str, jax.Array], ratio: float = 0.5,
                    config: MergeConfig = MergeConfig(),
-                   importance: Mapping[str, jax.Array] | None = None):
-    """Merge one layer's experts ``{name: [E, K, N]}`` at ``ratio``: (PackedExperts, stats).
+                   importance: Mapping[str, jax.Array] | None = None,
+                   frequencies=None):
+    """Compress one layer's experts ``{name: [E, K, N]}`` at ``ratio``: (PackedExperts, stats).
 
     stats maps each matrix name to ``merge_pairs`` statistics (one entry per pair) and holds
-    ``"pairs"``.  ``importance`` maps names to per-expert input second moments ``[E, K]``.
+    ``"pairs"`` and ``"dropped"``.  ``importance``: per-expert input second moments ``[E, K]``
+    (activation saliency).  ``frequencies``: ``[E]`` routing frequencies on calibration text,
+    needed by the "frequency" and "drop" baselines.
     """
     shapes = {name: tuple(w.shape) for name, w in weights.items()}
     if not weights or len({s[0] for s in shapes.values()}) != 1 or any(len(s) != 3 for s in shapes.values()):
         raise ValueError(f"expected {{name: [E, K, N]}} with one expert count E, got {shapes}")
     e = next(iter(shapes.values()))[0]
-    pairs = choose_pairs(weights, pairs_for_ratio(e, ratio), config, importance)
-    dense_ids = np.setdiff1d(np.arange(e), pairs.ravel()).astype(np.int32)
-    packed, dense, stats = {}, {}, {"pairs": pairs}
+    n = pairs_for_ratio(e, ratio)
+    if config.method in ("frequency", "drop"):
+        if frequencies is None or np.shape(frequencies) != (e,):
+            raise ValueError(f"method {config.method!r} needs routing frequencies of shape ({e},)")
+        frequencies = np.asarray(frequencies, np.float64)
+    weights = {name: jnp.asarray(w) for name, w in weights.items()}
+    if config.method == "drop":   # NAEE-style: the least-routed experts go
+        pairs = np.zeros((0, 2), np.int32)
+        dropped = np.sort(np.argsort(frequencies, kind="stable")[:n]).astype(np.int32)
+    else:
+        pairs = choose_pairs(weights, n, config, importance)
+        dropped = np.zeros((0,), np.int32)
+    if config.align_neurons and config.method != "drop":
+        for a, b in pairs:
+            perm = align_neurons(weights, a, b, signed=config.method != "puzzle")
+            weights["w_gate"] = weights["w_gate"].at[b].set(weights["w_gate"][b][:, perm])
+            weights["w_up"] = weights["w_up"].at[b].set(weights["w_up"][b][:, perm])
+            weights["w_down"] = weights["w_down"].at[b].set(weights["w_down"][b][perm, :])
+    alpha = 0.5
+    if config.method == "frequency":  # M-SMoE-style: weight each expert by how often it is routed
+        f_i, f_j = frequencies[pairs[:, 0]], frequencies[pairs[:, 1]]
+        alpha = np.where(f_i + f_j > 0, f_i / np.maximum(f_i + f_j, 1e-30), 0.5)
+    dense_ids = np.setdiff1d(np.arange(e), np.concatenate([pairs.ravel(), dropped])).astype(np.int32)
+    packed, dense, stats = {}, {}, {"pairs": pairs, "dropped": dropped}
     for name, w in weights.items():
-        w = jnp.asarray(w)
         imp = (importance or {}).get(name)
         imp_i, imp_j = (None, None) if imp is None else (jnp.asarray(imp)[pairs[:, 0]], jnp.asarray(imp)[pairs[:, 1]])
         packed[name], stats[name] = merge_pairs(w[pairs[:, 0]], w[pairs[:, 1]], config, imp_i, imp_j,
-                                                name=name)
+                                                name=name, alpha=alpha)
         dense[name] = w[dense_ids]
-    return PackedExperts(jnp.asarray(pairs), packed, jnp.asarray(dense_ids), dense, e), stats
+    return (PackedExperts(jnp.asarray(pairs), packed, jnp.asarray(dense_ids), dense, e, jnp.asarray(dropped)),
+            stats)

@@ -14,7 +14,7 @@ def pair_rows(layer_stats: Mapping, layer: int | str = 0) -> list[dict]:
     rows = []
     for p, (i, j) in enumerate(np.asarray(layer_stats["pairs"])):
         for name, s in layer_stats.items():
-            if name == "pairs":
+            if name in ("pairs", "dropped"):
                 continue
             pct = lambda key: f"{100 * float(s[key][p]):.1f}%"
             clamped = int(s["rounded_to_zero"][p] + s["rounded_to_min"][p] + s["saturated"][p])

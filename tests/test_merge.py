@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 
 import jax.numpy as jnp
@@ -5,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from puzzlemoe_jax import codec, merge
+from puzzlemoe_jax import codec, merge, moe
 from tests import reference
 
 
@@ -187,3 +188,63 @@ def test_bad_config_and_shapes_are_rejected():
         merge.merge_pairs(np.ones((4, 4)), np.ones((4, 5)))
     with pytest.raises(ValueError, match="one expert count"):
         merge.compress_layer({"w_gate": np.ones((8, 4, 4)), "w_up": np.ones((6, 4, 4))})
+
+
+def layer(rng, e=8, h=24, i=40, spread=0.5):
+    return {"w_gate": correlated_experts(rng, e, h, i, spread), "w_up": correlated_experts(rng, e, h, i, spread),
+            "w_down": correlated_experts(rng, e, i, h, spread)}
+
+
+@pytest.mark.parametrize("method", ["average", "frequency"])
+def test_averaging_baselines_store_the_weighted_mean_for_both_experts(method):
+    rng = np.random.default_rng(8)
+    weights = layer(rng)
+    freq = rng.integers(1, 100, 8)
+    cfg = merge.MergeConfig(method=method, pairing="sequential")
+    packed, _ = merge.compress_layer(weights, 0.5, cfg, frequencies=freq)
+    full = packed.unpack()
+    for a, b in np.asarray(packed.pairs):
+        alpha = np.float32(0.5 if method == "average" else freq[a] / (freq[a] + freq[b]))
+        for name, w in weights.items():
+            mixed = alpha * w[a].astype(np.float32) + (np.float32(1) - alpha) * w[b].astype(np.float32)
+            expected = np.sign(mixed) * reference.representable(np.abs(mixed))
+            # XLA may fuse the weighted sum into an FMA: then a rare bf16 tie rounds one ulp off
+            for got in (f32(full[name][a]), f32(full[name][b])):
+                np.testing.assert_allclose(got, expected, rtol=2.0 ** -7, atol=0)  # one bf16 ulp
+                assert np.mean(got != expected) < 0.01
+
+
+def test_dropping_baseline_removes_the_least_routed_experts():
+    rng = np.random.default_rng(9)
+    weights = layer(rng)
+    freq = np.array([50, 3, 40, 7, 90, 1, 60, 5])
+    packed, stats = merge.compress_layer(weights, 0.5, merge.MergeConfig(method="drop"), frequencies=freq)
+    np.testing.assert_array_equal(np.asarray(packed.dropped_ids), [1, 3, 5, 7])
+    np.testing.assert_array_equal(np.asarray(packed.dense_ids), [0, 2, 4, 6])
+    assert packed.nbytes() == sum(w.nbytes for w in weights.values()) // 2
+    full = packed.unpack()
+    assert not np.any(f32(full["w_up"][np.array([1, 3, 5, 7])]))
+    np.testing.assert_array_equal(f32(full["w_up"][4]), weights["w_up"][4].astype(np.float32))
+    with pytest.raises(ValueError, match="routing frequencies"):
+        merge.compress_layer(weights, 0.5, merge.MergeConfig(method="drop"))
+
+
+@pytest.mark.parametrize("method", ["puzzle", "average"])
+def test_neuron_alignment_recovers_a_hidden_permutation_and_keeps_the_function(method):
+    rng = np.random.default_rng(10)
+    h, i = 16, 48
+    base = {n: rng.normal(0, 0.02, s).astype(np.float32) for n, s in
+            (("w_gate", (h, i)), ("w_up", (h, i)), ("w_down", (i, h)))}
+    perm = rng.permutation(i)
+    weights = {n: np.stack([w, (w[:, perm] if n != "w_down" else w[perm]) + rng.normal(0, 1e-4, w.shape)])
+               for n, w in base.items()}
+    cfg = merge.MergeConfig(method=method)
+    plain, plain_stats = merge.compress_layer(weights, 0.5, cfg)
+    aligned, stats = merge.compress_layer(weights, 0.5, dataclasses.replace(cfg, align_neurons=True))
+    assert stats["w_gate"]["rel_err_j"][0] < 0.02 < plain_stats["w_gate"]["rel_err_j"][0]
+    # expert j computes the same function: its output on random tokens matches the original
+    x = jnp.asarray(rng.normal(0, 1, (5, h)), jnp.float32)
+    ids, wts = jnp.ones((5, 1), jnp.int32), jnp.ones((5, 1), jnp.float32)
+    y_orig = moe.dense_moe_ffn(x, ids, wts, {n: jnp.asarray(w) for n, w in weights.items()})
+    y_aligned = moe.dense_moe_ffn(x, ids, wts, aligned.unpack(jnp.float32))
+    assert float(jnp.linalg.norm(y_aligned - y_orig) / jnp.linalg.norm(y_orig)) < 0.02

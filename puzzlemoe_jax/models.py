@@ -142,6 +142,7 @@ class Buffer(nnx.Variable):
 
 
 def _init(rngs, shape, dtype, std=0.02):
+    rngs = rngs or nnx.Rngs(0)
     return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
 
 
@@ -235,10 +236,11 @@ class Attention(nnx.Module):
 class DenseExperts(nnx.Module):
     """Original routed experts: ``w_gate``/``w_up`` ``[E, H, I]``, ``w_down`` ``[E, I, H]``."""
 
-    def __init__(self, e, hidden, inter, *, dtype, rngs):
-        self.w_gate = _init(rngs, (e, hidden, inter), dtype)
-        self.w_up = _init(rngs, (e, hidden, inter), dtype)
-        self.w_down = _init(rngs, (e, inter, hidden), dtype)
+    def __init__(self, e, hidden, inter, *, dtype, rngs=None, weights: Mapping[str, jax.Array] | None = None):
+        shapes = {"w_gate": (e, hidden, inter), "w_up": (e, hidden, inter), "w_down": (e, inter, hidden)}
+        for n, shape in shapes.items():
+            setattr(self, n, _init(rngs, shape, dtype) if weights is None
+                    else nnx.Param(jnp.asarray(weights[n], dtype)))
 
     def weights(self):
         return {n: getattr(self, n)[...] for n in MATRICES}
@@ -251,24 +253,19 @@ class PackedExpertsModule(nnx.Module):
     hold the ``E - 2P`` unmerged experts ``dense_ids`` in the model dtype.
     """
 
-    def __init__(self, e, hidden, inter, num_pairs, *, dtype, rngs=None):
+    def __init__(self, e, hidden, inter, num_pairs, *, dtype, packed: PackedExperts | None = None):
         shapes = {"w_gate": (hidden, inter), "w_up": (hidden, inter), "w_down": (inter, hidden)}
         self.num_experts = e
-        self.pairs = Buffer(jnp.stack([jnp.arange(num_pairs), jnp.arange(num_pairs) + num_pairs], 1).astype(jnp.int32))
-        self.dense_ids = Buffer(jnp.arange(2 * num_pairs, e, dtype=jnp.int32))
-        for n, kn in shapes.items():
-            setattr(self, "packed_" + n, Buffer(jnp.zeros((num_pairs, *kn), jnp.uint16)))
-            setattr(self, "dense_" + n, nnx.Param(jnp.zeros((e - 2 * num_pairs, *kn), dtype)))
-
-    @classmethod
-    def from_packed(cls, p: PackedExperts, dtype):
-        m = cls.__new__(cls)
-        m.num_experts = p.num_experts
-        m.pairs, m.dense_ids = Buffer(jnp.asarray(p.pairs, jnp.int32)), Buffer(jnp.asarray(p.dense_ids, jnp.int32))
+        if packed is None:   # placeholder arrays of the right shapes, filled by load_pretrained
+            pairs = jnp.stack([jnp.arange(num_pairs), jnp.arange(num_pairs) + num_pairs], 1)
+            packed = PackedExperts(pairs, {n: jnp.zeros((num_pairs, *kn), jnp.uint16) for n, kn in shapes.items()},
+                                   jnp.arange(2 * num_pairs, e), {n: jnp.zeros((e - 2 * num_pairs, *kn), dtype)
+                                                                  for n, kn in shapes.items()}, e)
+        self.pairs = Buffer(jnp.asarray(packed.pairs, jnp.int32))
+        self.dense_ids = Buffer(jnp.asarray(packed.dense_ids, jnp.int32))
         for n in MATRICES:
-            setattr(m, "packed_" + n, Buffer(jnp.asarray(p.packed[n], jnp.uint16)))
-            setattr(m, "dense_" + n, nnx.Param(jnp.asarray(p.dense[n], dtype)))
-        return m
+            setattr(self, "packed_" + n, Buffer(jnp.asarray(packed.packed[n], jnp.uint16)))
+            setattr(self, "dense_" + n, nnx.Param(jnp.asarray(packed.dense[n], dtype)))
 
     def weights(self) -> PackedExperts:
         return PackedExperts(self.pairs[...], {n: getattr(self, "packed_" + n)[...] for n in MATRICES},
@@ -382,13 +379,11 @@ class CausalLM(nnx.Module):
         """Replace layer ``layer``'s routed experts with dense ``{name: [E,K,N]}`` or packed ones."""
         moe = self.moe_layers()[layer]
         dtype = moe.router.kernel[...].dtype
+        e, h, i = self.config.num_experts, self.config.hidden_size, self.config.moe_intermediate_size
         if isinstance(experts, PackedExperts):
-            moe.experts = PackedExpertsModule.from_packed(experts, dtype)
+            moe.experts = PackedExpertsModule(e, h, i, int(experts.pairs.shape[0]), dtype=dtype, packed=experts)
         else:
-            dense = DenseExperts.__new__(DenseExperts)
-            for n in MATRICES:
-                setattr(dense, n, nnx.Param(jnp.asarray(experts[n], dtype)))
-            moe.experts = dense
+            moe.experts = DenseExperts(e, h, i, dtype=dtype, weights=experts)
 
 
 @nnx.jit

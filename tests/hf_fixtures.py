@@ -14,8 +14,13 @@ hand-written Hub-style (v4 spelling, ``rope_theta``/``torch_dtype``) DeepSeek-Mo
 """
 from __future__ import annotations
 
+import atexit
 import copy
+import functools
+import inspect
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +112,51 @@ def reference(model, ids: np.ndarray, dtype=torch.float32):
     for h in hooks:
         h.remove()
     return logits, routers
+
+
+# ---- process-wide cache, shared by test_models.py and test_convert.py --------------------------
+
+_TMP = Path(tempfile.mkdtemp(prefix="puzzlemoe-hf-"))
+atexit.register(shutil.rmtree, _TMP, True)
+IDS = np.random.default_rng(0).integers(0, VOCAB, (2, 8))
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _cache(f):
+    """functools.cache keyed on the bound arguments (defaults applied), so f(a) and f(a, default) share."""
+    cached, sig = functools.cache(f), inspect.signature(f)
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return cached(*bound.args)
+    return wrapper
+
+
+@_cache
+def model(arch: str, tie: bool = False):
+    return build(arch, tie=tie)
+
+
+@_cache
+def checkpoint(arch: str, dtype: str = "float32", fused: bool = False, tie: bool = False) -> Path:
+    """Sharded HF checkpoint directory of the cached model."""
+    m, hub = model(arch, tie)
+    name = f"{arch}-{dtype}{'-fused' if fused else ''}{'-tied' if tie else ''}"
+    return save(m, hub, _TMP / name, dtype=TORCH_DTYPES[dtype], fused=fused)
+
+
+@_cache
+def converted(arch: str, dtype: str = "float32", fused: bool = False, tie: bool = False, ratio: float = 0.0) -> Path:
+    """``python -m convert`` output (run in-process) for ``checkpoint(...)``."""
+    from convert import main  # noqa: PLC0415
+    src = checkpoint(arch, dtype, fused, tie)
+    out = src.with_name(src.name + f"-out{ratio}")
+    assert main([arch, "--src", str(src), "--out", str(out), "--ratio", str(ratio), "--quiet"]) == 0
+    return out
+
+
+@_cache
+def reference_logits(arch: str, dtype: str = "float32", tie: bool = False):
+    return reference(model(arch, tie)[0], IDS, TORCH_DTYPES[dtype])

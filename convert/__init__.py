@@ -74,14 +74,26 @@ def main(argv=None) -> int:
     from tqdm import tqdm  # noqa: PLC0415
 
     from puzzlemoe_jax.checkpoint import CheckpointError, convert_checkpoint  # noqa: PLC0415
+    bars = []
+
+    def progress(layers):
+        if args.quiet:
+            yield from layers
+            return
+        bars.append(tqdm(total=len(layers), desc=f"convert {args.arch}", unit="layer", file=sys.stderr))
+        for layer in layers:
+            yield layer
+            bars[-1].update()
+        bars[-1].close()
     try:
         merge = MergeConfig(similarity_threshold=args.similarity_threshold, pairing=args.pairing,
                             pairing_sample=args.pairing_sample, strict=args.strict)
-        progress = (lambda it: it) if args.quiet else (
-            lambda it: tqdm(it, desc=f"convert {args.arch}", unit="layer", file=sys.stderr))
         rep = convert_checkpoint(args.src, args.out, args.arch, ratio=args.ratio, merge=merge, dtype=args.dtype,
                                  overwrite=args.overwrite, progress=progress)
     except (CheckpointError, ValueError) as e:
+        for bar in bars:  # clear the unfinished bar so the error is one clean line
+            bar.leave = False
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.quiet:

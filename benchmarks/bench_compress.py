@@ -1,0 +1,76 @@
+"""Time PuzzleMoE compression (pairing + merge + pack) of full-size MoE expert stacks on one device.
+
+    python benchmarks/bench_compress.py --shape mixtral-8x7b [--layers N] [--json OUT]
+    python benchmarks/bench_compress.py --shape deepseek-moe-16b
+
+Each layer's experts are drawn on the device (normal, std 0.02, bf16, like real expert weights;
+experts independent, so similarity is low and the merge does its full work), then
+``merge.compress_layer`` runs at ratio 0.5 and the packed result is waited for.  Generation time
+is excluded; pairing (host matching on device-computed costs), merging, packing and the
+statistics are included.  Reading the checkpoint from disk is not part of this figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from puzzlemoe_jax import merge  # noqa: E402
+
+SHAPES = {  # experts, hidden, expert intermediate, MoE layers
+    "mixtral-8x7b": (8, 4096, 14336, 32),
+    "deepseek-moe-16b": (64, 2048, 1408, 27),
+    "qwen1.5-moe-a2.7b": (60, 2048, 1408, 24),
+}
+
+
+def layer_weights(key, e, h, i):
+    k1, k2, k3 = jax.random.split(key, 3)
+    draw = lambda k, s: (0.02 * jax.random.normal(k, s, jnp.float32)).astype(jnp.bfloat16)
+    return {"w_gate": draw(k1, (e, h, i)), "w_up": draw(k2, (e, h, i)), "w_down": draw(k3, (e, i, h))}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=SHAPES, default="mixtral-8x7b")
+    ap.add_argument("--layers", type=int, help="MoE layers to time (default: all of the model)")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    e, h, i, n_layers = SHAPES[args.shape]
+    n_layers = args.layers or n_layers
+    dev = jax.devices()[0]
+    times = []
+    for layer in range(n_layers + 1):            # layer 0 is a warm-up (compilation), not counted
+        w = layer_weights(jax.random.key(layer), e, h, i)
+        jax.block_until_ready(w)
+        t0 = time.perf_counter()
+        packed, stats = merge.compress_layer(w, args.ratio)
+        jax.block_until_ready(packed)
+        dt = time.perf_counter() - t0
+        if layer:
+            times.append(dt)
+        print(f"layer {layer}{' (warm-up)' if not layer else ''}: {dt:.3f} s, pairs {stats['pairs'].tolist()}",
+              flush=True)
+        del w, packed
+    mem = dev.memory_stats() or {}
+    result = {"device": dev.device_kind, "shape": args.shape, "experts": e, "hidden": h, "intermediate": i,
+              "layers_timed": n_layers, "ratio": args.ratio, "seconds_total": sum(times),
+              "seconds_per_layer_median": statistics.median(times),
+              "peak_bytes_in_use": mem.get("peak_bytes_in_use"), "jax": jax.__version__}
+    print(f"\n| shape | device | layers | total s | median s/layer | peak GPU memory |\n|---|---|---|---|---|---|\n"
+          f"| {args.shape} (E={e}, H={h}, I={i}) | {dev.device_kind} | {n_layers} | {sum(times):.1f} | "
+          f"{statistics.median(times):.3f} | {(mem.get('peak_bytes_in_use') or 0) / 2**30:.1f} GiB |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

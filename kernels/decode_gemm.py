@@ -106,12 +106,21 @@ def pair_config(m: int, k: int, n: int) -> TileConfig:
     return TileConfig(bm=bm, bn=bn, bk=bk, split_k=split, num_warps=4, num_stages=4)
 
 
-def layer_config(rows: int, k: int, n: int, num_pairs: int) -> TileConfig:
-    """Tile table for the grouped (whole-layer) kernel: ``rows`` bounds one expert's rows."""
+def layer_config(rows: int, k: int, n: int, num_pairs: int, *, fused: bool = False) -> TileConfig:
+    """Tile table for the grouped (whole-layer) kernel: ``rows`` bounds one expert's rows.
+
+    ``fused`` (gate+up with the SwiGLU epilogue) cannot split K; otherwise K is split until the
+    launch has >= 2 programs per SM even if only one pair is active.
+    """
     bm = min(max(MIN_ROWS, pl.next_power_of_2(max(rows, 1))), 32)
     bk = max(_largest_pow2_divisor(k, 128), 64)
     bn = 64
-    return TileConfig(bm=bm, bn=bn, bk=bk, split_k=1, num_warps=4, num_stages=4)
+    n_tiles, nk = pl.cdiv(n, bn), pl.cdiv(k, bk)
+    split = 1
+    while (not fused and n_tiles * split < 2 * NUM_SMS and nk % (2 * split) == 0
+           and nk // (2 * split) >= 4):
+        split *= 2
+    return TileConfig(bm=bm, bn=bn, bk=bk, split_k=split, num_warps=4, num_stages=4)
 
 
 def _params(cfg: TileConfig):
@@ -272,10 +281,11 @@ def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
 # grouped (whole-layer) kernel
 # --------------------------------------------------------------------------------------------
 
-def _grouped_kernel(meta_ref, x_ref, *refs, K, N, cfg: TileConfig, nk, silu_mul, mask_k, mask_n):
+def _grouped_kernel(meta_ref, x_ref, *refs, K, N, cfg: TileConfig, nks, silu_mul, mask_k, mask_n):
     n_w = 2 if silu_mul else 1
     w_refs, o_ref = refs[:n_w], refs[n_w]
-    m, n, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m, n, p, s = (pl.program_id(a) for a in range(4))
+    o_lead = (s,) if cfg.split_k > 1 else ()
     bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
     start_i, size_i = meta_ref[p, 0], meta_ref[p, 1]
     start_j, size_j = meta_ref[p, 2], meta_ref[p, 3]
@@ -288,7 +298,7 @@ def _grouped_kernel(meta_ref, x_ref, *refs, K, N, cfg: TileConfig, nk, silu_mul,
     @pl.when(r0 < jnp.maximum(size_i, size_j))
     def _():
         def body(k, carry):
-            k0 = pl.multiple_of(k * bk, bk)
+            k0 = pl.multiple_of((s * nks + k) * bk, bk)
             ks = pl.ds(k0, bk)
             a_mask_i, a_mask_j = ok_i, ok_j
             if mask_k:
@@ -309,7 +319,7 @@ def _grouped_kernel(meta_ref, x_ref, *refs, K, N, cfg: TileConfig, nk, silu_mul,
             return tuple(out)
 
         zero = jnp.zeros((bm, bn), jnp.float32)
-        accs = lax.fori_loop(0, nk, body, (zero,) * (2 * n_w))
+        accs = lax.fori_loop(0, nks, body, (zero,) * (2 * n_w))
         if silu_mul:
             silu = lambda g: g / (1.0 + jnp.exp(-g))
             y_i, y_j = silu(accs[0]) * accs[2], silu(accs[1]) * accs[3]
@@ -320,9 +330,9 @@ def _grouped_kernel(meta_ref, x_ref, *refs, K, N, cfg: TileConfig, nk, silu_mul,
         if mask_n:
             n_ok = (col0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < N
             st_i, st_j = ok_i & n_ok, ok_j & n_ok
-        pltriton.store(o_ref.at[row_i, cols], y_i.astype(o_ref.dtype),
+        pltriton.store(o_ref.at[o_lead + (row_i, cols)], y_i.astype(o_ref.dtype),
                        mask=jnp.broadcast_to(st_i, (bm, bn)))
-        pltriton.store(o_ref.at[row_j, cols], y_j.astype(o_ref.dtype),
+        pltriton.store(o_ref.at[o_lead + (row_j, cols)], y_j.astype(o_ref.dtype),
                        mask=jnp.broadcast_to(st_j, (bm, bn)))
 
 
@@ -340,18 +350,24 @@ def grouped_dual_gemm(xs: jax.Array, meta: jax.Array, words, *, max_rows: int,
     ws = tuple(words) if silu_mul else (words,)
     P, K, N = ws[0].shape
     R = xs.shape[0]
-    cfg = config or layer_config(max_rows, K, N, P)
-    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
-    m_tiles, n_tiles, nk = pl.cdiv(max(max_rows, 1), bm), pl.cdiv(N, bn), pl.cdiv(K, bk)
-    kernel = functools.partial(_grouped_kernel, K=K, N=N, cfg=cfg, nk=nk, silu_mul=silu_mul,
-                               mask_k=nk * bk != K, mask_n=n_tiles * bn != N)
+    cfg = config or layer_config(max_rows, K, N, P, fused=silu_mul)
+    bm, bn, bk, S = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
+    if silu_mul and S > 1:
+        raise ValueError("split_k > 1 cannot be used with the fused SwiGLU epilogue")
+    m_tiles, n_tiles = pl.cdiv(max(max_rows, 1), bm), pl.cdiv(N, bn)
+    nks = pl.cdiv(pl.cdiv(K, bk), S)
+    kernel = functools.partial(_grouped_kernel, K=K, N=N, cfg=cfg, nks=nks, silu_mul=silu_mul,
+                               mask_k=S * nks * bk != K, mask_n=n_tiles * bn != N)
     any_spec = pl.no_block_spec
-    return pl.pallas_call(
-        kernel, grid=(m_tiles, n_tiles, P),
+    o_shape = (R, N) if S == 1 else (S, R, N)
+    out = pl.pallas_call(
+        kernel, grid=(m_tiles, n_tiles, P, S),
         in_specs=[any_spec] * (2 + len(ws)), out_specs=any_spec,
-        out_shape=jax.ShapeDtypeStruct((R, N), out_dtype), compiler_params=_params(cfg),
-        interpret=_interpret(interpret), name="grouped_dual_gemm_" + ("gate_up" if silu_mul else "down"),
+        out_shape=jax.ShapeDtypeStruct(o_shape, out_dtype if S == 1 else jnp.float32),
+        compiler_params=_params(cfg), interpret=_interpret(interpret),
+        name="grouped_dual_gemm_" + ("gate_up" if silu_mul else "down"),
     )(meta.astype(jnp.int32), xs.astype(jnp.bfloat16), *ws)
+    return out if S == 1 else out.sum(0).astype(out_dtype)
 
 
 def grouped_dual_gemm_reference(xs, meta, words, *, silu_mul: bool = False,

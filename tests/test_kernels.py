@@ -100,12 +100,13 @@ def test_pair_fallback_and_flags():
         K.TileConfig(bm=24)
 
 
-@pytest.mark.parametrize("sizes,silu_mul,k,n", [
-    ([3, 0, 5, 1, 0, 0], False, 128, 64),
-    ([1, 2, 17, 4], True, 192, 96),           # masked K and N, 2 row tiles for one expert
-    ([0, 6, 9, 0, 2, 2], True, 256, 128),
+@pytest.mark.parametrize("sizes,silu_mul,k,n,cfg", [
+    ([3, 0, 5, 1, 0, 0], False, 128, 64, None),
+    ([3, 0, 5, 1, 0, 0], False, 200, 64, K.TileConfig(bm=16, bn=32, bk=32, split_k=3)),
+    ([1, 2, 17, 4], True, 192, 96, None),     # masked K and N, 2 row tiles for one expert
+    ([0, 6, 9, 0, 2, 2], True, 256, 128, K.TileConfig(bm=32, bn=64, bk=64)),
 ])
-def test_grouped_kernel_matches_reference(sizes, silu_mul, k, n):
+def test_grouped_kernel_matches_reference(sizes, silu_mul, k, n, cfg):
     rng = _rng(sum(sizes) + k)
     P = len(sizes) // 2
     sizes = np.asarray(sizes, np.int32)
@@ -115,7 +116,8 @@ def test_grouped_kernel_matches_reference(sizes, silu_mul, k, n):
     R = extra + int(sizes.sum())
     xs = jnp.asarray(rng.standard_normal((R, k)), jnp.bfloat16)
     ws = (_words(rng, (P, k, n)), _words(rng, (P, k, n))) if silu_mul else _words(rng, (P, k, n))
-    got = K.grouped_dual_gemm(xs, meta, ws, max_rows=R, silu_mul=silu_mul, interpret=True)
+    got = K.grouped_dual_gemm(xs, meta, ws, max_rows=R, silu_mul=silu_mul, config=cfg,
+                              interpret=True)
     ref = K.grouped_dual_gemm_reference(xs, meta, ws, silu_mul=silu_mul)
     _check(got[extra:], ref[extra:], "grouped")
 

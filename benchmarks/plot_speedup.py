@@ -1,0 +1,48 @@
+"""Plot speedup vs M of the pair kernel over XLA's two bf16 dots, from bench_kernel.py's JSON.
+
+    python3 benchmarks/plot_speedup.py bench_kernel.json speedup_vs_m.png [bench_moe_layer.json]
+"""
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(src, dst, layer=None):
+    res = json.load(open(src))
+    fig, axes = plt.subplots(1, 2 if layer else 1, figsize=(13 if layer else 7.5, 4.8), squeeze=False)
+    ax = axes[0][0]
+    shapes = sorted({r["shape"] for r in res["rows"]}, key=lambda s: [r["shape"] for r in res["rows"]].index(s))
+    for s in shapes:
+        rows = [r for r in res["rows"] if r["shape"] == s]
+        ax.plot([r["m"] for r in rows], [r["kernel"]["speedup"] for r in rows], "o-", label=f"{s} [{rows[0]['k']}x{rows[0]['n']}]")
+    ax.axhline(2.0, color="gray", ls="--", lw=1, label="2x (ideal, memory-bound)")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per expert M")
+    ax.set_ylabel("speedup over two bf16 XLA dots")
+    ax.set_title(f"Pair decode-GEMM, {res['info']['device']} (CUPTI medians)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    if layer:
+        lr = json.load(open(layer))
+        ax = axes[0][1]
+        ax.plot([r["T"] for r in lr["rows"]], [r["packed"]["speedup"] for r in lr["rows"]], "o-", label="packed layer (fused kernels)")
+        ax.axhline(1.8, color="gray", ls="--", lw=1, label="1.8x target")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens in the decode step")
+        ax.set_ylabel("speedup over uncompressed XLA layer")
+        s = lr["shape"]
+        ax.set_title(f"MoE layer step E={s['E']} H={s['H']} I={s['I']} top-{s['topk']}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=120)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

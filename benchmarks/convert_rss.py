@@ -64,7 +64,7 @@ def main():
         cmd = [py, "-m", "convert", "mixtral", "--src", str(src), "--out", str(d / f"out{r}"), "--ratio", r,
                "--overwrite", "--quiet"]
         rss, secs = peak_rss(cmd)
-        rows.append((f"--ratio {r}", " ".join(cmd[1:]).replace(str(d), "$DIR"), rss, secs))
+        rows.append((f"--ratio {r}", " ".join([".venv/bin/python", *cmd[1:]]).replace(str(d), "$DIR"), rss, secs))
         shutil.rmtree(d / f"out{r}")
     mib = 2 ** 20
     print(f"{datetime.date.today()}: Mixtral layout, {args.layers} layers x {args.experts} experts "
@@ -74,7 +74,7 @@ def main():
     print("| --- | ---: | ---: | ---: |")
     for name, _, rss, secs in rows:
         print(f"| {name} | {rss:.0f} | {rss * mib / layer_experts:.2f} | {secs:.1f} |")
-    print("\ncommand: /usr/bin/time -v " + rows[1][1].replace("--ratio 0 ", "--ratio R "))
+    print("\ncommand: /usr/bin/time -v " + rows[1][1].replace(f"--ratio {args.ratios.split(',')[0]} ", "--ratio R ").replace("/out0 ", "/outR "))
 
 
 if __name__ == "__main__":

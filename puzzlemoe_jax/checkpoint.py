@@ -32,7 +32,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from puzzlemoe_jax import codec
-from puzzlemoe_jax.merge import MATRICES, MergeConfig, compress_layer, pairs_for_ratio
+from puzzlemoe_jax.merge import (MATRICES, MergeConfig, PackedExperts, choose_pairs, merge_pairs,
+                                 pairs_for_ratio)
 from puzzlemoe_jax.models import CausalLM, ConfigError, ModelConfig, hf_dtype
 
 INDEX = "model.safetensors.index.json"
@@ -443,6 +444,41 @@ def load_pretrained(path, *, impl: str = "auto") -> CausalLM:
 # Conversion
 
 
+def merge_layer(weights: Mapping[str, np.ndarray], ratio: float, config: MergeConfig,
+                chunk_elems: int = 1 << 22) -> tuple[PackedExperts, float, float]:
+    """``merge.compress_layer`` on host arrays, merged in row chunks to bound memory.
+
+    Same pairs (chosen on the whole layer) and the same words as ``compress_layer`` (the merge is
+    element-wise), but the f32 temporaries cover ``chunk_elems`` elements instead of the layer.
+    Returns (PackedExperts of numpy arrays, mean fraction of shared elements, mean relative error
+    over both experts of every pair and matrix).
+    """
+    e = next(iter(weights.values())).shape[0]
+    pairs = choose_pairs(weights, pairs_for_ratio(e, ratio), config)
+    dense_ids = np.setdiff1d(np.arange(e), pairs.ravel()).astype(np.int32)
+    packed, dense, similar, errors = {}, {}, [], []
+    for name, w in weights.items():
+        _, k, n = w.shape
+        rows = max(1, chunk_elems // (len(pairs) * n))
+        words = np.empty((len(pairs), k, n), np.uint16)
+        err2 = np.zeros((2, len(pairs)))
+        norm2 = np.zeros((2, len(pairs)))
+        for r in range(0, k, rows):
+            wi, wj = w[pairs[:, 0], r:r + rows], w[pairs[:, 1], r:r + rows]
+            chunk, stats = merge_pairs(wi, wj, config, name=name)
+            words[:, r:r + rows] = _np(chunk)
+            for side, x in enumerate((wi, wj)):   # rel_err = sqrt(sum err^2 / sum w^2) per chunk
+                sq = np.square(x.astype(np.float32)).sum((1, 2), dtype=np.float64)
+                err2[side] += stats["rel_err_" + "ij"[side]].astype(np.float64) ** 2 * sq
+                norm2[side] += sq
+            similar.append((stats["frac_similar"].mean(), wi.shape[1] / k))
+        packed[name], dense[name] = words, w[dense_ids]
+        errors.append(np.sqrt(err2 / np.maximum(norm2, np.finfo(np.float32).tiny)))
+    frac_similar = sum(f * wt for f, wt in similar) / len(weights)
+    return (PackedExperts(pairs.astype(np.int32), packed, dense_ids, dense, e), float(frac_similar),
+            float(np.mean(errors)))
+
+
 @dataclasses.dataclass
 class LayerReport:
     layer: int
@@ -518,20 +554,17 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                 rep = LayerReport(L, "experts", expert_bytes_in=ckpt.nbytes(experts.sources()))
                 weights = read_experts(ckpt, experts, np_dtype)
                 if pairs_for_ratio(experts.num_experts, ratio):
-                    packed, stats = compress_layer(weights, ratio, merge)
+                    packed, rep.frac_similar, rep.rel_err = merge_layer(weights, ratio, merge)
                     del weights
                     p = int(packed.pairs.shape[0])
-                    pairs_of[L], pairs_list[L] = p, _np(packed.pairs).tolist()
-                    tensors[experts.dst + ".pairs"] = _np(packed.pairs).astype(np.int32)
-                    tensors[experts.dst + ".dense_ids"] = _np(packed.dense_ids).astype(np.int32)
+                    pairs_of[L], pairs_list[L] = p, packed.pairs.tolist()
+                    tensors[experts.dst + ".pairs"] = packed.pairs
+                    tensors[experts.dst + ".dense_ids"] = packed.dense_ids
                     for n in MATRICES:
-                        tensors[f"{experts.dst}.packed_{n}"] = _np(packed.packed[n])
-                        tensors[f"{experts.dst}.dense_{n}"] = _np(packed.dense[n]).astype(np_dtype)
+                        tensors[f"{experts.dst}.packed_{n}"] = packed.packed[n]
+                        tensors[f"{experts.dst}.dense_{n}"] = packed.dense[n]
                     del packed
                     rep.kind, rep.pairs = "packed", p
-                    rep.frac_similar = float(np.mean([stats[n]["frac_similar"] for n in MATRICES]))
-                    rep.rel_err = float(np.mean([np.concatenate([stats[n]["rel_err_i"], stats[n]["rel_err_j"]])
-                                                 for n in MATRICES]))
                 else:
                     tensors.update({f"{experts.dst}.{n}": weights[n] for n in MATRICES})
                     del weights

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from convert import main
 from puzzlemoe_jax import load_pretrained
-from puzzlemoe_jax.checkpoint import INDEX, SafetensorsDir, hf_plan, read_experts
+from puzzlemoe_jax.checkpoint import INDEX, SafetensorsDir, hf_plan, merge_layer, read_experts
 from puzzlemoe_jax.merge import MATRICES, MergeConfig, compress_layer
 from puzzlemoe_jax.models import ARCHS, ModelConfig, forward
 from puzzlemoe_jax.tiny import write_tiny_checkpoint
@@ -247,3 +247,21 @@ def test_bad_ratio_and_failure_midway_leave_nothing(tiny, tmp_path, capsys):
 def test_load_pretrained_refuses_hf_dir(tiny):
     with pytest.raises(ValueError, match="no 'puzzlemoe' section; convert"):
         load_pretrained(tiny["qwen2_moe"])
+
+
+def test_chunked_merge_matches_compress_layer():
+    """merge_layer (the converter's bounded-memory path) == merge.compress_layer, stats included."""
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((1, 40, 24), np.float32)
+    w = {n: (base + 0.4 * rng.standard_normal((6, 40, 24), np.float32)).astype(ml_dtypes.bfloat16) for n in MATRICES}
+    w["w_down"] = np.ascontiguousarray(w["w_down"].transpose(0, 2, 1))
+    expect, stats = compress_layer(w, 0.5, MergeConfig())
+    got, frac_similar, rel_err = merge_layer(w, 0.5, MergeConfig(), chunk_elems=3 * 24 * 7)  # 7-row chunks
+    np.testing.assert_array_equal(got.pairs, np.asarray(expect.pairs))
+    np.testing.assert_array_equal(got.dense_ids, np.asarray(expect.dense_ids))
+    for n in MATRICES:
+        np.testing.assert_array_equal(got.packed[n], np.asarray(expect.packed[n]))
+        np.testing.assert_array_equal(got.dense[n], np.asarray(expect.dense[n]))
+    assert abs(frac_similar - np.mean([stats[n]["frac_similar"] for n in MATRICES])) < 1e-6
+    want = np.mean([np.concatenate([stats[n]["rel_err_i"], stats[n]["rel_err_j"]]) for n in MATRICES])
+    assert abs(rel_err - want) < 1e-5

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import struct
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -34,7 +33,7 @@ from safetensors.numpy import save_file
 from puzzlemoe_jax import codec
 from puzzlemoe_jax.merge import (MATRICES, MergeConfig, PackedExperts, choose_pairs, merge_pairs,
                                  pairs_for_ratio)
-from puzzlemoe_jax.models import CausalLM, ConfigError, ModelConfig, hf_dtype
+from puzzlemoe_jax.models import ARCHS, CausalLM, ConfigError, ModelConfig, PackedExpertsModule
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -378,7 +377,7 @@ def flat_params(model: CausalLM) -> dict[str, np.ndarray]:
 
 
 def packed_pairs_of(model: CausalLM) -> dict[int, int]:
-    from puzzlemoe_jax.models import PackedExpertsModule
+    """{layer: number of merged pairs} for the layers whose experts are packed."""
     return {i: int(m.experts.pairs.shape[0]) for i, m in model.moe_layers().items()
             if isinstance(m.experts, PackedExpertsModule)}
 
@@ -527,7 +526,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
         raise CheckpointError(f"--ratio must be in [0, 0.5] (pairwise merging saves at most half), got {ratio}")
     hf = load_hf_config(src)
     if hf.get("model_type") != arch:
-        if hf.get("model_type") in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek"):
+        if hf.get("model_type") in ARCHS:
             raise CheckpointError(f"{src / 'config.json'}: model_type is {hf['model_type']!r}, not {arch!r}; "
                                   f"use: python -m convert {hf['model_type']}")
     try:

@@ -128,11 +128,6 @@ class ModelConfig:
                    routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
 
 
-def hf_dtype(hf: Mapping[str, Any]) -> str | None:
-    """The checkpoint dtype a config.json declares (``dtype`` in v5, ``torch_dtype`` in v4)."""
-    return hf.get("dtype") or hf.get("torch_dtype")
-
-
 # ----------------------------------------------------------------------------------------------
 # Modules
 

@@ -4,7 +4,6 @@ Fixtures (tests/hf_fixtures.py) build tiny random transformers models, save them
 (>= 3 shards), convert them with ``python -m convert`` (in-process) and load them with
 ``load_pretrained``.  DeepSeek-MoE's reference is DeepseekV2 + LlamaAttention (see hf_fixtures).
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

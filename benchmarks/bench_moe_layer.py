@@ -100,10 +100,12 @@ def main():
             base_gu = K.layer_config(T * k, H, I, 4, fused=True)
             base_dn = K.layer_config(T * k, I, H, 4)
             tries = [
-                (dict(bn=128), {}), (dict(bk=64), {}), (dict(num_warps=8), {}), (dict(num_stages=3), {}),
-                (dict(bm=16), {}), (dict(bm=32), {}),
-                ({}, dict(split_k=1)), ({}, dict(split_k=2)), ({}, dict(split_k=8)),
-                ({}, dict(bn=32)), ({}, dict(bn=128, split_k=4)),
+                (dict(bk=64, num_warps=8), {}), (dict(bk=64, num_warps=4), {}),
+                (dict(bk=32, num_warps=4), {}), (dict(bm=16, bk=64, num_warps=8), {}),
+                (dict(bm=32, bk=64, num_warps=8), {}), (dict(bm=64, bk=64, num_warps=8), {}),
+                (dict(bk=64, num_warps=8, num_stages=5), {}),
+                ({}, dict(bk=64, num_warps=8)), ({}, dict(bk=64)), ({}, dict(num_warps=8)),
+                ({}, dict(split_k=1, bk=64)), ({}, dict(bm=16)),
             ]
             for gu, dn in tries:
                 if time.time() - t0 > args.budget_s:

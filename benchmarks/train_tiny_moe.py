@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import MixtralConfig, MixtralForCausalLM
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
@@ -232,6 +233,11 @@ def train_phase(model, batcher, args, device, *, name, budget_s, peak_lr, warmup
     """AdamW + linear warmup + cosine to min_lr_frac*peak. The number of steps is fixed after a timed
     calibration of the first `calib` steps so that the phase fills budget_s (or max_steps if given)."""
     opt = make_optim(model, peak_lr, args.weight_decay)
+    per_layer = args.aux_mode == "per-layer"
+    E, k = model.config.num_local_experts, model.config.num_experts_per_tok
+    # per-layer mode: switch off transformers' built-in aux term (one global balance over all layers' tokens
+    # concatenated, which lets single layers collapse) and add the per-layer mean ourselves
+    model.router_aux_loss_coef = 0.0 if per_layer else args.aux_coef
     amp = torch.bfloat16 if (device.type == "cuda" or args.cpu_bf16) else None
     model.train()
     hist = []
@@ -254,12 +260,20 @@ def train_phase(model, batcher, args, device, *, name, budget_s, peak_lr, warmup
         x = batcher.next()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = model(input_ids=x, labels=x, output_router_logits=use_aux)
-        loss = out.loss
+        if use_aux and per_layer:
+            # out.loss is the pure LM loss (model.router_aux_loss_coef = 0); balance every layer on its own
+            aux_t = torch.stack([load_balancing_loss_func((g,), E, k) for g in out.router_logits]).mean()
+            loss = out.loss + args.aux_coef * aux_t
+        else:
+            loss = out.loss
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        aux = out.aux_loss.detach().float() if (use_aux and out.aux_loss is not None) else torch.zeros((), device=device)
+        if use_aux:
+            aux = (aux_t if per_layer else out.aux_loss).detach().float()
+        else:
+            aux = torch.zeros((), device=device)
         lm = loss.detach().float() - (args.aux_coef * aux if use_aux else 0.0)
         acc_lm += lm
         acc_aux += aux
@@ -360,6 +374,9 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument("--aux-mode", choices=["per-layer", "global"], default="per-layer",
+                    help="load-balancing loss: mean over layers of each layer's Switch/Mixtral loss (per-layer), or "
+                         "transformers' built-in one over all layers' router logits concatenated (global)")
     ap.add_argument("--time-budget", type=float, default=180.0, help="training seconds (both phases together)")
     ap.add_argument("--dense-frac", type=float, default=0.4, help="upcycle: share of the budget for the dense phase")
     ap.add_argument("--max-steps", type=int, default=None, help="fixed steps (per phase) instead of the time budget")
@@ -486,8 +503,10 @@ def main():
         "optimizer": "AdamW(betas=(0.9,0.95), eps=1e-8, wd on >=2-D params), grad clip, linear warmup + cosine to "
                      "min_lr_frac*peak; bf16 autocast, fp32 master weights; steps fixed after timing the first "
                      "calib_steps steps so that each phase fills its share of time_budget",
-        "loss": "transformers causal-LM cross entropy (+ router_aux_loss_coef * load-balancing loss in MoE phases; "
-                "train_lm_loss excludes the aux term)",
+        "loss": "transformers causal-LM cross entropy + aux_coef * load-balancing loss in MoE phases "
+                "(aux_mode per-layer: mean over layers of transformers' load_balancing_loss_func applied to each "
+                "layer's router logits alone; global: transformers' built-in term); train_lm_loss excludes the aux "
+                "term; aux_loss is ~top_k (=2) when balanced",
         "model": {"architecture": "MixtralForCausalLM", "n_params": n_params,
                   "safetensors_bytes_bf16": size, "shards": shards, "saved_config": cfg_json},
         "phases": phases,

@@ -113,14 +113,29 @@ def layer_config(rows: int, k: int, n: int, num_pairs: int, *, fused: bool = Fal
     launch has >= 2 programs per SM even if only one pair is active.
     """
     bm = min(max(MIN_ROWS, pl.next_power_of_2(max(rows, 1))), 32)
-    bk = max(_largest_pow2_divisor(k, 128), 64)
+    bk = max(_largest_pow2_divisor(k, 64 if fused else 128), 64)
     bn = 64
     n_tiles, nk = pl.cdiv(n, bn), pl.cdiv(k, bk)
     split = 1
     while (not fused and n_tiles * split < 2 * NUM_SMS and nk % (2 * split) == 0
            and nk // (2 * split) >= 4):
         split *= 2
-    return TileConfig(bm=bm, bn=bn, bk=bk, split_k=split, num_warps=4, num_stages=4)
+    return TileConfig(bm=bm, bn=bn, bk=bk, split_k=split, num_warps=8 if fused else 4,
+                      num_stages=4)
+
+
+SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block, with room for Triton's scratch
+
+
+def _fit_smem(cfg: TileConfig, n_a: int, n_w: int) -> TileConfig:
+    """Lower ``num_stages`` until the pipeline buffers fit shared memory (estimate: Triton keeps
+    ``num_stages - 1`` copies of the per-step tiles, plus the two decoded bf16 tiles per weight)."""
+    per_stage = 2 * (n_a * cfg.bm * cfg.bk + n_w * cfg.bk * cfg.bn)
+    decoded = n_w * 2 * 2 * cfg.bk * cfg.bn
+    stages = cfg.num_stages
+    while stages > 2 and (stages - 1) * per_stage + decoded > SMEM_BUDGET:
+        stages -= 1
+    return cfg if stages == cfg.num_stages else dataclasses.replace(cfg, num_stages=stages)
 
 
 def _params(cfg: TileConfig):
@@ -243,7 +258,7 @@ def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
     if impl == "reference" or (impl == "auto" and m > PAIR_KERNEL_MAX_M):
         return dual_decode_gemm_reference(a_i, a_j, words, transpose_w=transpose_w,
                                           out_dtype=out_dtype)
-    cfg = config or pair_config(m, K, N)
+    cfg = _fit_smem(config or pair_config(m, K, N), n_a=2, n_w=1)
     bm, bn, bk, S = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
     m_tiles, n_tiles = pl.cdiv(max(m, 1), bm), pl.cdiv(N, bn)
     nks = pl.cdiv(pl.cdiv(K, bk), S)
@@ -350,7 +365,7 @@ def grouped_dual_gemm(xs: jax.Array, meta: jax.Array, words, *, max_rows: int,
     ws = tuple(words) if silu_mul else (words,)
     P, K, N = ws[0].shape
     R = xs.shape[0]
-    cfg = config or layer_config(max_rows, K, N, P, fused=silu_mul)
+    cfg = _fit_smem(config or layer_config(max_rows, K, N, P, fused=silu_mul), n_a=2, n_w=len(ws))
     bm, bn, bk, S = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
     if silu_mul and S > 1:
         raise ValueError("split_k > 1 cannot be used with the fused SwiGLU epilogue")

@@ -81,7 +81,7 @@ def _scores(a, b, imp_i, imp_j):
 
 @functools.partial(jax.jit, static_argnames="method")
 def _merge_core(w_i, w_j, imp_i, imp_j, threshold, alpha, method):
-    """Merge, pack and measure; stats are reduced over the last two (matrix) axes.
+    """Merge and pack one row chunk; returns the words and per-matrix sums (over the last two axes).
 
     "puzzle" is the dual-mask merge; the baselines store ``alpha*W_i + (1-alpha)*W_j`` for both
     experts (both masks set, one sign), which the same codec represents.
@@ -97,65 +97,83 @@ def _merge_core(w_i, w_j, imp_i, imp_j, threshold, alpha, method):
         sign_i = sign_j = mixed < 0
     words, flags = codec.encode_words(magnitude, similar | i_wins, similar | ~i_wins, sign_i, sign_j)
     hat_i, hat_j = codec.decode(words)
-    mean = lambda x: jnp.mean(x, axis=(-2, -1), dtype=jnp.float32)
-    total = lambda x: jnp.sum(x, axis=(-2, -1), dtype=jnp.int32)
-
-    def rel_err(hat, w):
-        w = w.astype(jnp.float32)
-        num = jnp.sum(jnp.square(hat.astype(jnp.float32) - w), axis=(-2, -1))
-        den = jnp.sum(jnp.square(w), axis=(-2, -1))
-        return jnp.sqrt(num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny))
-
-    stats = dict(
-        frac_similar=mean(similar), frac_salient_i=mean(~similar & i_wins),
-        frac_salient_j=mean(~similar & ~i_wins),
-        frac_kept_i=mean((words & (1 << codec.MASK_I_BIT)) != 0),
-        frac_kept_j=mean((words & (1 << codec.MASK_J_BIT)) != 0),
-        rel_err_i=rel_err(hat_i, w_i), rel_err_j=rel_err(hat_j, w_j),
-        rounded_to_zero=total(flags["rounded_to_zero"]), rounded_to_min=total(flags["rounded_to_min"]),
-        saturated=total(flags["saturated"]),
-        nonfinite=total(~jnp.isfinite(w_i)) + total(~jnp.isfinite(w_j)))
-    return words, stats
+    count = lambda x: jnp.sum(x, axis=(-2, -1), dtype=jnp.int32)
+    sq = lambda x: jnp.sum(jnp.square(x), axis=(-2, -1), dtype=jnp.float32)
+    f32 = lambda x: x.astype(jnp.float32)
+    sums = dict(
+        similar=count(similar), salient_i=count(~similar & i_wins), salient_j=count(~similar & ~i_wins),
+        kept_i=count((words & (1 << codec.MASK_I_BIT)) != 0), kept_j=count((words & (1 << codec.MASK_J_BIT)) != 0),
+        sq_err_i=sq(f32(hat_i) - f32(w_i)), sq_err_j=sq(f32(hat_j) - f32(w_j)), sq_i=sq(f32(w_i)), sq_j=sq(f32(w_j)),
+        rounded_to_zero=count(flags["rounded_to_zero"]), rounded_to_min=count(flags["rounded_to_min"]),
+        saturated=count(flags["saturated"]), nonfinite=count(~jnp.isfinite(w_i)) + count(~jnp.isfinite(w_j)))
+    return words, sums
 
 
-def _importance(config: MergeConfig, imp, shape_kn):
+def _finish_stats(sums: Mapping[str, np.ndarray], elements: int, config: MergeConfig, name: str) -> dict:
+    """Per-pair statistics from summed counts; raises for NaN/Inf weights and strict saturation."""
+    if sums["nonfinite"].sum():
+        raise ValueError(f"{name}: {int(sums['nonfinite'].sum())} NaN/Inf weights; expert weights must be finite")
+    if config.strict and sums["saturated"].sum():
+        raise ValueError(f"{name}: {int(sums['saturated'].sum())} magnitudes >= 2**17 do not fit "
+                         "the 5-bit exponent (strict mode)")
+    tiny = np.finfo(np.float32).tiny
+    frac = lambda key: (sums[key] / max(elements, 1)).astype(np.float32)
+    err = lambda side: np.sqrt(sums["sq_err_" + side] / np.maximum(sums["sq_" + side], tiny)).astype(np.float32)
+    return dict(frac_similar=frac("similar"), frac_salient_i=frac("salient_i"), frac_salient_j=frac("salient_j"),
+                frac_kept_i=frac("kept_i"), frac_kept_j=frac("kept_j"), rel_err_i=err("i"), rel_err_j=err("j"),
+                **{k: sums[k] for k in ("rounded_to_zero", "rounded_to_min", "saturated", "nonfinite")})
+
+
+def _importance(config: MergeConfig, imp, rows: int):
     """Per-input-row importance multiplier broadcastable to [..., K, N] (1 for magnitude)."""
     if config.saliency == "magnitude":
         return jnp.float32(1.0)
     if imp is None:
         raise ValueError("saliency='activation' needs input second moments for every expert")
     imp = jnp.asarray(imp, jnp.float32)
-    if imp.shape[-1] != shape_kn[0]:
-        raise ValueError(f"input second moments have {imp.shape[-1]} features, the matrix has "
-                         f"{shape_kn[0]} input rows")
+    if imp.shape[-1] != rows:
+        raise ValueError(f"input second moments have {imp.shape[-1]} features, the matrix has {rows} input rows")
     return imp[..., :, None]
 
 
+def _merge_rows(get_rows, k: int, n: int, batch: int, config: MergeConfig, alpha, name: str,
+                chunk_elems: int, to_host: bool):
+    """Merge row chunks ``get_rows(r0, r1) -> (w_i, w_j, imp_i, imp_j)`` of ``batch`` matrices
+    ``[..., K, N]``; the words are joined along the rows and the statistics combined exactly."""
+    rows = max(1, chunk_elems // max(1, batch * n))
+    alpha = jnp.asarray(alpha, jnp.float32)[..., None, None]
+    thr = jnp.float32(config.similarity_threshold)
+    words, sums = [], None
+    for r0 in range(0, k, rows):
+        w_i, w_j, imp_i, imp_j = get_rows(r0, min(k, r0 + rows))
+        chunk, s = _merge_core(jnp.asarray(w_i), jnp.asarray(w_j), imp_i, imp_j, thr, alpha, method=config.method)
+        words.append(np.asarray(chunk) if to_host else chunk)
+        s = {key: np.asarray(v, np.float64 if key.startswith("sq") else np.int64) for key, v in s.items()}
+        sums = s if sums is None else {key: sums[key] + s[key] for key in s}
+    joined = np.concatenate(words, axis=-2) if to_host else jnp.concatenate(words, axis=-2)
+    return joined, _finish_stats(sums, k * n, config, name)
+
+
 def merge_pairs(w_i, w_j, config: MergeConfig = MergeConfig(), imp_i=None, imp_j=None,
-                name: str = "weights", alpha=0.5):
+                name: str = "weights", alpha=0.5, chunk_elems: int = 1 << 24):
     """Merge expert matrices ``w_i[..., K, N]`` with ``w_j[..., K, N]`` into packed uint16 words.
 
     ``imp_*``: per-expert input second moments ``[..., K]`` (only for ``saliency="activation"``).
     ``alpha``: weight of expert i in the averaging baselines (scalar or one per leading index).
-    Returns ``(words, stats)``; stats maps each statistic to a numpy array over the leading axes.
-    Raises ValueError for NaN/Inf weights or, when ``config.strict``, for saturated magnitudes.
+    Work is done in row chunks of about ``chunk_elems`` elements (bounded temporaries); numpy
+    inputs give numpy words.  Returns ``(words, stats)``: stats maps each statistic to a numpy
+    array over the leading axes.  Raises ValueError for NaN/Inf weights or, when
+    ``config.strict``, for saturated magnitudes.
     """
-    w_i, w_j = jnp.asarray(w_i), jnp.asarray(w_j)
-    if w_i.shape != w_j.shape or w_i.ndim < 2:
+    if np.shape(w_i) != np.shape(w_j) or np.ndim(w_i) < 2:
         raise ValueError(f"{name}: expert matrices must have one shape [..., K, N], got "
-                         f"{w_i.shape} and {w_j.shape}")
-    words, stats = _merge_core(w_i, w_j, _importance(config, imp_i, w_i.shape[-2:]),
-                               _importance(config, imp_j, w_i.shape[-2:]),
-                               jnp.float32(config.similarity_threshold),
-                               jnp.asarray(alpha, jnp.float32)[..., None, None], method=config.method)
-    stats = {k: np.asarray(v) for k, v in stats.items()}
-    if stats["nonfinite"].sum():
-        raise ValueError(f"{name}: {int(stats['nonfinite'].sum())} NaN/Inf weights; "
-                         "expert weights must be finite")
-    if config.strict and stats["saturated"].sum():
-        raise ValueError(f"{name}: {int(stats['saturated'].sum())} magnitudes >= 2**17 do not fit "
-                         "the 5-bit exponent (strict mode)")
-    return words, stats
+                         f"{np.shape(w_i)} and {np.shape(w_j)}")
+    *lead, k, n = np.shape(w_i)
+    imp_i, imp_j = _importance(config, imp_i, k), _importance(config, imp_j, k)
+    cut = lambda imp, r0, r1: imp if imp.ndim == 0 else imp[..., r0:r1, :]
+    get_rows = lambda r0, r1: (w_i[..., r0:r1, :], w_j[..., r0:r1, :], cut(imp_i, r0, r1), cut(imp_j, r0, r1))
+    return _merge_rows(get_rows, k, n, int(np.prod(lead)), config, alpha, name, chunk_elems,
+                       to_host=isinstance(w_i, np.ndarray))
 
 
 @jax.jit
@@ -179,9 +197,9 @@ def pair_costs(weights: Mapping[str, jax.Array], config: MergeConfig = MergeConf
     for name, w in weights.items():
         e, k, n = w.shape
         idx = np.sort(rng.choice(k * n, size=min(config.pairing_sample, k * n), replace=False))
-        samples.append(jnp.asarray(w).reshape(e, k * n)[:, idx].astype(jnp.float32))
+        samples.append(jnp.asarray(w.reshape(e, k * n)[:, idx], jnp.float32))  # gathers on the host for numpy
         if config.saliency == "activation":
-            imps.append(_importance(config, (importance or {}).get(name), (k, n))[..., 0][:, idx // n])
+            imps.append(_importance(config, (importance or {}).get(name), k)[..., 0][:, idx // n])
         else:
             imps.append(jnp.ones((e, idx.size), jnp.float32))
     w_all, imp_all = jnp.concatenate(samples, axis=1), jnp.concatenate(imps, axis=1)
@@ -293,39 +311,49 @@ def align_neurons(weights: Mapping[str, jax.Array], i: int, j: int, signed: bool
     return scipy.optimize.linear_sum_assignment(cost)[1]
 
 
+def _permute_expert(w, b: int, perm: np.ndarray, axis: int):
+    """Copy of ``w [E, K, N]`` with expert b's ``axis`` (0: rows, 1: columns of one expert) permuted."""
+    if isinstance(w, np.ndarray):
+        w = w.copy()
+        w[b] = np.take(w[b], perm, axis=axis)
+        return w
+    return w.at[b].set(jnp.take(w[b], perm, axis=axis))
+
+
 def compress_layer(weights: Mapping[str, jax.Array], ratio: float = 0.5,
                    config: MergeConfig = MergeConfig(),
                    importance: Mapping[str, jax.Array] | None = None,
-                   frequencies=None):
+                   frequencies=None, chunk_elems: int = 1 << 24):
     """Compress one layer's experts ``{name: [E, K, N]}`` at ``ratio``: (PackedExperts, stats).
 
     stats maps each matrix name to ``merge_pairs`` statistics (one entry per pair) and holds
     ``"pairs"`` and ``"dropped"``.  ``importance``: per-expert input second moments ``[E, K]``
     (activation saliency).  ``frequencies``: ``[E]`` routing frequencies on calibration text,
-    needed by the "frequency" and "drop" baselines.
+    needed by the "frequency" and "drop" baselines.  Numpy weights stay on the host and are
+    merged in row chunks of about ``chunk_elems`` elements, so memory stays near the layer's size.
     """
-    shapes = {name: tuple(w.shape) for name, w in weights.items()}
+    shapes = {name: tuple(np.shape(w)) for name, w in weights.items()}
     if not weights or len({s[0] for s in shapes.values()}) != 1 or any(len(s) != 3 for s in shapes.values()):
         raise ValueError(f"expected {{name: [E, K, N]}} with one expert count E, got {shapes}")
     e = next(iter(shapes.values()))[0]
-    n = pairs_for_ratio(e, ratio)
+    n_merge = pairs_for_ratio(e, ratio)
     if config.method in ("frequency", "drop"):
         if frequencies is None or np.shape(frequencies) != (e,):
             raise ValueError(f"method {config.method!r} needs routing frequencies of shape ({e},)")
         frequencies = np.asarray(frequencies, np.float64)
-    weights = {name: jnp.asarray(w) for name, w in weights.items()}
+    weights = dict(weights)
     if config.method == "drop":   # NAEE-style: the least-routed experts go
         pairs = np.zeros((0, 2), np.int32)
-        dropped = np.sort(np.argsort(frequencies, kind="stable")[:n]).astype(np.int32)
+        dropped = np.sort(np.argsort(frequencies, kind="stable")[:n_merge]).astype(np.int32)
     else:
-        pairs = choose_pairs(weights, n, config, importance)
+        pairs = choose_pairs(weights, n_merge, config, importance)
         dropped = np.zeros((0,), np.int32)
-    if config.align_neurons and config.method != "drop":
+    if config.align_neurons:
         for a, b in pairs:
             perm = align_neurons(weights, a, b, signed=config.method != "puzzle")
-            weights["w_gate"] = weights["w_gate"].at[b].set(weights["w_gate"][b][:, perm])
-            weights["w_up"] = weights["w_up"].at[b].set(weights["w_up"][b][:, perm])
-            weights["w_down"] = weights["w_down"].at[b].set(weights["w_down"][b][perm, :])
+            weights["w_gate"] = _permute_expert(weights["w_gate"], b, perm, axis=1)
+            weights["w_up"] = _permute_expert(weights["w_up"], b, perm, axis=1)
+            weights["w_down"] = _permute_expert(weights["w_down"], b, perm, axis=0)
     alpha = 0.5
     if config.method == "frequency":  # M-SMoE-style: weight each expert by how often it is routed
         f_i, f_j = frequencies[pairs[:, 0]], frequencies[pairs[:, 1]]
@@ -333,10 +361,17 @@ def compress_layer(weights: Mapping[str, jax.Array], ratio: float = 0.5,
     dense_ids = np.setdiff1d(np.arange(e), np.concatenate([pairs.ravel(), dropped])).astype(np.int32)
     packed, dense, stats = {}, {}, {"pairs": pairs, "dropped": dropped}
     for name, w in weights.items():
+        k, n = shapes[name][1:]
         imp = (importance or {}).get(name)
-        imp_i, imp_j = (None, None) if imp is None else (jnp.asarray(imp)[pairs[:, 0]], jnp.asarray(imp)[pairs[:, 1]])
-        packed[name], stats[name] = merge_pairs(w[pairs[:, 0]], w[pairs[:, 1]], config, imp_i, imp_j,
-                                                name=name, alpha=alpha)
+        imp_i, imp_j = ((None, None) if imp is None else
+                        (np.asarray(imp)[pairs[:, 0]], np.asarray(imp)[pairs[:, 1]]))
+        imp_i, imp_j = _importance(config, imp_i, k), _importance(config, imp_j, k)
+        cut = lambda imp, r0, r1: imp if imp.ndim == 0 else imp[:, r0:r1]
+        get_rows = lambda r0, r1, w=w, imp_i=imp_i, imp_j=imp_j: (
+            w[pairs[:, 0], r0:r1], w[pairs[:, 1], r0:r1], cut(imp_i, r0, r1), cut(imp_j, r0, r1))
+        packed[name], stats[name] = _merge_rows(get_rows, k, n, len(pairs), config, alpha, name, chunk_elems,
+                                                to_host=isinstance(w, np.ndarray))
         dense[name] = w[dense_ids]
-    return (PackedExperts(jnp.asarray(pairs), packed, jnp.asarray(dense_ids), dense, e, jnp.asarray(dropped)),
+    xp = np if all(isinstance(w, np.ndarray) for w in weights.values()) else jnp
+    return (PackedExperts(xp.asarray(pairs), packed, xp.asarray(dense_ids), dense, e, xp.asarray(dropped)),
             stats)

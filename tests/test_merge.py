@@ -1,6 +1,7 @@
 import dataclasses
 import itertools
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -248,3 +249,18 @@ def test_neuron_alignment_recovers_a_hidden_permutation_and_keeps_the_function(m
     y_orig = moe.dense_moe_ffn(x, ids, wts, {n: jnp.asarray(w) for n, w in weights.items()})
     y_aligned = moe.dense_moe_ffn(x, ids, wts, aligned.unpack(jnp.float32))
     assert float(jnp.linalg.norm(y_aligned - y_orig) / jnp.linalg.norm(y_orig)) < 0.02
+
+
+@pytest.mark.parametrize("saliency", ["magnitude", "activation"])
+def test_row_chunked_merge_gives_the_same_words_and_stats(saliency):
+    rng = np.random.default_rng(11)
+    weights = layer(rng, e=6, h=20, i=36)
+    imp = {n: rng.uniform(0.5, 2, (6, w.shape[1])).astype(np.float32) for n, w in weights.items()}
+    cfg = merge.MergeConfig(saliency=saliency)
+    whole, whole_stats = merge.compress_layer({n: jnp.asarray(w) for n, w in weights.items()}, 0.5, cfg, imp)
+    host, host_stats = merge.compress_layer(weights, 0.5, cfg, imp, chunk_elems=3 * 36 * 7)  # 7-row chunks
+    assert isinstance(host.packed["w_up"], np.ndarray) and isinstance(whole.packed["w_up"], jax.Array)
+    for n in weights:
+        np.testing.assert_array_equal(host.packed[n], np.asarray(whole.packed[n]))
+        for key, value in whole_stats[n].items():
+            np.testing.assert_allclose(host_stats[n][key], value, rtol=1e-5)

@@ -547,6 +547,9 @@ def main():
 def model_readme(r: dict, name: str) -> str:
     c = r["model"]["saved_config"]
     h = r["heldout"]
+    hp = r["hyperparameters"]
+    usage = "\n".join(f"- layer {i}: min {min(u):.3f}, max {max(u):.3f}"
+                      for i, u in enumerate(r["heldout_expert_usage_first_64KiB"]["per_layer"]))
     ph = "\n".join(f"| {p['phase']} | {p['steps']} | {p['wall_s']} | {p['tokens_seen']} | {p['peak_lr']} | "
                    f"{p['final_train_lm_loss_last_log_window']} |" for p in r["phases"])
     return f"""# {name}
@@ -574,7 +577,18 @@ scored alone): **{h['nats_per_byte']:.4f} nats/byte = {h['bits_per_byte']:.4f} b
 (bf16 compute: {h['saved_bf16_weights']['bf16_compute']['bits_per_byte']:.4f} bits/byte).
 
 Load: `MixtralForCausalLM.from_pretrained("models/{name}")`; input ids are raw UTF-8 bytes (no tokenizer,
-no BOS/EOS).
+no BOS/EOS). The checkpoint uses the standard Mixtral key names
+(`model.layers.N.block_sparse_moe.experts.E.w1/w2/w3.weight`, `...block_sparse_moe.gate.weight`). The config
+sets no attention or experts implementation, so loading with `attn_implementation="eager"` works.
+
+Recipe details: batch {hp['batch']} x {hp['seq_len']} bytes (random windows), AdamW (betas 0.9/0.95,
+weight decay {hp['weight_decay']}), clip {hp['clip']}, linear warmup then cosine to {hp['min_lr_frac']} x peak,
+bf16 autocast, fp32 master weights. Load-balancing loss: coefficient {hp['aux_coef']}, mode `{hp.get('aux_mode', 'global')}`.
+Attention during training: `{r['attn_implementation_training']}`; experts forward: `{r['experts_impl_selection']['chosen']}`.
+Each phase's step count was fixed after timing its first {hp['calib_steps']} steps, so that it fills its share of
+the {hp['time_budget']} s budget, capped at {hp['max_epochs']} passes over the training bytes in total.
+Held-out expert usage (fraction of top-{c['num_experts_per_tok']} assignments on the first 64 KiB), by layer:
+{usage}
 """
 
 

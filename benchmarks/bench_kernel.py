@@ -92,7 +92,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop the variant sweep after this")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--variants", default="mixtral", help="none | mixtral | all")
+    ap.add_argument("--variants", default="mixtral", help="none | diag | mixtral | all")
     ap.add_argument("--max-rotate", type=int, default=32, help="cap on rotated weight buffers")
     args = ap.parse_args()
     t_start = time.time()
@@ -163,7 +163,7 @@ def main():
                 row["kernel"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}", ms=float("nan"),
                                      speedup=float("nan"), GBps=float("nan"),
                                      frac_copy_bw=float("nan"), ok=False, err=float("nan"))
-            if m in (1, 64, 256):
+            if m in (1, 64, 128, 256):
                 row["decode_then_dots"] = run_kernel(None, impl="reference")
             res["rows"].append(row)
             kr = row["kernel"]
@@ -177,6 +177,8 @@ def main():
         sweep_shapes = [s for s in args.shapes.split(",")
                         if args.variants == "all" or s.startswith(("mixtral", "tiny"))]
         order = [m for m in (16, 1, 64, 256, 4, 32, 128, 8, 2) if m in ms]
+        if args.variants == "diag":
+            order = [m for m in (16, 1, 256) if m in ms]
         for m in order:
             for shape_name in sweep_shapes:
                 if time.time() - t_start > args.budget_s:
@@ -191,20 +193,27 @@ def main():
                 ref = K.dual_decode_gemm_reference(a_i, a_j, words[0], out_dtype=jnp.float32)
                 base = K.pair_config(m, k, n)
                 changes = SMALL_M_VARIANTS if m <= 32 else LARGE_M_VARIANTS
+                if args.variants == "diag":  # no_decode: same kernel streaming words as bf16
+                    changes = [dict(evict_first=True), dict(no_decode=True)]
                 for change in [{}] + changes:
                     if time.time() - t_start > args.budget_s:
                         break
+                    change = dict(change)
+                    no_decode = change.pop("no_decode", False)
                     cfg = variant(base, m, k, change)
                     if cfg is None:
                         continue
-                    fn = lambda a_i, a_j, *ws, cfg=cfg: [
-                        K.dual_decode_gemm(a_i, a_j, w, config=cfg, impl="pallas") for w in ws]
+                    fn = lambda a_i, a_j, *ws, cfg=cfg, nd=no_decode: [
+                        K.dual_decode_gemm(a_i, a_j, w, config=cfg, impl="pallas", _no_decode=nd)
+                        for w in ws]
                     try:
                         out, t, s, _ = time_pair(fn, a_i, a_j, words, r)
                         (e_i, f_i), (e_j, f_j) = rel_err(out[0][0], ref[0]), rel_err(out[0][1], ref[1])
                         v = dict(shape=shape_name, m=m, config=dataclasses.asdict(cfg), ms=t,
                                  spread_ms=s, err=max(e_i, e_j), ok=f_i and f_j and max(e_i, e_j) < 1e-2,
-                                 GBps=packed_bytes / t / 1e6)
+                                 GBps=packed_bytes / t / 1e6, no_decode=no_decode)
+                        if no_decode:
+                            v["ok"] = v["err"] = None  # diagnostic: computes another function
                     except Exception as e:  # noqa: BLE001  (a variant that fails to compile)
                         v = dict(shape=shape_name, m=m, config=dataclasses.asdict(cfg),
                                  error=f"{type(e).__name__}: {str(e)[:300]}")

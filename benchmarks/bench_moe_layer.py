@@ -100,12 +100,8 @@ def main():
             base_gu = K.layer_config(T * k, H, I, 4, fused=True)
             base_dn = K.layer_config(T * k, I, H, 4)
             tries = [
-                (dict(bk=64, num_warps=8), {}), (dict(bk=64, num_warps=4), {}),
-                (dict(bk=32, num_warps=4), {}), (dict(bm=16, bk=64, num_warps=8), {}),
-                (dict(bm=32, bk=64, num_warps=8), {}), (dict(bm=64, bk=64, num_warps=8), {}),
-                (dict(bk=64, num_warps=8, num_stages=5), {}),
-                ({}, dict(bk=64, num_warps=8)), ({}, dict(bk=64)), ({}, dict(num_warps=8)),
-                ({}, dict(split_k=1, bk=64)), ({}, dict(bm=16)),
+                (dict(evict_first=True), dict(evict_first=True)), (dict(bn=32), {}),
+                ({}, dict(bk=128)), ({}, dict(split_k=4)), (dict(num_stages=3), dict(num_stages=3)),
             ]
             for gu, dn in tries:
                 if time.time() - t0 > args.budget_s:

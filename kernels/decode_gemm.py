@@ -62,6 +62,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     swap_ab: bool = False  # compute O^T = W^T A^T (weights on the MMA's M side)
+    evict_first: bool = False  # L2 eviction hint on the streamed weight tiles
 
     def __post_init__(self):
         for name in ("bm", "bn", "bk"):
@@ -89,39 +90,46 @@ NUM_SMS = 132  # H100 / H200
 def pair_config(m: int, k: int, n: int) -> TileConfig:
     """Tile table for the pair kernel, by tokens per expert ``m`` and weight shape [k, n].
 
-    Rules (tuned on an H100, see benchmarks/RESULTS.md and kernel_notes.md): row tile
-    ``bm = next_pow2(m)`` in [16, 64]; ``bk`` the largest power of two <= 128 dividing k (64 at
-    least, masked edges otherwise); ``bn = 64`` for decode sizes, 128 from 128 rows up; split K
-    until there are >= 2 programs per SM.
+    From the H100 sweep (benchmarks/RESULTS.md): M <= 32: one 16/32-row tile, ``bn=64``,
+    ``bk=128``, 4 warps (every variant tried at Mixtral shapes lay within 52-65 us);
+    M = 33..64: ``bm=64, bn=128, bk=64``, 8 warps; M > 64: ``bm=128, bn=128, bk=64``, 8 warps
+    (2x faster than 64-row tiles at M = 128-256).  ``bk`` is capped by the largest power of two
+    dividing k (>= 64, masked edges otherwise).  K is split until the launch has >= 200
+    programs (1.5 per SM), keeping >= 4 K steps per program.
     """
-    bm = min(max(MIN_ROWS, pl.next_power_of_2(max(m, 1))), 64)
-    bk = max(_largest_pow2_divisor(k, 128), 64)
-    bn = 128 if m >= 128 else 64
+    if m <= 32:
+        bm, bn, bk_cap, warps = max(MIN_ROWS, pl.next_power_of_2(max(m, 1))), 64, 128, 4
+    elif m <= 64:
+        bm, bn, bk_cap, warps = 64, 128, 64, 8
+    else:
+        bm, bn, bk_cap, warps = 128, 128, 64, 8
+    bk = max(_largest_pow2_divisor(k, bk_cap), 64)
     bn = min(bn, max(16, pl.next_power_of_2(n)))
     m_tiles, n_tiles, nk = pl.cdiv(max(m, 1), bm), pl.cdiv(n, bn), pl.cdiv(k, bk)
     split = 1
-    while (m_tiles * n_tiles * split < 2 * NUM_SMS and nk % (2 * split) == 0
+    while (m_tiles * n_tiles * split < 200 and nk % (2 * split) == 0
            and nk // (2 * split) >= 4):
         split *= 2
-    return TileConfig(bm=bm, bn=bn, bk=bk, split_k=split, num_warps=4, num_stages=4)
+    return TileConfig(bm=bm, bn=bn, bk=bk, split_k=split, num_warps=warps, num_stages=4)
 
 
 def layer_config(rows: int, k: int, n: int, num_pairs: int, *, fused: bool = False) -> TileConfig:
     """Tile table for the grouped (whole-layer) kernel: ``rows`` bounds one expert's rows.
 
-    ``fused`` (gate+up with the SwiGLU epilogue) cannot split K; otherwise K is split until the
-    launch has >= 2 programs per SM even if only one pair is active.
+    From the H100 layer sweep (Mixtral shapes): 16-row tiles up to 32 assignments, 32-row
+    tiles above (64-row tiles were 1.7x slower); ``bk=64``, 4 warps.  ``fused`` (gate+up with
+    the SwiGLU epilogue) cannot split K; the down projection splits K until >= 2 programs per SM
+    even if only one pair is active (split 8 at Mixtral's 14336 x 4096).
     """
-    bm = min(max(MIN_ROWS, pl.next_power_of_2(max(rows, 1))), 32)
-    bk = max(_largest_pow2_divisor(k, 64 if fused else 128), 64)
+    bm = 16 if rows <= 32 else 32
+    bk = max(_largest_pow2_divisor(k, 64), 64)
     bn = 64
     n_tiles, nk = pl.cdiv(n, bn), pl.cdiv(k, bk)
     split = 1
     while (not fused and n_tiles * split < 2 * NUM_SMS and nk % (2 * split) == 0
            and nk // (2 * split) >= 4):
         split *= 2
-    return TileConfig(bm=bm, bn=bn, bk=bk, split_k=split, num_warps=8 if fused else 4,
-                      num_stages=4)
+    return TileConfig(bm=bm, bn=bn, bk=bk, split_k=split, num_warps=4, num_stages=4)
 
 
 SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block, with room for Triton's scratch
@@ -169,7 +177,7 @@ def _mma(a, w, *, transpose_w: bool, swap_ab: bool):
 
 
 def _load_words(w_ref, k0, col0, *, bk, bn, K, N, transpose_w, mask_k, mask_n, ref_col0=None,
-                lead=()):
+                lead=(), evict_first=False):
     """One packed tile ([bk, bn], or [bn, bk] transposed) with edges masked to word 0 (= zero).
 
     ``col0`` is the tile's first column in the whole matrix (for the edge mask); ``ref_col0``
@@ -178,8 +186,9 @@ def _load_words(w_ref, k0, col0, *, bk, bn, K, N, transpose_w, mask_k, mask_n, r
     """
     ks, ns = pl.ds(k0, bk), pl.ds(col0 if ref_col0 is None else ref_col0, bn)
     idx = tuple(lead) + ((ns, ks) if transpose_w else (ks, ns))
+    hint = dict(eviction_policy="evict_first") if evict_first else {}
     if not (mask_k or mask_n):
-        return w_ref[idx]
+        return pltriton.load(w_ref.at[idx], **hint) if hint else w_ref[idx]
     kk = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1) if not transpose_w else (1, bk),
                                    0 if not transpose_w else 1)
     nn = col0 + lax.broadcasted_iota(jnp.int32, (1, bn) if not transpose_w else (bn, 1),
@@ -191,11 +200,11 @@ def _load_words(w_ref, k0, col0, *, bk, bn, K, N, transpose_w, mask_k, mask_n, r
         mask = (nn < N) if mask is None else (mask & (nn < N))
     shape = (bn, bk) if transpose_w else (bk, bn)
     mask = jnp.broadcast_to(mask, shape)
-    return pltriton.load(w_ref.at[idx], mask=mask, other=jnp.uint16(0))
+    return pltriton.load(w_ref.at[idx], mask=mask, other=jnp.uint16(0), **hint)
 
 
 def _pair_kernel(ai_ref, aj_ref, w_ref, oi_ref, oj_ref, *, K, N, cfg: TileConfig, nks,
-                 transpose_w, mask_k, mask_n):
+                 transpose_w, mask_k, mask_n, no_decode=False):
     n, s = pl.program_id(1), pl.program_id(2)
     bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
     col0 = n * bn
@@ -205,8 +214,12 @@ def _pair_kernel(ai_ref, aj_ref, w_ref, oi_ref, oj_ref, *, K, N, cfg: TileConfig
         acc_i, acc_j = carry
         k0 = pl.multiple_of((s * nks + kk) * bk, bk)
         words = _load_words(w_ref, k0, col0, bk=bk, bn=bn, K=K, N=N, transpose_w=transpose_w,
-                            mask_k=mask_k, mask_n=mask_n, ref_col0=0)
-        w_i, w_j = decode_tile(words)            # ONE load, two decoded tiles
+                            mask_k=mask_k, mask_n=mask_n, ref_col0=0,
+                            evict_first=cfg.evict_first)
+        if no_decode:  # diagnostic only (benchmarks): same streaming, no decode ALU work
+            w_i = w_j = lax.bitcast_convert_type(words, jnp.bfloat16)
+        else:
+            w_i, w_j = decode_tile(words)        # ONE load, two decoded tiles
         a_i = ai_ref[:, pl.ds(k0, bk)]           # activations are zero-padded: no mask
         a_j = aj_ref[:, pl.ds(k0, bk)]
         mma = functools.partial(_mma, transpose_w=transpose_w, swap_ab=cfg.swap_ab)
@@ -232,13 +245,13 @@ def dual_decode_gemm_reference(a_i, a_j, words, *, transpose_w: bool = False,
 
 # largest tokens-per-expert at which the pair kernel beats decode+two XLA dots (H100 sweep);
 # above it ``impl="auto"`` falls back to the reference path.
-PAIR_KERNEL_MAX_M = 256
+PAIR_KERNEL_MAX_M = 128
 
 
 def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
                      transpose_w: bool = False, config: TileConfig | None = None,
                      impl: str = "auto", interpret: bool | None = None,
-                     out_dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
+                     out_dtype=jnp.bfloat16, _no_decode: bool = False) -> tuple[jax.Array, jax.Array]:
     """``(A_i @ W_i, A_j @ W_j)`` for one packed pair ``words`` (uint16 [K, N], or [N, K] with
     ``transpose_w``).  ``a_i`` [M_i, K], ``a_j`` [M_j, K] (any M >= 0, also different).
 
@@ -269,7 +282,7 @@ def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
         return jnp.pad(a, ((0, Mp - a.shape[0]), (0, Kp - K)))
 
     kernel = functools.partial(_pair_kernel, K=K, N=N, cfg=cfg, nks=nks, transpose_w=transpose_w,
-                               mask_k=Kp != K, mask_n=Np != N)
+                               mask_k=Kp != K, mask_n=Np != N, no_decode=_no_decode)
     a_spec = pl.BlockSpec((bm, Kp), lambda m_, n_, s_: (m_, 0))
     if transpose_w:
         w_spec = pl.BlockSpec((bn, K), lambda m_, n_, s_: (n_, 0))
@@ -326,7 +339,8 @@ def _grouped_kernel(meta_ref, x_ref, *refs, K, N, cfg: TileConfig, nks, silu_mul
             out = []
             for t, w_ref in enumerate(w_refs):
                 words = _load_words(w_ref, k0, col0, bk=bk, bn=bn, K=K, N=N, transpose_w=False,
-                                    mask_k=mask_k, mask_n=mask_n, lead=(p,))
+                                    mask_k=mask_k, mask_n=mask_n, lead=(p,),
+                                    evict_first=cfg.evict_first)
                 w_i, w_j = decode_tile(words)
                 acc_i, acc_j = carry[2 * t], carry[2 * t + 1]
                 out += [acc_i + jnp.dot(a_i, w_i, preferred_element_type=jnp.float32),

@@ -61,6 +61,7 @@ PAIR_CASES = [  # (M_i, M_j, K, N, transpose_w, config or None for the tile tabl
     (4, 9, 256, 128, True, None),             # transposed words [N, K] (down projection as W^T)
     (7, 2, 192, 80, True, K.TileConfig(bm=16, bn=32, bk=64, swap_ab=True, split_k=2)),
     (7, 2, 256, 128, False, K.TileConfig(bm=16, bn=32, bk=64, swap_ab=True)),
+    (70, 3, 256, 128, False, K.TileConfig(bm=128, bn=128, bk=64, evict_first=True)),
 ]
 
 
@@ -174,6 +175,7 @@ SDS = jax.ShapeDtypeStruct
     (5, 1408, 2048, True, None),
     (9, 200, 96, False, None),                # masked edges
     (8, 4096, 14336, False, K.TileConfig(bm=16, bn=128, bk=64, swap_ab=True, num_warps=8)),
+    (8, 4096, 14336, False, K.TileConfig(bm=16, bn=64, bk=128, evict_first=True)),
 ])
 def test_pair_kernel_lowers_to_triton_for_h100(m, k, n, transpose_w, cfg):
     a = SDS((m, k), jnp.bfloat16)

@@ -31,8 +31,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from puzzlemoe_jax import codec
-from puzzlemoe_jax.merge import (MATRICES, MergeConfig, PackedExperts, choose_pairs, merge_pairs,
-                                 pairs_for_ratio)
+from puzzlemoe_jax.merge import MATRICES, MergeConfig, compress_layer, pairs_for_ratio
 from puzzlemoe_jax.models import ARCHS, CausalLM, ConfigError, ModelConfig, PackedExpertsModule
 
 INDEX = "model.safetensors.index.json"
@@ -376,10 +375,11 @@ def flat_params(model: CausalLM) -> dict[str, np.ndarray]:
     return {".".join(map(str, path)): _np(v[...]) for path, v in nnx.to_flat_state(nnx.state(model))}
 
 
-def packed_pairs_of(model: CausalLM) -> dict[int, int]:
-    """{layer: number of merged pairs} for the layers whose experts are packed."""
-    return {i: int(m.experts.pairs.shape[0]) for i, m in model.moe_layers().items()
-            if isinstance(m.experts, PackedExpertsModule)}
+def compressed_layers_of(model: CausalLM) -> dict[str, dict[str, int]]:
+    """Config-section entries: {layer: merged pairs} and {layer: dropped experts} of packed layers."""
+    packed = {i: m.experts for i, m in model.moe_layers().items() if isinstance(m.experts, PackedExpertsModule)}
+    return {"packed_pairs": {str(i): int(x.pairs.shape[0]) for i, x in packed.items()},
+            "dropped_experts": {str(i): int(x.dropped_ids.shape[0]) for i, x in packed.items()}}
 
 
 def save_pretrained(model: CausalLM, out_dir, hf_config: Mapping[str, Any], puzzlemoe: Mapping[str, Any] | None = None,
@@ -388,7 +388,7 @@ def save_pretrained(model: CausalLM, out_dir, hf_config: Mapping[str, Any], puzz
     params = flat_params(model)
     dtype = str(model.embed[...].dtype)
     section = {"format_version": FORMAT_VERSION, "dtype": dtype, "layout_version": codec.LAYOUT_VERSION,
-               "packed_pairs": {str(k): v for k, v in packed_pairs_of(model).items()}, **(puzzlemoe or {})}
+               **compressed_layers_of(model), **(puzzlemoe or {})}
     with CheckpointWriter(out_dir, overwrite) as w:
         for L in range(model.config.num_layers):
             w.write_shard({k: v for k, v in params.items() if k.startswith(f"layers.{L}.")})
@@ -413,7 +413,9 @@ def load_pretrained(path, *, impl: str = "auto") -> CausalLM:
     cfg = ModelConfig.from_hf(hf)
     dtype = jnp.dtype(section["dtype"])
     packed = {int(k): int(v) for k, v in section.get("packed_pairs", {}).items()}
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, packed_pairs=packed, impl=impl))
+    dropped = {int(k): int(v) for k, v in section.get("dropped_experts", {}).items()}
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, packed_pairs=packed, dropped_experts=dropped,
+                                               impl=impl))
     graphdef, state = nnx.split(abstract)
     ckpt = SafetensorsDir(path)
     flat = {}
@@ -443,50 +445,17 @@ def load_pretrained(path, *, impl: str = "auto") -> CausalLM:
 # Conversion
 
 
-def merge_layer(weights: Mapping[str, np.ndarray], ratio: float, config: MergeConfig,
-                chunk_elems: int = 1 << 22) -> tuple[PackedExperts, float, float]:
-    """``merge.compress_layer`` on host arrays, merged in row chunks to bound memory.
-
-    Same pairs (chosen on the whole layer) and the same words as ``compress_layer`` (the merge is
-    element-wise), but the f32 temporaries cover ``chunk_elems`` elements instead of the layer.
-    Returns (PackedExperts of numpy arrays, mean fraction of shared elements, mean relative error
-    over both experts of every pair and matrix).
-    """
-    e = next(iter(weights.values())).shape[0]
-    pairs = choose_pairs(weights, pairs_for_ratio(e, ratio), config)
-    dense_ids = np.setdiff1d(np.arange(e), pairs.ravel()).astype(np.int32)
-    packed, dense, similar, errors = {}, {}, [], []
-    for name, w in weights.items():
-        _, k, n = w.shape
-        rows = max(1, chunk_elems // (len(pairs) * n))
-        words = np.empty((len(pairs), k, n), np.uint16)
-        err2 = np.zeros((2, len(pairs)))
-        norm2 = np.zeros((2, len(pairs)))
-        for r in range(0, k, rows):
-            wi, wj = w[pairs[:, 0], r:r + rows], w[pairs[:, 1], r:r + rows]
-            chunk, stats = merge_pairs(wi, wj, config, name=name)
-            words[:, r:r + rows] = _np(chunk)
-            for side, x in enumerate((wi, wj)):   # rel_err = sqrt(sum err^2 / sum w^2) per chunk
-                sq = np.square(x.astype(np.float32)).sum((1, 2), dtype=np.float64)
-                err2[side] += stats["rel_err_" + "ij"[side]].astype(np.float64) ** 2 * sq
-                norm2[side] += sq
-            similar.append((stats["frac_similar"].mean(), wi.shape[1] / k))
-        packed[name], dense[name] = words, w[dense_ids]
-        errors.append(np.sqrt(err2 / np.maximum(norm2, np.finfo(np.float32).tiny)))
-    frac_similar = sum(f * wt for f, wt in similar) / len(weights)
-    return (PackedExperts(pairs.astype(np.int32), packed, dense_ids, dense, e), float(frac_similar),
-            float(np.mean(errors)))
-
-
 @dataclasses.dataclass
 class LayerReport:
     layer: int
     kind: str                 # "dense-mlp" | "experts" | "packed"
     pairs: int = 0
+    dropped: int = 0
     expert_bytes_in: int = 0
     expert_bytes_out: int = 0
     frac_similar: float = float("nan")
     rel_err: float = float("nan")
+    stats: dict | None = None  # merge.compress_layer statistics (per pair and matrix)
 
 
 @dataclasses.dataclass
@@ -514,11 +483,15 @@ def load_hf_config(src: Path) -> dict:
 
 def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeConfig = MergeConfig(),
                        dtype: str = "auto", overwrite: bool = False,
-                       progress: Callable[[Iterable], Iterable] = lambda it: it) -> ConvertReport:
+                       progress: Callable[[Iterable], Iterable] = lambda it: it,
+                       calibration: Mapping[int, Mapping[str, Any]] | None = None) -> ConvertReport:
     """Convert an HF safetensors checkpoint of ``arch`` to our format, one layer at a time.
 
     ``ratio`` 0 keeps every expert dense; ``ratio`` r in (0, 0.5] merges r*E pairs per MoE layer
-    into packed uint16 words.  ``dtype`` "auto" keeps the checkpoint's float dtype.
+    into packed uint16 words (or, for ``merge.method == "drop"``, drops r*E experts).
+    ``dtype`` "auto" keeps the checkpoint's float dtype.  ``calibration`` maps MoE layers to
+    ``{"frequencies": [E], "importance": {name: [E, K]}}`` (``puzzlemoe_jax.calibrate``), needed
+    by activation saliency and the frequency/drop baselines.
     """
     t0 = time.perf_counter()
     src = Path(src)
@@ -542,7 +515,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     if dtype not in DTYPE_NAMES:
         raise CheckpointError(f"--dtype must be auto or one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     np_dtype = DTYPE_NAMES[dtype]
-    reports, pairs_of, pairs_list = [], {}, {}
+    reports, pairs_of, dropped_of, pairs_list = [], {}, {}, {}
     with CheckpointWriter(out, overwrite) as w:
         for L in progress(range(cfg.num_layers)):
             items, experts = plan.layers[L]
@@ -553,17 +526,24 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                 rep = LayerReport(L, "experts", expert_bytes_in=ckpt.nbytes(experts.sources()))
                 weights = read_experts(ckpt, experts, np_dtype)
                 if pairs_for_ratio(experts.num_experts, ratio):
-                    packed, rep.frac_similar, rep.rel_err = merge_layer(weights, ratio, merge)
+                    cal = (calibration or {}).get(L, {})
+                    packed, stats = compress_layer(weights, ratio, merge, importance=cal.get("importance"),
+                                                   frequencies=cal.get("frequencies"), chunk_elems=1 << 22)
                     del weights
-                    p = int(packed.pairs.shape[0])
-                    pairs_of[L], pairs_list[L] = p, packed.pairs.tolist()
+                    p, d = int(packed.pairs.shape[0]), int(packed.dropped_ids.shape[0])
+                    pairs_of[L], dropped_of[L], pairs_list[L] = p, d, packed.pairs.tolist()
                     tensors[experts.dst + ".pairs"] = packed.pairs
                     tensors[experts.dst + ".dense_ids"] = packed.dense_ids
+                    tensors[experts.dst + ".dropped_ids"] = packed.dropped_ids
                     for n in MATRICES:
                         tensors[f"{experts.dst}.packed_{n}"] = packed.packed[n]
                         tensors[f"{experts.dst}.dense_{n}"] = packed.dense[n]
                     del packed
-                    rep.kind, rep.pairs = "packed", p
+                    rep.kind, rep.pairs, rep.dropped, rep.stats = "packed", p, d, stats
+                    if p:
+                        rep.frac_similar = float(np.mean([stats[n]["frac_similar"] for n in MATRICES]))
+                        rep.rel_err = float(np.mean([np.concatenate([stats[n]["rel_err_i"], stats[n]["rel_err_j"]])
+                                                     for n in MATRICES]))
                 else:
                     tensors.update({f"{experts.dst}.{n}": weights[n] for n in MATRICES})
                     del weights
@@ -577,6 +557,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
             "layout_version": codec.LAYOUT_VERSION, "layout": codec.LAYOUT,
             "merge": dataclasses.asdict(merge), "pairing": merge.pairing,
             "packed_pairs": {str(k): v for k, v in pairs_of.items()},
+            "dropped_experts": {str(k): v for k, v in dropped_of.items()},
             "pairs": {str(k): v for k, v in pairs_list.items()},
             "source": {"dtype": sorted({i.dtype for i in ckpt.tensors.values()}), "bytes": ckpt.nbytes()},
         }

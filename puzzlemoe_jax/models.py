@@ -242,22 +242,26 @@ class DenseExperts(nnx.Module):
 
 
 class PackedExpertsModule(nnx.Module):
-    """Merged experts of one layer: the arrays of a ``merge.PackedExperts``, held as variables.
+    """Compressed experts of one layer: the arrays of a ``merge.PackedExperts``, held as variables.
 
     ``packed_*`` are uint16 ``[P, K, N]`` words for the pairs ``pairs`` ``[P, 2]``; ``dense_*``
-    hold the ``E - 2P`` unmerged experts ``dense_ids`` in the model dtype.
+    hold the ``E - 2P - D`` unmerged experts ``dense_ids`` in the model dtype; ``dropped_ids``
+    (``D``, the dropping baseline) are experts the router never selects.
     """
 
-    def __init__(self, e, hidden, inter, num_pairs, *, dtype, packed: PackedExperts | None = None):
+    def __init__(self, e, hidden, inter, num_pairs, num_dropped=0, *, dtype, packed: PackedExperts | None = None):
         shapes = {"w_gate": (hidden, inter), "w_up": (hidden, inter), "w_down": (inter, hidden)}
         self.num_experts = e
         if packed is None:   # placeholder arrays of the right shapes, filled by load_pretrained
             pairs = jnp.stack([jnp.arange(num_pairs), jnp.arange(num_pairs) + num_pairs], 1)
+            n_dense = e - 2 * num_pairs - num_dropped
             packed = PackedExperts(pairs, {n: jnp.zeros((num_pairs, *kn), jnp.uint16) for n, kn in shapes.items()},
-                                   jnp.arange(2 * num_pairs, e), {n: jnp.zeros((e - 2 * num_pairs, *kn), dtype)
-                                                                  for n, kn in shapes.items()}, e)
+                                   jnp.arange(2 * num_pairs, 2 * num_pairs + n_dense),
+                                   {n: jnp.zeros((n_dense, *kn), dtype) for n, kn in shapes.items()}, e,
+                                   jnp.arange(e - num_dropped, e))
         self.pairs = Buffer(jnp.asarray(packed.pairs, jnp.int32))
         self.dense_ids = Buffer(jnp.asarray(packed.dense_ids, jnp.int32))
+        self.dropped_ids = Buffer(jnp.asarray(packed.dropped_ids, jnp.int32))
         for n in MATRICES:
             setattr(self, "packed_" + n, Buffer(jnp.asarray(packed.packed[n], jnp.uint16)))
             setattr(self, "dense_" + n, nnx.Param(jnp.asarray(packed.dense[n], dtype)))
@@ -265,7 +269,7 @@ class PackedExpertsModule(nnx.Module):
     def weights(self) -> PackedExperts:
         return PackedExperts(self.pairs[...], {n: getattr(self, "packed_" + n)[...] for n in MATRICES},
                              self.dense_ids[...], {n: getattr(self, "dense_" + n)[...] for n in MATRICES},
-                             self.num_experts)
+                             self.num_experts, self.dropped_ids[...])
 
 
 def route(logits, top_k, norm_topk_prob):
@@ -281,15 +285,17 @@ class MoE(nnx.Module):
     """Router + routed experts (dense or packed, via ``moe.moe_ffn``) + optional shared expert.
 
     ``impl`` is passed to ``moe_ffn`` for packed experts ("auto", "pallas" or "reference").
+    With ``capture`` set, each call sows its input and routing (``nnx.Intermediate`` "routed"),
+    which ``puzzlemoe_jax.calibrate`` collects.
     """
 
-    def __init__(self, cfg: ModelConfig, *, num_pairs=0, dtype, rngs, impl="auto"):
+    def __init__(self, cfg: ModelConfig, *, num_pairs=0, num_dropped=0, dtype, rngs, impl="auto"):
         h, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         self.top_k, self.norm_topk_prob, self.routing_fp32 = cfg.top_k, cfg.norm_topk_prob, cfg.routing_fp32
         self.scale = cfg.routed_scaling_factor
-        self.impl = impl
+        self.impl, self.capture = impl, False
         self.router = Linear(h, e, dtype=dtype, rngs=rngs)
-        self.experts = (PackedExpertsModule(e, h, i, num_pairs, dtype=dtype) if num_pairs
+        self.experts = (PackedExpertsModule(e, h, i, num_pairs, num_dropped, dtype=dtype) if num_pairs or num_dropped
                         else DenseExperts(e, h, i, dtype=dtype, rngs=rngs))
         self.shared = MLP(h, cfg.shared_intermediate_size, dtype=dtype, rngs=rngs) if cfg.shared_intermediate_size else None
         self.shared_gate = Linear(h, 1, dtype=dtype, rngs=rngs) if (cfg.shared_gate and self.shared) else None
@@ -297,12 +303,18 @@ class MoE(nnx.Module):
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        ids, w = route(self.router(x), self.top_k, self.norm_topk_prob)
+        logits = self.router(x)
+        experts = self.experts.weights()
+        if isinstance(experts, PackedExperts) and experts.dropped_ids.shape[0]:
+            logits = logits.at[:, experts.dropped_ids].set(-jnp.inf)   # dropped experts are never routed to
+        ids, w = route(logits, self.top_k, self.norm_topk_prob)
+        if self.capture:
+            self.sow(nnx.Intermediate, "routed", (x, ids))
         if self.scale != 1.0:
             w = w * self.scale
         if not self.routing_fp32:
             w = w.astype(x.dtype)
-        y = moe_ffn(x, ids, w, self.experts.weights(), impl=self.impl)
+        y = moe_ffn(x, ids, w, experts, impl=self.impl)
         if self.shared is not None:
             s = self.shared(x)
             y = y + (jax.nn.sigmoid(self.shared_gate(x)) * s if self.shared_gate is not None else s)
@@ -310,12 +322,12 @@ class MoE(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, idx: int, *, num_pairs=0, dtype, rngs, impl="auto"):
+    def __init__(self, cfg: ModelConfig, idx: int, *, num_pairs=0, num_dropped=0, dtype, rngs, impl="auto"):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         if idx in cfg.moe_layers:
-            self.mlp = MoE(cfg, num_pairs=num_pairs, dtype=dtype, rngs=rngs, impl=impl)
+            self.mlp = MoE(cfg, num_pairs=num_pairs, num_dropped=num_dropped, dtype=dtype, rngs=rngs, impl=impl)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
@@ -327,17 +339,19 @@ class DecoderLayer(nnx.Module):
 class CausalLM(nnx.Module):
     """Decoder-only MoE LM: ``__call__(input_ids [B, S]) -> logits [B, S, V]`` (no cache yet).
 
-    ``packed_pairs[i]`` > 0 makes layer i's routed experts a ``PackedExpertsModule`` with that
-    many merged pairs (to be filled by ``load_pretrained`` or ``set_experts``).
+    ``packed_pairs[i]`` > 0 (or ``dropped_experts[i]`` > 0) makes layer i's routed experts a
+    ``PackedExpertsModule`` with that many merged pairs (dropped experts), to be filled by
+    ``load_pretrained`` or ``set_experts``.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, packed_pairs: Mapping[int, int] | None = None,
-                 impl="auto", rngs: nnx.Rngs | None = None):
+                 dropped_experts: Mapping[int, int] | None = None, impl="auto", rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
-        packed_pairs = packed_pairs or {}
+        packed_pairs, dropped_experts = packed_pairs or {}, dropped_experts or {}
         self.config = cfg
         self.embed = _init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, i, num_pairs=packed_pairs.get(i, 0), dtype=dtype, rngs=rngs,
+        self.layers = nnx.List([DecoderLayer(cfg, i, num_pairs=packed_pairs.get(i, 0),
+                                             num_dropped=dropped_experts.get(i, 0), dtype=dtype, rngs=rngs,
                                              impl=impl) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
@@ -376,7 +390,8 @@ class CausalLM(nnx.Module):
         dtype = moe.router.kernel[...].dtype
         e, h, i = self.config.num_experts, self.config.hidden_size, self.config.moe_intermediate_size
         if isinstance(experts, PackedExperts):
-            moe.experts = PackedExpertsModule(e, h, i, int(experts.pairs.shape[0]), dtype=dtype, packed=experts)
+            moe.experts = PackedExpertsModule(e, h, i, int(experts.pairs.shape[0]), int(experts.dropped_ids.shape[0]),
+                                              dtype=dtype, packed=experts)
         else:
             moe.experts = DenseExperts(e, h, i, dtype=dtype, weights=experts)
 

@@ -1,71 +1,61 @@
-"""Demo: merge a tiny random Mixtral-shaped MoE block to 50 %, pack, decode, report.
+"""The main job: compress the embedded trained tiny MoE to 50 % and compare held-out quality.
 
-    python -m puzzlemoe_jax.demo [--layers 2] [--experts 8] [--hidden 256] [--intermediate 448]
+    python -m puzzlemoe_jax.demo [--model models/tiny-moe-scratch] [--ratio 0.5] [--max-windows 32]
 
-Experts are a shared base plus a per-expert deviation (as in upcycled or co-trained experts),
-so merging has something to find.  Prints per-pair merge statistics, expert bytes before and
-after, and the MoE block's output error against the original on random tokens.
+Converts the Hugging Face checkpoint twice (original, and PuzzleMoE at ``--ratio``), prints the
+conversion summaries and the per-pair merge statistics (fraction similar, salient and kept per
+expert, relative reconstruction error per expert, exponent clamps), then scores the held-out text
+with both and prints perplexity and bits per byte before and after.
 """
 from __future__ import annotations
 
 import argparse
-import time
+import tempfile
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from puzzlemoe_jax import merge, moe, report
+from puzzlemoe_jax import evaluate, report
+from puzzlemoe_jax.checkpoint import convert_checkpoint, load_pretrained
 
-
-def random_moe_layer(rng: np.random.Generator, experts: int, hidden: int, intermediate: int,
-                     spread: float = 0.5) -> dict[str, jax.Array]:
-    """bf16 expert weights ``{w_gate, w_up: [E,H,I], w_down: [E,I,H]}`` around a shared base."""
-    def stack(k, n):
-        base = rng.normal(0, 0.02, (k, n))
-        return jnp.asarray(base[None] + rng.normal(0, 0.02 * spread, (experts, k, n)), jnp.bfloat16)
-    return {"w_gate": stack(hidden, intermediate), "w_up": stack(hidden, intermediate),
-            "w_down": stack(intermediate, hidden)}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=448)
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / "tiny-moe-scratch",
+                    help="Hugging Face Mixtral checkpoint directory (byte-level vocabulary)")
+    ap.add_argument("--text", type=Path, default=ROOT / "data" / "heldout.txt", help="held-out text")
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=32)
     args = ap.parse_args(argv)
+    if not (args.model / "config.json").exists():
+        raise SystemExit(f"error: {args.model} has no config.json: the demo needs the repository checkout's "
+                         "models/ (pip install -e . from a clone), or pass --model DIR")
+    from convert import summary  # noqa: PLC0415 (the CLI's summary table)
 
-    rng = np.random.default_rng(args.seed)
-    config = merge.MergeConfig()
-    print(f"puzzlemoe-jax demo on {jax.default_backend()}: {args.layers} layers x {args.experts} experts, "
-          f"H={args.hidden}, I={args.intermediate}, ratio={args.ratio}, config={config}")
-    rows, before, after = [], 0, 0
-    for layer in range(args.layers):
-        weights = random_moe_layer(rng, args.experts, args.hidden, args.intermediate)
-        t0 = time.perf_counter()
-        packed, stats = merge.compress_layer(weights, args.ratio, config)
-        jax.block_until_ready(packed)
-        seconds = time.perf_counter() - t0
-        rows += report.pair_rows(stats, layer)
-        before += sum(int(w.size) * w.dtype.itemsize for w in weights.values())
-        after += packed.nbytes()
-
-        x = jnp.asarray(rng.normal(0, 1, (args.tokens, args.hidden)), jnp.bfloat16)
-        logits = rng.normal(0, 1, (args.tokens, args.experts))
-        topk_ids = jnp.asarray(np.argsort(-logits, axis=1)[:, :args.top_k], jnp.int32)
-        topk_w = jax.nn.softmax(jnp.take_along_axis(jnp.asarray(logits, jnp.float32), topk_ids, 1), -1)
-        y_dense = moe.moe_ffn(x, topk_ids, topk_w, weights).astype(jnp.float32)
-        y_packed = moe.moe_ffn(x, topk_ids, topk_w, packed, impl="reference").astype(jnp.float32)
-        out_err = float(jnp.linalg.norm(y_packed - y_dense) / jnp.linalg.norm(y_dense))
-        print(f"layer {layer}: merged {len(stats['pairs'])} pairs in {seconds:.2f} s, "
-              f"MoE block output rel. error {out_err:.4f} on {args.tokens} random tokens")
-    print(report.format_table(rows))
-    print(f"expert bytes: {before:,} -> {after:,} ({100 * after / before:.1f} %)")
+    print(f"puzzlemoe-jax demo on {jax.default_backend()}: {args.model.name}, ratio {args.ratio}")
+    tokens = np.frombuffer(args.text.read_bytes(), np.uint8).astype(np.int32)
+    scores = {}
+    with tempfile.TemporaryDirectory(prefix="puzzlemoe-demo-") as tmp:
+        for name, ratio in (("original", 0.0), ("puzzlemoe", args.ratio)):
+            rep = convert_checkpoint(args.model, Path(tmp) / name, "mixtral", ratio=ratio)
+            print(f"\n== {name}: python -m convert mixtral --src {args.model} --out OUT --ratio {ratio}")
+            print(summary(rep))
+            if ratio:
+                print(report.format_table(row for r in rep.layers if r.stats
+                                          for row in report.pair_rows(r.stats, r.layer)))
+            model = load_pretrained(Path(tmp) / name, impl="reference")
+            scores[name] = evaluate.evaluate(model, tokens, args.seq_len, max_windows=args.max_windows,
+                                             bytes_per_token=1.0)
+    before, after = scores["original"], scores["puzzlemoe"]
+    print(f"\nheld-out {args.text.name}, {before['tokens']} bytes in {before['windows']} windows of {args.seq_len}:")
+    for name, s in scores.items():
+        print(f"  {name:<10} perplexity {s['perplexity']:.4f}  bits/byte {s['bits_per_byte']:.4f}")
+    print(f"  change     perplexity {after['perplexity'] - before['perplexity']:+.4f}  "
+          f"bits/byte {after['bits_per_byte'] - before['bits_per_byte']:+.4f}")
 
 
 if __name__ == "__main__":

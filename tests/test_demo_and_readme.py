@@ -19,10 +19,11 @@ def test_readme_starts_with_two_commands_and_ci_runs_the_test_command():
     assert commands[1] in ci, "the README's test command must be .ci/run's command"
 
 
-def test_demo_prints_statistics_and_halves_expert_bytes(capsys):
-    demo.main(["--layers", "1", "--experts", "4", "--hidden", "64", "--intermediate", "88",
-               "--tokens", "8"])
+def test_demo_compresses_the_embedded_model_and_reports_quality(capsys):
+    demo.main(["--max-windows", "2"])
     out = capsys.readouterr().out
-    assert re.search(r"MoE block output rel\. error 0\.\d+", out)
-    assert "rel_err_i" in out and out.count("w_down") == 2  # one row per pair (4 experts -> 2 pairs)
-    assert re.search(r"expert bytes: 135,168 -> 67,584 \(50\.0 %\)", out)
+    assert "experts: 9.00 MiB -> 4.50 MiB (0.500 of the original)" in out
+    assert "rel_err_i" in out and out.count("w_down") == 16  # per-pair table: 4 layers x 4 pairs
+    before, after = (float(x) for x in re.findall(r"(?:original|puzzlemoe)\s+perplexity \S+\s+bits/byte (\S+)", out))
+    assert 0.5 < before < 3 and 0.5 < after < 3, (before, after)
+    assert re.search(r"change\s+perplexity [+-]\d+\.\d+\s+bits/byte [+-]\d+\.\d+", out)

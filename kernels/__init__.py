@@ -3,6 +3,7 @@ from kernels.decode_gemm import (  # noqa: F401
     IMPLS,
     LAYER_KERNEL_MAX_TOKENS,
     PAIR_KERNEL_MAX_M,
+    PAIR_KERNEL_MAX_M_SMALL,
     TileConfig,
     decode_tile,
     dual_decode_gemm,
@@ -12,4 +13,5 @@ from kernels.decode_gemm import (  # noqa: F401
     layer_config,
     packed_moe_ffn,
     pair_config,
+    pair_kernel_wins,
 )

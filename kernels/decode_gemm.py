@@ -243,9 +243,16 @@ def dual_decode_gemm_reference(a_i, a_j, words, *, transpose_w: bool = False,
     return dot(a_i, w_i).astype(out_dtype), dot(a_j, w_j).astype(out_dtype)
 
 
-# largest tokens-per-expert at which the pair kernel beats decode+two XLA dots (H100 sweep);
-# above it ``impl="auto"`` falls back to the reference path.
+# ``impl="auto"``: the pair kernel up to PAIR_KERNEL_MAX_M tokens per expert for large matrices
+# (K*N >= 2**24, e.g. Mixtral), up to PAIR_KERNEL_MAX_M_SMALL for smaller ones; decode + two XLA
+# dots above (H100: decode+dots won at M=256 everywhere and at M=128 for DeepSeek/Qwen shapes).
 PAIR_KERNEL_MAX_M = 128
+PAIR_KERNEL_MAX_M_SMALL = 64
+
+
+def pair_kernel_wins(m: int, k: int, n: int) -> bool:
+    """Whether ``impl="auto"`` uses the pair kernel (else the decode + two dots path)."""
+    return m <= (PAIR_KERNEL_MAX_M if k * n >= 1 << 24 else PAIR_KERNEL_MAX_M_SMALL)
 
 
 def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
@@ -255,8 +262,8 @@ def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
     """``(A_i @ W_i, A_j @ W_j)`` for one packed pair ``words`` (uint16 [K, N], or [N, K] with
     ``transpose_w``).  ``a_i`` [M_i, K], ``a_j`` [M_j, K] (any M >= 0, also different).
 
-    ``impl``: "pallas" forces the kernel, "reference" the jnp path, "auto" the kernel unless M is
-    past ``PAIR_KERNEL_MAX_M``.  ``interpret=None`` runs the kernel in interpret mode off GPU.
+    ``impl``: "pallas" forces the kernel, "reference" the jnp path, "auto" the kernel where the
+    H100 sweep found it faster (``pair_kernel_wins``).  ``interpret=None`` runs the kernel in interpret mode off GPU.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -268,7 +275,7 @@ def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
         raise ValueError(f"activations must have K={K} columns, got {a_i.shape}, {a_j.shape}")
     mi, mj = a_i.shape[0], a_j.shape[0]
     m = max(mi, mj)
-    if impl == "reference" or (impl == "auto" and m > PAIR_KERNEL_MAX_M):
+    if impl == "reference" or (impl == "auto" and not pair_kernel_wins(m, K, N)):
         return dual_decode_gemm_reference(a_i, a_j, words, transpose_w=transpose_w,
                                           out_dtype=out_dtype)
     cfg = _fit_smem(config or pair_config(m, K, N), n_a=2, n_w=1)

@@ -90,7 +90,9 @@ def test_pair_kernel_matches_reference(mi, mj, k, n, transpose_w, cfg):
 def test_pair_fallback_and_flags():
     rng = _rng(7)
     words = _words(rng, (128, 64))
-    a = jnp.asarray(rng.standard_normal((K.PAIR_KERNEL_MAX_M + 1, 128)), jnp.bfloat16)
+    a = jnp.asarray(rng.standard_normal((K.PAIR_KERNEL_MAX_M_SMALL + 1, 128)), jnp.bfloat16)
+    assert K.pair_kernel_wins(128, 4096, 14336) and not K.pair_kernel_wins(129, 4096, 14336)
+    assert not K.pair_kernel_wins(65, 2048, 1408)
     jaxpr = str(jax.make_jaxpr(functools.partial(K.dual_decode_gemm, interpret=True))(a, a, words))
     assert "pallas_call" not in jaxpr  # past the table's limit "auto" takes the reference path
     jaxpr = str(jax.make_jaxpr(functools.partial(K.dual_decode_gemm, interpret=True))(a[:8], a[:8], words))

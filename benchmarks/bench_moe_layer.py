@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--inter", type=int, default=14336)
     ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--ratio", type=float, default=0.5, help="compress_layer ratio (0.5: all merged)")
     ap.add_argument("--sweep", default="1,16,64", help="token counts at which to try tile variants")
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--no-ceilings", action="store_true")
@@ -45,7 +46,7 @@ def main():
     t0 = time.time()
     E, H, I, k = args.experts, args.hidden, args.inter, args.topk
     res = {"info": device_info(), "command": " ".join(__import__("sys").argv),
-           "shape": dict(E=E, H=H, I=I, topk=k), "rows": [], "variants": []}
+           "shape": dict(E=E, H=H, I=I, topk=k, ratio=args.ratio), "rows": [], "variants": []}
     if not args.no_ceilings:
         res["ceilings"] = bandwidth_ceilings()
     keys = jax.random.split(jax.random.key(0), 3)
@@ -54,7 +55,7 @@ def main():
         "w_up": (0.02 * jax.random.normal(keys[1], (E, H, I), jnp.float32)).astype(jnp.bfloat16),
         "w_down": (0.02 * jax.random.normal(keys[2], (E, I, H), jnp.float32)).astype(jnp.bfloat16),
     }
-    experts, _ = compress_layer(weights, 0.5)
+    experts, _ = compress_layer(weights, args.ratio)
     merged_dense = jax.block_until_ready(experts.unpack(jnp.bfloat16))  # reference weights
     res["bytes"] = dict(dense=sum(int(w.size) * 2 for w in weights.values()), packed=experts.nbytes())
     print(res["info"], res.get("ceilings"), res["bytes"], flush=True)
@@ -85,8 +86,9 @@ def main():
         row = dict(T=T, active_experts=len(active), active_pairs=active_pairs,
                    dense_ms=t_dense, dense_spread_ms=s_dense, dense_kernels=n_dense,
                    packed=run())
-        row["packed"]["gate_up_config"] = dataclasses.asdict(K.layer_config(T * k, H, I, 4, fused=True))
-        row["packed"]["down_config"] = dataclasses.asdict(K.layer_config(T * k, I, H, 4))
+        P = int(experts.pairs.shape[0])
+        row["packed"]["gate_up_config"] = dataclasses.asdict(K.layer_config(T * k, H, I, P, fused=True))
+        row["packed"]["down_config"] = dataclasses.asdict(K.layer_config(T * k, I, H, P))
         if T in (1, 64):
             row["packed_reference_impl"] = run(impl="reference")
         res["rows"].append(row)

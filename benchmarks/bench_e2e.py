@@ -1,0 +1,353 @@
+"""End-to-end generation throughput and peak GPU memory: packed (PuzzleMoE, 50 %) vs uncompressed.
+
+    python benchmarks/bench_e2e.py [--shape mixtral-8x7b] [--batches 1,4,16,64] [--prefill 16]
+        [--decode 128] [--packed-layers 32] [--dense-layers auto] [--budget-s 420] [--json OUT]
+
+A Mixtral-8x7B-shaped model (bf16) is built directly on the device with random weights
+(normal, std 0.02; RMSNorm scales 1), not read from disk.  Packed layers: ``merge.compress_layer``
+runs once (ratio 0.5: 4 pairs of 8 experts) on one layer of random experts; every other layer's
+words are that layer's words rolled along the output axis by the layer index (distinct buffers with
+the statistics of real merged words, without 32 merges).  Both models run the same stack:
+``puzzlemoe_jax.generate`` (jit prefill, then one jit ``while_loop`` over the decode steps);
+packed layers use the Pallas kernel (``moe.moe_ffn`` impl "auto": kernel up to 256 tokens a
+step, the decode + ragged_dot reference above, i.e. for prefill at batch 64), dense ones
+``ragged_dot``.
+
+Each configuration runs in its own subprocess (peak memory is per process).  Timing: wall clock
+of the prefill call and of the whole decode loop (one dispatch for all steps), each
+``block_until_ready``, median of ``--reps`` after a compile run.  tokens/s end to end =
+batch * decode / (prefill + decode loop); decode-only = batch * (decode - 1) / loop time (the
+first new token comes from the prefill).  The uncompressed model gets as many layers as fit
+(``--dense-layers auto``); the packed model runs at that same layer count (per-layer-normalised
+comparison) and with all layers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {  # vocab, hidden, layers, heads, kv heads, head_dim, expert intermediate, experts, top_k, theta
+    "mixtral-8x7b": dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                         head_dim=128, intermediate_size=14336, num_experts=8, top_k=2, rope_theta=1e6),
+    "tiny": dict(vocab_size=512, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                 intermediate_size=512, num_experts=8, top_k=2, rope_theta=1e6),
+    "small": dict(vocab_size=1024, hidden_size=1024, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=128,
+                  intermediate_size=2048, num_experts=8, top_k=2, rope_theta=1e6),
+}
+GiB = 2 ** 30
+
+
+def model_config(shape: str, layers: int):
+    from puzzlemoe_jax.models import ModelConfig  # noqa: PLC0415
+    s = dict(SHAPES[shape])
+    s["num_layers"] = layers
+    return ModelConfig(model_type="mixtral", moe_intermediate_size=s["intermediate_size"],
+                       moe_layers=tuple(range(layers)), norm_topk_prob=True, rms_norm_eps=1e-5, **s)
+
+
+def build_model(shape: str, layers: int, packed: bool, impl: str = "auto", seed: int = 0):
+    """Random-weight CausalLM built on the default device, layer by layer (see module docstring)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+    from puzzlemoe_jax import merge  # noqa: PLC0415
+    from puzzlemoe_jax.models import CausalLM  # noqa: PLC0415
+
+    cfg = model_config(shape, layers)
+    e = cfg.num_experts
+    n_pairs = merge.pairs_for_ratio(e, 0.5) if packed else 0
+    dtype = jnp.bfloat16
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, packed_pairs={i: n_pairs for i in range(layers)}
+                                               if packed else None, impl=impl))
+    graphdef, state = nnx.split(abstract)
+
+    @jax.jit
+    def normal(key, like):
+        return (0.02 * jax.random.normal(key, like.shape, jnp.float32)).astype(like.dtype)
+    normal = jax.jit(lambda key, shape_dtype: None) if False else None  # noqa: E731 (placeholder)
+
+    def draw(key, shape, dt):
+        return jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dt))(key)
+
+    words0 = pairs0 = None
+    if packed:
+        h, i = cfg.hidden_size, cfg.moe_intermediate_size
+        k = jax.random.split(jax.random.key(seed + 1000), 3)
+        w = {"w_gate": draw(k[0], (e, h, i), dtype), "w_up": draw(k[1], (e, h, i), dtype),
+             "w_down": draw(k[2], (e, i, h), dtype)}
+        pe, _ = merge.compress_layer(w, 0.5)
+        words0, pairs0 = dict(pe.packed), pe
+        del w
+    roll = jax.jit(lambda a, s: jnp.roll(a, s, axis=-1))
+    flat = []
+    key = jax.random.key(seed)
+    for n, (path, var) in enumerate(nnx.to_flat_state(state)):
+        name = ".".join(map(str, path))
+        want = var.get_value()
+        leaf = path[-1]
+        if leaf == "scale":
+            a = jnp.ones(want.shape, want.dtype)
+        elif leaf.startswith("packed_"):
+            layer = int(path[1])
+            a = roll(words0[leaf[len("packed_"):]], jnp.int32(layer))
+        elif leaf == "pairs":
+            a = jnp.asarray(pairs0.pairs, jnp.int32)
+        elif leaf in ("dense_ids", "dropped_ids"):
+            a = jnp.zeros(want.shape, jnp.int32)
+        elif leaf.startswith("dense_") and want.shape[0] == 0:
+            a = jnp.zeros(want.shape, want.dtype)
+        else:
+            a = draw(jax.random.fold_in(key, n), want.shape, want.dtype)
+        assert a.shape == want.shape and a.dtype == want.dtype, (name, a.shape, want.shape, a.dtype, want.dtype)
+        a.block_until_ready()
+        flat.append((path, a))
+    del words0
+    state = nnx.from_flat_state(flat)
+    return nnx.merge(graphdef, state)
+
+
+def _mem(dev):
+    m = dev.memory_stats() or {}
+    return {k: m.get(k) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")}
+
+
+def worker(args) -> dict:
+    """One configuration in this process: build, then generation at each batch size."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from puzzlemoe_jax.generate import Generator, prepare_batch  # noqa: PLC0415
+    t_start = time.perf_counter()
+    dev = jax.devices()[0]
+    res = {"device": dev.device_kind, "shape": args.shape, "layers": args.layers, "packed": args.packed,
+           "impl": args.impl, "prefill": args.prefill, "decode": args.decode, "jax": jax.__version__, "runs": []}
+    try:
+        t0 = time.perf_counter()
+        model = build_model(args.shape, args.layers, args.packed, args.impl)
+        res["build_s"] = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 (out of memory while building: reported, parent retries)
+        res["error"] = f"build: {type(e).__name__}: {str(e)[:300]}"
+        return res
+    res["after_build"] = _mem(dev)
+    res["weights_bytes"] = res["after_build"]["bytes_in_use"]
+    gen = Generator(model)
+    rng = np.random.default_rng(0)
+    cfg = model.config
+    for b in args.batches:
+        left = args.budget_s - (time.perf_counter() - t_start)
+        if res["runs"] and left < args.min_left_s:
+            res["runs"].append({"batch": b, "skipped": f"time budget ({left:.0f} s left)"})
+            continue
+        prompts = rng.integers(1, cfg.vocab_size, (b, args.prefill)).tolist()
+        batch = prepare_batch(prompts, args.decode, cfg.vocab_size)
+        run = {"batch": b}
+        try:
+            t0 = time.perf_counter()
+            first, cache, ok = gen.prefill(batch, args.decode)
+            out, steps, ok2 = gen.decode(batch, first, cache, args.decode)
+            jax.block_until_ready(out)
+            run["compile_and_first_s"] = time.perf_counter() - t0
+            pre, dec = [], []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                first, cache, ok = gen.prefill(batch, args.decode)
+                jax.block_until_ready((first, cache))
+                t1 = time.perf_counter()
+                out, steps, ok2 = gen.decode(batch, first, cache, args.decode)
+                jax.block_until_ready(out)
+                t2 = time.perf_counter()
+                pre.append(t1 - t0)
+                dec.append(t2 - t1)
+                del cache
+            finite = bool(ok) and bool(ok2)
+            assert int(steps) == args.decode, int(steps)
+            p, d = statistics.median(pre), statistics.median(dec)
+            run.update(prefill_s=p, decode_loop_s=d, prefill_runs=pre, decode_runs=dec, finite=finite,
+                       tokens_per_s=b * args.decode / (p + d), decode_tokens_per_s=b * (args.decode - 1) / d,
+                       ms_per_step=1e3 * d / (args.decode - 1), sample=np.asarray(out)[0, :8].tolist())
+            if not finite:
+                run["error"] = "non-finite logits"
+        except Exception as e:  # noqa: BLE001
+            run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        run["mem"] = _mem(dev)
+        res["runs"].append(run)
+        print(json.dumps({k: v for k, v in run.items() if k not in ("prefill_runs", "decode_runs")}), flush=True)
+    res["peak_bytes_in_use"] = _mem(dev)["peak_bytes_in_use"]
+    res["wall_s"] = time.perf_counter() - t_start
+    return res
+
+
+def check(args) -> dict:
+    """Correctness on the device: packed model, Pallas kernel path vs reference path (fresh random data)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from puzzlemoe_jax.generate import generate  # noqa: PLC0415
+    from puzzlemoe_jax.models import forward  # noqa: PLC0415
+    shape = args.check_shape
+    model = build_model(shape, SHAPES[shape]["num_layers"], True, "pallas", seed=7)
+    ids = jnp.asarray(np.random.default_rng(7).integers(1, SHAPES[shape]["vocab_size"], (4, 12)), jnp.int32)
+    lp = np.asarray(forward(model, ids), np.float32)
+    gp = generate(model, ids.tolist(), 16)
+    model.set_impl("reference")
+    lr = np.asarray(forward(model, ids), np.float32)
+    gr = generate(model, ids.tolist(), 16)
+    agree = float(np.mean([a == b for x, y in zip(gp, gr) for a, b in zip(x, y)]))
+    scale = float(np.abs(lr).max())
+    res = {"shape": shape, "device": jax.devices()[0].device_kind, "finite": bool(np.isfinite(lp).all()),
+           "max_abs_logit_diff": float(np.abs(lp - lr).max()), "max_abs_logit": scale,
+           "greedy_token_agreement": agree, "pallas_tokens_row0": gp[0], "reference_tokens_row0": gr[0]}
+    res["ok"] = res["finite"] and res["max_abs_logit_diff"] <= 0.05 * max(scale, 1.0)
+    return res
+
+
+def _spawn(argv, env, timeout):
+    cmd = [sys.executable, os.path.abspath(__file__), *argv]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return None, f"timeout after {timeout:.0f} s; stdout tail: {(e.stdout or '')[-500:] if isinstance(e.stdout, str) else ''}"
+    sys.stdout.write(p.stdout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        return None, f"rc {p.returncode}: {p.stderr[-1500:]}"
+    return json.loads(lines[-1][len("RESULT "):]), None
+
+
+def dense_fit(shape: str, limit_bytes: int, headroom: float) -> int:
+    s = SHAPES[shape]
+    h, i, e = s["hidden_size"], s["intermediate_size"], s["num_experts"]
+    attn = h * (s["num_heads"] + 2 * s["num_kv_heads"]) * s["head_dim"] + s["num_heads"] * s["head_dim"] * h
+    per_layer = 2 * (3 * e * h * i + attn + h * e + 2 * h)
+    fixed = 2 * (2 * s["vocab_size"] * h + h)
+    return max(1, min(s["num_layers"], int((limit_bytes - headroom - fixed) // per_layer)))
+
+
+def table(results) -> str:
+    rows = ["| model | layers | batch | prefill s | decode loop s | ms/step | tok/s e2e | tok/s decode | weights GiB | peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        name = "packed 50 %" if r["packed"] else "uncompressed"
+        if r.get("error"):
+            rows.append(f"| {name} | {r['layers']} | - | {r['error'][:80]} | | | | | | |")
+            continue
+        for run in r["runs"]:
+            if "tokens_per_s" not in run:
+                rows.append(f"| {name} | {r['layers']} | {run['batch']} | {run.get('skipped') or run.get('error', '')[:80]} | | | | | | |")
+                continue
+            rows.append(f"| {name} | {r['layers']} | {run['batch']} | {run['prefill_s']:.3f} | {run['decode_loop_s']:.3f} | "
+                        f"{run['ms_per_step']:.2f} | {run['tokens_per_s']:.1f} | {run['decode_tokens_per_s']:.1f} | "
+                        f"{r['weights_bytes'] / GiB:.2f} | {(r.get('peak_bytes_in_use') or 0) / GiB:.2f} |")
+    return "\n".join(rows)
+
+
+def speedups(results) -> str:
+    by = {}
+    for r in results:
+        for run in r.get("runs", []):
+            if "tokens_per_s" in run:
+                by[(r["packed"], r["layers"], run["batch"])] = run
+    rows = ["| layers (both) | batch | packed tok/s | uncompressed tok/s | speed-up e2e | speed-up decode |",
+            "|---|---|---|---|---|---|"]
+    for (packed, layers, b), run in sorted(by.items()):
+        if not packed or (False, layers, b) not in by:
+            continue
+        d = by[(False, layers, b)]
+        rows.append(f"| {layers} | {b} | {run['tokens_per_s']:.1f} | {d['tokens_per_s']:.1f} | "
+                    f"{run['tokens_per_s'] / d['tokens_per_s']:.2f}x | {run['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=SHAPES, default="mixtral-8x7b")
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--prefill", type=int, default=16)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--packed-layers", type=int, help="default: all layers of the shape")
+    ap.add_argument("--dense-layers", default="auto", help="'auto': as many as fit, or a number")
+    ap.add_argument("--headroom-gib", type=float, default=5.0, help="kept free when fitting dense layers")
+    ap.add_argument("--configs", default="dense,packed-same,packed-all",
+                    help="which runs, in order: dense, packed-same, packed-all")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="total seconds for all configurations")
+    ap.add_argument("--check", action="store_true", help="first: Pallas vs reference check of a small packed model")
+    ap.add_argument("--check-shape", default="small", choices=SHAPES)
+    ap.add_argument("--json")
+    # worker mode
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-check", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--min-left-s", type=float, default=45.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.batches = [int(b) for b in str(args.batches).split(",")]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if args.worker_check:
+        print("RESULT " + json.dumps(check(args)), flush=True)
+        return 0
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    t_start = time.perf_counter()
+    left = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731
+    out = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "results": [], "not_run": []}
+    if args.check:
+        res, err = _spawn(["--worker-check", "--check-shape", args.check_shape], env, max(60.0, left()))
+        out["check"] = res or {"error": err}
+        print("CHECK", json.dumps(out["check"]), flush=True)
+    base = ["--shape", args.shape, "--batches", ",".join(map(str, args.batches)), "--prefill", str(args.prefill),
+            "--decode", str(args.decode), "--reps", str(args.reps)]
+    all_layers = args.packed_layers or SHAPES[args.shape]["num_layers"]
+    if args.dense_layers == "auto":
+        import jax  # noqa: PLC0415 (only the bytes limit; workers use their own processes)
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        if limit is None:
+            dense_layers = all_layers
+        else:  # this process holds no arrays: the limit is what a worker gets under the same env
+            dense_layers = min(all_layers, dense_fit(args.shape, limit, args.headroom_gib * GiB))
+        out["bytes_limit_parent"] = limit
+    else:
+        dense_layers = int(args.dense_layers)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for i, c in enumerate(configs):
+        layers, packed = {"dense": (dense_layers, False), "packed-same": (dense_layers, True),
+                          "packed-all": (all_layers, True)}[c]
+        if c == "packed-same" and layers == all_layers and "packed-all" in configs:
+            continue
+        share = left() / (len(configs) - i)
+        if share < 60:
+            out["not_run"].append(f"{c} ({layers} layers): time budget")
+            continue
+        argv = base + ["--worker", "--layers", str(layers), "--budget-s", str(share - 15)] + (["--packed"] if packed else [])
+        res, err = _spawn(argv, env, share + 60)
+        tries = 0
+        while res is not None and res.get("error", "").startswith("build") and not packed and layers > 1 and tries < 2:
+            layers, tries = layers - 2, tries + 1   # out of memory while building: fewer layers
+            dense_layers = layers
+            argv = base + ["--worker", "--layers", str(layers), "--budget-s", str(left() / (len(configs) - i) - 15)]
+            res, err = _spawn(argv, env, left() / (len(configs) - i) + 60)
+        out["results"].append(res or {"layers": layers, "packed": packed, "error": err, "runs": []})
+    out["dense_layers"] = dense_layers
+    out["table"] = table(out["results"])
+    out["speedups"] = speedups(out["results"])
+    print("\n" + out["table"] + "\n\n" + out["speedups"])
+    if out["not_run"]:
+        print("not run:", "; ".join(out["not_run"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,6 +24,7 @@ comparison) and with all layers.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -67,13 +68,9 @@ def build_model(shape: str, layers: int, packed: bool, impl: str = "auto", seed:
                                                if packed else None, impl=impl))
     graphdef, state = nnx.split(abstract)
 
-    @jax.jit
-    def normal(key, like):
-        return (0.02 * jax.random.normal(key, like.shape, jnp.float32)).astype(like.dtype)
-    normal = jax.jit(lambda key, shape_dtype: None) if False else None  # noqa: E731 (placeholder)
-
+    @functools.partial(jax.jit, static_argnums=(1, 2))
     def draw(key, shape, dt):
-        return jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dt))(key)
+        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dt)
 
     words0 = pairs0 = None
     if packed:
@@ -134,7 +131,8 @@ def worker(args) -> dict:
         res["error"] = f"build: {type(e).__name__}: {str(e)[:300]}"
         return res
     res["after_build"] = _mem(dev)
-    res["weights_bytes"] = res["after_build"]["bytes_in_use"]
+    from flax import nnx  # noqa: PLC0415
+    res["weights_bytes"] = sum(int(a.nbytes) for a in jax.tree.leaves(nnx.state(model)))
     gen = Generator(model)
     rng = np.random.default_rng(0)
     cfg = model.config
@@ -212,7 +210,7 @@ def _spawn(argv, env, timeout):
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         return None, f"timeout after {timeout:.0f} s; stdout tail: {(e.stdout or '')[-500:] if isinstance(e.stdout, str) else ''}"
-    sys.stdout.write(p.stdout)
+    sys.stdout.write("".join(ln + "\n" for ln in p.stdout.splitlines() if not ln.startswith("RESULT ")))
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not lines:
         return None, f"rc {p.returncode}: {p.stderr[-1500:]}"
@@ -226,6 +224,10 @@ def dense_fit(shape: str, limit_bytes: int, headroom: float) -> int:
     per_layer = 2 * (3 * e * h * i + attn + h * e + 2 * h)
     fixed = 2 * (2 * s["vocab_size"] * h + h)
     return max(1, min(s["num_layers"], int((limit_bytes - headroom - fixed) // per_layer)))
+
+
+def _gib(x):
+    return "n/a" if x is None else f"{x / GiB:.2f}"
 
 
 def table(results) -> str:
@@ -242,7 +244,7 @@ def table(results) -> str:
                 continue
             rows.append(f"| {name} | {r['layers']} | {run['batch']} | {run['prefill_s']:.3f} | {run['decode_loop_s']:.3f} | "
                         f"{run['ms_per_step']:.2f} | {run['tokens_per_s']:.1f} | {run['decode_tokens_per_s']:.1f} | "
-                        f"{r['weights_bytes'] / GiB:.2f} | {(r.get('peak_bytes_in_use') or 0) / GiB:.2f} |")
+                        f"{r['weights_bytes'] / GiB:.2f} | {_gib(r.get('peak_bytes_in_use'))} |")
     return "\n".join(rows)
 
 

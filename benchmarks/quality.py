@@ -46,7 +46,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-windows", type=int, default=128, help="windows of 512 bytes of held-out text")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/quality_results.json"))
+    ap.add_argument("--table-only", action="store_true", help="print the table of an existing --json, run nothing")
     args = ap.parse_args(argv)
+    if args.table_only:
+        return print_table(json.loads(Path(args.json).read_text()))
     heldout = np.frombuffer((ROOT / "data/heldout.txt").read_bytes(), np.uint8).astype(np.int32)
     results = []
     for model_name, src in MODELS.items():
@@ -69,10 +72,17 @@ def main(argv=None):
             print(f"{model_name:>12} | {label:<28} | {ratio:4.2f} | {row['bits_per_byte']:.4f} | "
                   f"{row['delta_bpb']:+.4f} | {row['expert_bytes_fraction']:.3f}", flush=True)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print("\n| model | method | ratio | held-out bits/byte | change vs original | expert bytes |")
-    print("|---|---|---|---|---|---|")
+    print_table(results)
+
+
+def print_table(results):
+    """Markdown table: perplexity and bits per byte, each with its change vs the original model."""
+    print("| model | method | ratio | perplexity | change | bits/byte | change | expert bytes |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = {r["model"]: r["perplexity"] for r in results if r["method"] == "original"}
     for row in results:
-        print(f"| {row['model']} | {row['method']} | {int(row['ratio'] * 100)} % | {row['bits_per_byte']:.4f} | "
+        print(f"| {row['model']} | {row['method']} | {int(row['ratio'] * 100)} % | {row['perplexity']:.4f} | "
+              f"{row['perplexity'] - base[row['model']]:+.4f} | {row['bits_per_byte']:.4f} | "
               f"{row['delta_bpb']:+.4f} | {row['expert_bytes_fraction']:.3f} |")
 
 

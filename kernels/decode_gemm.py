@@ -469,6 +469,8 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     if (impl == "reference" or P == 0 or T == 0
             or (impl == "auto" and T > LAYER_KERNEL_MAX_TOKENS)):
         return dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype))
+    if experts.dropped_ids.shape[0]:   # dropped experts have no weights: they contribute zero
+        topk_weights = jnp.where(jnp.isin(topk_ids, experts.dropped_ids), 0, topk_weights)
     slot_of, P, D = _slot_order(experts)
     slots = slot_of[topk_ids.reshape(-1)]
     order = jnp.argsort(slots, stable=True)

@@ -1,5 +1,6 @@
 """Decode-GEMM kernels (kernels/): Pallas interpret mode on CPU against the plain-jnp references,
 and a lowering of every kernel variant to Triton IR for an abstract H100 (no GPU needed)."""
+import dataclasses
 import functools
 
 import jax
@@ -150,6 +151,24 @@ def test_packed_moe_ffn_matches_dense_reference(e, h, i, t, k, ratio, dtype):
     ref_path = K.packed_moe_ffn(x, ids, tw, experts, impl="reference")
     np.testing.assert_array_equal(np.asarray(ref_path, np.float32), np.asarray(ref, np.float32))
     _check(moe_ffn(x, ids, tw, experts, impl="pallas"), ref, "moe_ffn(impl='pallas')")
+
+
+def test_packed_moe_ffn_gives_zero_for_dropped_experts():
+    """A layer with pairs, dense and dropped experts (routed to anyway): same as the reference."""
+    rng = _rng(5)
+    e, h, i, t = 8, 64, 96, 6
+    w = {n: jnp.asarray(rng.standard_normal(s) * 0.05, jnp.bfloat16) for n, s in
+         (("w_gate", (e, h, i)), ("w_up", (e, h, i)), ("w_down", (e, i, h)))}
+    merged = compress_layer(w, 0.25)[0]                      # 2 pairs, 4 dense
+    keep = np.asarray(merged.dense_ids)[:2]
+    experts = dataclasses.replace(merged, dense_ids=jnp.asarray(keep), dense={n: v[:2] for n, v in merged.dense.items()},
+                                  dropped_ids=jnp.asarray(np.asarray(merged.dense_ids)[2:]))
+    x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
+    ids = jnp.asarray(np.argsort(-rng.standard_normal((t, e)), 1)[:, :3], jnp.int32)
+    tw = jnp.asarray(rng.random((t, 3)), jnp.float32)
+    assert np.isin(np.asarray(ids), np.asarray(experts.dropped_ids)).any()
+    got = K.packed_moe_ffn(x, ids, tw, experts, impl="pallas", interpret=True)
+    _check(got, dense_moe_ffn(x, ids, tw, experts.unpack(jnp.bfloat16)), "packed_moe_ffn with dropped experts")
 
 
 # ---------------------------------------------------------------------------------------------

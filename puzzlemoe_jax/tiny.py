@@ -73,7 +73,7 @@ def write_tiny_checkpoint(out_dir, arch: str, *, layout: str = "hub", max_shard_
     shards, current, size = [], {}, 0
 
     def add(name, a):
-        nonlocal current, size
+        nonlocal size
         current[name] = np.ascontiguousarray(a.astype(dtype))
         size += current[name].nbytes
         if size >= max_shard_bytes:

@@ -49,7 +49,6 @@ def test_compressed_round_trip(arch, tiny, tmp_path, capsys):
     assert run([arch, "--src", src, "--out", dense_out, "--ratio", 0], capsys)[0] == 0
     code, _ = run([arch, "--src", src, "--out", packed_out, "--ratio", 0.5], capsys)
     assert code == 0
-    printed = capsys.readouterr()
     cfg = json.loads((packed_out / "config.json").read_text())
     section = cfg["puzzlemoe"]
     assert cfg["model_type"] == arch and section["ratio"] == 0.5 and section["layout_version"] == 1

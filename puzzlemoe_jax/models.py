@@ -210,7 +210,11 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
 
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache=None):
+        """``cache=None``: attention over ``x`` itself, returns ``out``.  ``cache=(k, v, index)``
+        (``[B, S_max, kv_heads, D]`` after RoPE, and the slot where ``x``'s keys go): writes the new
+        keys/values there, attends over all ``S_max`` slots with ``mask [B, S, S_max]`` and returns
+        ``(out, (k, v))``."""
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -219,6 +223,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_tables(positions, self.head_dim, self.theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            return self._cached(q, k, v, mask, cache)
         rep = self.num_heads // self.num_kv_heads
         k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(self.head_dim ** -0.5, x.dtype)
@@ -226,6 +232,21 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, self.num_heads * self.head_dim)
         return self.o_proj(out)
+
+    def _cached(self, q, k, v, mask, cache):
+        ck, cv, index = cache
+        zero = jnp.zeros((), jnp.int32)
+        at = (zero, jnp.asarray(index, jnp.int32), zero, zero)
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), at)
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), at)
+        b, s = q.shape[:2]
+        g, rep = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        qg = q.reshape(b, s, g, rep, self.head_dim)   # grouped heads: no repeat of the cache
+        scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, ck.astype(q.dtype)) * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, cv.astype(q.dtype)).reshape(b, s, self.num_heads * self.head_dim)
+        return self.o_proj(out), (ck, cv)
 
 
 class DenseExperts(nnx.Module):
@@ -331,13 +352,19 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, mask):
-        x = x + self.attn(self.input_norm(x), positions, mask)
-        return x + self.mlp(self.post_norm(x))
+    def __call__(self, x, positions, mask, cache=None):
+        """Without ``cache``: ``x -> x``; with ``cache=(k, v, index)``: ``-> (x, (k, v))``."""
+        if cache is None:
+            x = x + self.attn(self.input_norm(x), positions, mask)
+            return x + self.mlp(self.post_norm(x))
+        a, kv = self.attn(self.input_norm(x), positions, mask, cache)
+        x = x + a
+        return x + self.mlp(self.post_norm(x)), kv
 
 
 class CausalLM(nnx.Module):
-    """Decoder-only MoE LM: ``__call__(input_ids [B, S]) -> logits [B, S, V]`` (no cache yet).
+    """Decoder-only MoE LM: ``__call__(input_ids [B, S]) -> logits [B, S, V]``; ``forward_cached``
+    runs prefill/decode steps against a KV cache (``init_cache``).
 
     ``packed_pairs[i]`` > 0 (or ``dropped_experts[i]`` > 0) makes layer i's routed experts a
     ``PackedExpertsModule`` with that many merged pairs (dropped experts), to be filled by
@@ -373,6 +400,41 @@ class CausalLM(nnx.Module):
             x = layer(x, positions, mask)
         x = self.final_norm(x)
         return x @ (self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...])
+
+    # ---- KV cache (used by puzzlemoe_jax.generate) ----------------------------------------
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> list[tuple[jax.Array, jax.Array]]:
+        """Zeroed per-layer ``(k, v)`` caches ``[batch, max_len, kv_heads, head_dim]``."""
+        cfg = self.config
+        dtype = dtype or self.embed[...].dtype
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+    def cache_mask(self, valid, index, s: int):
+        """``[B, S, S_max]``: the query in slot ``index + q`` sees key slots ``<= index + q`` that
+        hold real tokens (``valid [B, S_max]``, False for left padding) and lie within the sliding
+        window (measured in slots, as transformers does: equal to positions past the padding)."""
+        qs = jnp.asarray(index, jnp.int32) + jnp.arange(s, dtype=jnp.int32)
+        ks = jnp.arange(valid.shape[1], dtype=jnp.int32)
+        m = ks[None, :] <= qs[:, None]
+        if self.config.sliding_window:
+            m &= (qs[:, None] - ks[None, :]) < self.config.sliding_window
+        return m[None] & valid[:, None, :]
+
+    def forward_cached(self, input_ids, positions, valid, cache, index, *, last_only: bool = False):
+        """One prefill or decode step: ``input_ids``/``positions`` ``[B, S]`` go into cache slots
+        ``index .. index+S-1``; returns ``(logits [B, S or 1, V], new cache)``."""
+        s = input_ids.shape[1]
+        mask = self.cache_mask(valid, index, s)
+        x = self.embed[...][input_ids]
+        new = []
+        for layer, (ck, cv) in zip(self.layers, cache):
+            x, kv = layer(x, positions, mask, (ck, cv, index))
+            new.append(kv)
+        if last_only:
+            x = x[:, -1:]
+        x = self.final_norm(x)
+        return x @ (self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]), new
 
     def moe_layers(self) -> dict[int, MoE]:
         return {i: layer.mlp for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)}

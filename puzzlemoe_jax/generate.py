@@ -1,0 +1,318 @@
+"""Text generation with a preallocated KV cache: jit-compiled prefill, jit-compiled decode loop.
+
+    python -m puzzlemoe_jax.generate --model OUT_DIR (--prompt "..." | --prompt-ids 1,2,3)
+        [--max-new-tokens N] [--greedy | --temperature T --top-p P] [--stop 2,7] [--output-ids]
+
+``generate(model, prompts, max_new_tokens)`` works for every converted family, dense or packed
+(packed layers use the Pallas kernel on GPU through ``moe.moe_ffn``).  Prompts of different
+lengths are left-padded; positions follow transformers (``cumsum(attention_mask) - 1``), so
+greedy output equals ``transformers``' ``generate`` token for token.
+
+Steps: ``prefill`` runs the padded prompts through the model in one call, filling cache slots
+``0..L-1`` and sampling the first token; ``decode`` then runs all further steps inside one jit
+(``lax.while_loop``: one dispatch for the whole generation, stopping early when every sequence
+has emitted a stop token).  Non-finite logits raise ``FloatingPointError``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PAD_ID = 0
+
+
+class GenerateError(ValueError):
+    """Bad generation input (empty prompt, token id out of range, bad sampling settings)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Left-padded prompts: ``ids``/``positions`` ``[B, L]``, ``valid`` ``[B, L + max_new]``."""
+    ids: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    next_pos: jax.Array     # [B] position of the first generated token
+    lengths: tuple[int, ...]
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.ids.shape[1])
+
+
+def prepare_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int) -> Batch:
+    """Validate and left-pad ``prompts`` (lists of token ids)."""
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+        raise GenerateError("prompts must be a non-empty list of token-id sequences")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    rows = []
+    for i, p in enumerate(prompts):
+        a = np.asarray(p)
+        if a.ndim != 1 or a.size == 0:
+            raise GenerateError(f"prompt {i} must be a non-empty 1-D sequence of token ids, got shape {a.shape}")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise GenerateError(f"prompt {i}: token ids must be integers, got {a.dtype}")
+        if a.min() < 0 or a.max() >= vocab_size:
+            raise GenerateError(f"prompt {i}: token ids must lie in [0, {vocab_size}), got {a.min()}..{a.max()}")
+        rows.append(a.astype(np.int32))
+    b, L = len(rows), max(len(r) for r in rows)
+    ids = np.full((b, L), PAD_ID, np.int32)
+    attn = np.zeros((b, L), bool)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r
+        attn[i, L - len(r):] = True
+    pos = np.cumsum(attn, axis=1) - 1
+    pos = np.where(attn, pos, 1).astype(np.int32)            # transformers: masked_fill(mask == 0, 1)
+    valid = np.concatenate([attn, np.ones((b, max_new_tokens), bool)], axis=1)
+    return Batch(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(valid),
+                 jnp.asarray(attn.sum(1).astype(np.int32)), tuple(len(r) for r in rows))
+
+
+def sample_logits(logits, key, *, greedy: bool, temperature, top_p):
+    """Next tokens ``[B]`` from fp32 logits ``[B, V]``: argmax, or temperature + nucleus (top-p)
+    sampling (the smallest set of most likely tokens whose probability reaches ``top_p``; the
+    most likely token is always kept)."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / temperature
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs               # probability mass ahead of each token
+    keep = before < top_p
+    keep = keep.at[:, 0].set(True)
+    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+# Packed layers use the fused kernel up to this many tokens per step (kernels.LAYER_KERNEL_MAX_TOKENS)
+# and otherwise decode whole layers to dense weights; XLA may schedule those decodes of all layers
+# at once (out of memory for Mixtral-8x7B at batch 64), so packed prefills run in sequence chunks.
+PREFILL_CHUNK_TOKENS = 256
+
+
+def prefill_chunk(model, batch: int, prompt_len: int) -> int:
+    """Slots per prefill step: all of them for dense models, <= 256 tokens a step for packed ones."""
+    from puzzlemoe_jax.models import PackedExpertsModule  # noqa: PLC0415
+    packed = any(isinstance(m.experts, PackedExpertsModule) for m in model.moe_layers().values())
+    return max(1, min(prompt_len, PREFILL_CHUNK_TOKENS // batch)) if packed else prompt_len
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "chunk"))
+def _prefill(graphdef, state, ids, positions, valid, key, temperature, top_p, *, max_new: int, greedy: bool,
+             chunk: int):
+    model = nnx.merge(graphdef, state)
+    b, L = ids.shape
+    cache = model.init_cache(b, L + max_new)
+    for s0 in range(0, L, chunk):     # chunked prefill: the same function, fewer tokens per step
+        s1 = min(L, s0 + chunk)
+        logits, cache = model.forward_cached(ids[:, s0:s1], positions[:, s0:s1], valid, cache, jnp.int32(s0),
+                                             last_only=True)
+    logits = logits[:, -1].astype(jnp.float32)
+    tok = sample_logits(logits, key, greedy=greedy, temperature=temperature, top_p=top_p)
+    return tok, cache, jnp.all(jnp.isfinite(logits))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy"))
+def _decode(graphdef, state, first, cache, valid, next_pos, stop_ids, key, temperature, top_p, *,
+            max_new: int, greedy: bool):
+    model = nnx.merge(graphdef, state)
+    b = first.shape[0]
+    start = valid.shape[1] - max_new                          # slot of the first generated token
+    out = jnp.full((b, max_new), PAD_ID, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stop_ids)
+
+    def cond(c):
+        i, _, _, done, _, _, _ = c
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(c):
+        i, tok, cache, done, out, key, finite = c
+        key, sub = jax.random.split(key)
+        pos = (next_pos + i - 1)[:, None]
+        logits, cache = model.forward_cached(tok[:, None], pos, valid, cache, start + i - 1)
+        logits = logits[:, -1].astype(jnp.float32)
+        nxt = sample_logits(logits, sub, greedy=greedy, temperature=temperature, top_p=top_p)
+        finite &= jnp.all(jnp.isfinite(logits) | done[:, None])
+        nxt = jnp.where(done, PAD_ID, nxt)
+        out = out.at[:, i].set(nxt)
+        return i + 1, nxt, cache, done | jnp.isin(nxt, stop_ids), out, key, finite
+
+    init = (jnp.int32(1), first, cache, done, out, key, jnp.bool_(True))
+    i, _, _, _, out, _, finite = jax.lax.while_loop(cond, body, init)
+    return out, i, finite
+
+
+def _check_sampling(greedy, temperature, top_p):
+    if greedy:
+        return
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise GenerateError(f"temperature must be a finite number > 0 (use greedy=True for argmax), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise GenerateError(f"top_p must lie in (0, 1], got {top_p!r}")
+
+
+def _stop_array(stop_tokens, vocab_size):
+    stop = [int(t) for t in stop_tokens]
+    bad = [t for t in stop if not 0 <= t < vocab_size]
+    if bad:
+        raise GenerateError(f"stop tokens must lie in [0, {vocab_size}), got {bad}")
+    return jnp.asarray(stop or [-1], jnp.int32)               # -1 never matches a token
+
+
+class Generator:
+    """Split model + the two jitted steps; ``generate`` is the one-call wrapper around it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        self.graphdef, self.state = nnx.split(model)
+
+    def prefill(self, batch: Batch, max_new_tokens: int, *, greedy=True, temperature=1.0, top_p=1.0, key=None,
+                chunk: int | None = None):
+        key = jax.random.key(0) if key is None else key
+        b, L = batch.ids.shape
+        chunk = prefill_chunk(self.model, b, L) if chunk is None else int(chunk)
+        return _prefill(self.graphdef, self.state, batch.ids, batch.positions, batch.valid, key,
+                        jnp.float32(temperature), jnp.float32(top_p), max_new=max_new_tokens, greedy=greedy,
+                        chunk=chunk)
+
+    def decode(self, batch: Batch, first, cache, max_new_tokens: int, *, stop=None, greedy=True,
+               temperature=1.0, top_p=1.0, key=None):
+        key = jax.random.key(1) if key is None else key
+        stop = jnp.asarray([-1], jnp.int32) if stop is None else stop
+        return _decode(self.graphdef, self.state, first, cache, batch.valid, batch.next_pos, stop, key,
+                       jnp.float32(temperature), jnp.float32(top_p), max_new=max_new_tokens, greedy=greedy)
+
+    def __call__(self, prompts, max_new_tokens, *, greedy=True, temperature=1.0, top_p=1.0, stop_tokens=(),
+                 seed=0) -> list[list[int]]:
+        _check_sampling(greedy, temperature, top_p)
+        stop = _stop_array(stop_tokens, self.vocab_size)
+        batch = prepare_batch(prompts, max_new_tokens, self.vocab_size)
+        k0, k1 = jax.random.split(jax.random.key(seed))
+        first, cache, ok = self.prefill(batch, max_new_tokens, greedy=greedy, temperature=temperature,
+                                        top_p=top_p, key=k0)
+        out, steps, ok2 = self.decode(batch, first, cache, max_new_tokens, stop=stop, greedy=greedy,
+                                      temperature=temperature, top_p=top_p, key=k1)
+        if not (bool(ok) and bool(ok2)):
+            raise FloatingPointError("non-finite logits during generation")
+        out = np.asarray(out)[:, :int(steps)]
+        stops = set(int(t) for t in stop_tokens)
+        result = []
+        for row in out.tolist():
+            for j, t in enumerate(row):
+                if t in stops:
+                    row = row[:j + 1]
+                    break
+            result.append(row)
+        return result
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = True,
+             temperature: float = 1.0, top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int = 0
+             ) -> list[list[int]]:
+    """Generated token ids per prompt (without the prompt; up to and including the first stop token).
+
+    ``greedy=False`` samples with ``temperature`` (> 0) and nucleus ``top_p`` (in (0, 1]) from
+    ``jax.random.key(seed)``: the same seed gives the same tokens.
+    """
+    return Generator(model)(prompts, max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
+                            stop_tokens=stop_tokens, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+class _Tok:
+    """Byte-level (vocab 256) or ``tokenizer.json`` (``tokenizers`` package) text <-> ids."""
+
+    def __init__(self, model_dir: Path, vocab_size: int):
+        self.kind, self.tok = None, None
+        if (model_dir / "tokenizer.json").exists():
+            try:
+                from tokenizers import Tokenizer  # noqa: PLC0415
+            except ImportError:
+                Tokenizer = None
+            if Tokenizer is not None:
+                self.kind, self.tok = "tokenizers", Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        if self.kind is None and vocab_size == 256:
+            self.kind = "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "bytes":
+            return list(text.encode("utf-8"))
+        return self.tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "bytes":
+            return bytes(ids).decode("utf-8", errors="replace")
+        return self.tok.decode(ids)
+
+
+def _ids(text: str, what: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise GenerateError(f"{what} must be comma-separated integers, got {text!r}") from None
+    return ids
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m puzzlemoe_jax.generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="directory written by python -m convert")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs a tokenizer.json or a byte-level model)")
+    src.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    ap.add_argument("--temperature", type=float, help="sample with this temperature (> 0)")
+    ap.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop", default="", help="stop token ids, comma-separated")
+    ap.add_argument("--impl", choices=("auto", "pallas", "reference"), default="auto",
+                    help="packed-expert implementation (auto: Pallas kernel on GPU)")
+    ap.add_argument("--output-ids", action="store_true", help="print the generated ids (comma-separated) last")
+    args = ap.parse_args(argv)
+    if args.greedy and (args.temperature is not None or args.top_p is not None):
+        ap.error("--greedy excludes --temperature/--top-p")
+    greedy = args.temperature is None and args.top_p is None
+    from puzzlemoe_jax.checkpoint import CheckpointError, load_pretrained  # noqa: PLC0415
+    try:
+        model = load_pretrained(args.model, impl=args.impl)
+        tok = _Tok(Path(args.model), model.config.vocab_size)
+        if args.prompt is not None:
+            if tok.kind is None:
+                raise GenerateError(f"{args.model} has no tokenizer.json (or the tokenizers package is missing) "
+                                    "and is not byte-level: pass --prompt-ids")
+            prompt = tok.encode(args.prompt)
+        else:
+            prompt = _ids(args.prompt_ids, "--prompt-ids")
+        out = generate(model, [prompt], args.max_new_tokens, greedy=greedy,
+                       temperature=1.0 if args.temperature is None else args.temperature,
+                       top_p=1.0 if args.top_p is None else args.top_p,
+                       stop_tokens=_ids(args.stop, "--stop"), seed=args.seed)[0]
+    except (GenerateError, CheckpointError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if tok.kind is not None:
+        print(tok.decode(out))
+    elif not args.output_ids:
+        print(",".join(map(str, out)))
+    if args.output_ids:
+        print(",".join(map(str, out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Generation with the KV cache (puzzlemoe_jax.generate) against transformers and full recompute.
+
+Greedy output of dense converted tiny models equals ``transformers``' ``generate`` token for token
+(batched prompts of different lengths, left padding; Mixtral's fixture has sliding_window=5, so
+the window is crossed).  Cached decode logits equal a full forward of each unpadded sequence.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tests import hf_fixtures as F
+from puzzlemoe_jax import load_pretrained
+from puzzlemoe_jax import generate as G
+from puzzlemoe_jax.generate import GenerateError, Generator, generate, prepare_batch, sample_logits
+from puzzlemoe_jax.models import forward
+
+PROMPTS = [[5, 17, 33, 2, 99, 140, 7], [8, 9, 150], [1, 2, 3, 4, 5]]
+
+
+def hf_greedy(arch, prompts, n):
+    m, _ = F.model(arch)
+    L = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), L), dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        am[i, L - len(p):] = 1
+    with torch.no_grad():
+        out = m.generate(ids, attention_mask=am, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    return out[:, L:].tolist()
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return load_pretrained(F.converted("mixtral"))
+
+
+@pytest.fixture(scope="module")
+def mixtral_packed():
+    return load_pretrained(F.converted("mixtral", ratio=0.5))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_greedy_matches_transformers(arch):
+    model = load_pretrained(F.converted(arch))
+    got = generate(model, PROMPTS, 12)
+    assert got == hf_greedy(arch, PROMPTS, 12)
+    assert generate(model, PROMPTS[1:2], 12) == got[1:2]    # padding does not change a sequence
+
+
+def _cached_logits(model, prompts, tokens, chunk):
+    """Logits the cache path gives for each generated token's successor (eager, step by step)."""
+    n = len(tokens[0])
+    b = prepare_batch(prompts, n, model.config.vocab_size)
+    L = b.prompt_len
+    cache = model.init_cache(len(prompts), L + n)
+    for s0 in range(0, L, chunk):
+        s1 = min(L, s0 + chunk)
+        logits, cache = model.forward_cached(b.ids[:, s0:s1], b.positions[:, s0:s1], b.valid, cache, s0)
+    steps = [logits[:, -1]]
+    for j in range(n - 1):
+        tok = jnp.asarray([t[j] for t in tokens], jnp.int32)[:, None]
+        logits, cache = model.forward_cached(tok, (b.next_pos + j)[:, None], b.valid, cache, L + j)
+        steps.append(logits[:, -1])
+    return np.stack([np.asarray(s) for s in steps], 1)            # [B, n, V]
+
+
+@pytest.mark.parametrize("chunk", [7, 2])
+def test_cached_decode_equals_full_recompute(mixtral_packed, chunk):
+    model = mixtral_packed
+    tokens = generate(model, PROMPTS, 6)
+    cached = _cached_logits(model, PROMPTS, tokens, chunk)
+    for i, (p, t) in enumerate(zip(PROMPTS, tokens)):
+        full = np.asarray(forward(model, jnp.asarray([p + t])))[0]
+        want = full[len(p) - 1: len(p) - 1 + len(t)]
+        assert np.isfinite(cached[i]).all()
+        np.testing.assert_allclose(cached[i], want, atol=2e-5, rtol=0)
+        assert np.argmax(want, -1).tolist() == t
+
+
+def test_chunked_prefill_same_tokens(mixtral_packed):
+    gen = Generator(mixtral_packed)
+    b = prepare_batch(PROMPTS, 5, 160)
+    outs = []
+    for chunk in (7, 3, 1):
+        first, cache, ok = gen.prefill(b, 5, chunk=chunk)
+        out, steps, ok2 = gen.decode(b, first, cache, 5)
+        assert bool(ok) and bool(ok2) and int(steps) == 5
+        outs.append(np.asarray(out))
+    assert all((o == outs[0]).all() for o in outs)
+
+
+def test_packed_generation_runs(mixtral, mixtral_packed):
+    got = generate(mixtral_packed, PROMPTS, 8)
+    assert [len(t) for t in got] == [8, 8, 8]
+    assert all(0 <= x < 160 for t in got for x in t)
+    assert got != generate(mixtral, PROMPTS, 8)    # the packed weights really are used
+
+
+def test_sampling_reproducible_and_edge_cases(mixtral):
+    greedy = generate(mixtral, PROMPTS, 8)
+    a = generate(mixtral, PROMPTS, 8, greedy=False, temperature=1.5, seed=3)
+    assert a == generate(mixtral, PROMPTS, 8, greedy=False, temperature=1.5, seed=3)
+    assert a != generate(mixtral, PROMPTS, 8, greedy=False, temperature=1.5, seed=4)
+    assert a != greedy
+    # top_p -> 0 keeps only the most likely token; temperature -> 0 concentrates on it
+    assert generate(mixtral, PROMPTS, 8, greedy=False, top_p=1e-6, seed=5) == greedy
+    assert generate(mixtral, PROMPTS, 8, greedy=False, temperature=1e-4, seed=5) == greedy
+
+
+def test_sample_logits_nucleus():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000, jnp.float32))
+    key = jax.random.key(0)
+    draw = lambda **kw: np.asarray(sample_logits(logits, key, greedy=False, **kw))  # noqa: E731
+    only = draw(temperature=1.0, top_p=0.75)          # nucleus {0, 1}: 0.5 < 0.75 <= 0.8
+    assert set(only.tolist()) == {0, 1}
+    assert abs(np.mean(only == 0) - 0.5 / 0.8) < 0.03
+    full = draw(temperature=1.0, top_p=1.0)
+    assert set(full.tolist()) == {0, 1, 2, 3}
+    assert abs(np.mean(full == 3) - 0.05) < 0.015
+    assert set(draw(temperature=1.0, top_p=0.5).tolist()) == {0}   # boundary: 0.5 reached by token 0
+    hot = draw(temperature=100.0, top_p=1.0)                        # near uniform
+    assert abs(np.mean(hot == 3) - 0.25) < 0.03
+    assert np.asarray(sample_logits(logits, key, greedy=True, temperature=1.0, top_p=1.0)).tolist() == [0] * 4000
+
+
+def test_stop_tokens(mixtral):
+    full = generate(mixtral, PROMPTS, 10)
+    stop = full[0][3]
+    got = generate(mixtral, PROMPTS, 10, stop_tokens=[stop])
+    for f, g in zip(full, got):
+        k = f.index(stop) + 1 if stop in f else len(f)
+        assert g == f[:k]
+    # every sequence stops at once: one token each, the loop ends early
+    firsts = sorted({f[0] for f in full})
+    assert generate(mixtral, PROMPTS, 10, stop_tokens=firsts) == [[f[0]] for f in full]
+
+
+def test_non_finite_logits_raise():
+    model = load_pretrained(F.converted("mixtral"))
+    model.lm_head.kernel.set_value(jnp.full_like(model.lm_head.kernel[...], jnp.nan))
+    with pytest.raises(FloatingPointError):
+        generate(model, PROMPTS, 3)
+
+
+@pytest.mark.parametrize("prompts, kw, msg", [
+    ([], {}, "non-empty list"),
+    ([[]], {}, "non-empty 1-D"),
+    ([[1, 2], [3, 160]], {}, r"\[0, 160\)"),
+    ([[1, -1]], {}, r"\[0, 160\)"),
+    ([[1.5, 2.0]], {}, "integers"),
+    ([[1, 2]], {"max_new_tokens": 0}, "positive integer"),
+    ([[1, 2]], {"greedy": False, "temperature": 0.0}, "temperature"),
+    ([[1, 2]], {"greedy": False, "top_p": 0.0}, "top_p"),
+    ([[1, 2]], {"greedy": False, "top_p": 1.5}, "top_p"),
+    ([[1, 2]], {"stop_tokens": [999]}, "stop tokens"),
+])
+def test_bad_inputs(mixtral, prompts, kw, msg):
+    kw = {"max_new_tokens": 4, **kw}
+    with pytest.raises(GenerateError, match=msg):
+        generate(mixtral, prompts, **kw)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_prompt_ids_output_ids(mixtral, capsys):
+    path = F.converted("mixtral")
+    assert G.main(["--model", str(path), "--prompt-ids", "5,17,33", "--max-new-tokens", "6", "--output-ids"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == ",".join(map(str, generate(mixtral, [[5, 17, 33]], 6)[0]))
+    assert G.main(["--model", str(path), "--prompt-ids", "5,17,33", "--max-new-tokens", "6",
+                   "--temperature", "0.8", "--top-p", "0.9", "--seed", "1", "--output-ids"]) == 0
+    sampled = capsys.readouterr().out.strip().splitlines()[-1]
+    assert sampled == ",".join(map(str, generate(mixtral, [[5, 17, 33]], 6, greedy=False, temperature=0.8,
+                                                 top_p=0.9, seed=1)[0]))
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    from convert import main as convert_main
+    from puzzlemoe_jax.tiny import write_tiny_checkpoint
+    src = write_tiny_checkpoint(tmp_path_factory.mktemp("bytes") / "src", "mixtral", dtype="float32")
+    out = src.parent / "out"
+    assert convert_main(["mixtral", "--src", str(src), "--out", str(out), "--ratio", "0.5", "--quiet"]) == 0
+    return out
+
+
+def test_cli_byte_level_prompt(byte_model, capsys):
+    assert G.main(["--model", str(byte_model), "--prompt", "def f(x):", "--max-new-tokens", "5",
+                   "--output-ids", "--stop", "10"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    ids = [int(t) for t in lines[-1].split(",")]
+    want = generate(load_pretrained(byte_model), [list(b"def f(x):")], 5, stop_tokens=[10])[0]
+    assert ids == want
+    assert json.loads((byte_model / "config.json").read_text())["puzzlemoe"]["packed_pairs"]
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--prompt", "hello"], "pass --prompt-ids"),        # vocab 160, no tokenizer.json
+    (["--prompt-ids", "1,x"], "comma-separated integers"),
+    (["--prompt-ids", "1,999"], r"\[0, 160\)"),
+    (["--prompt-ids", "1", "--temperature", "-1"], "temperature"),
+    (["--prompt-ids", ""], "non-empty"),
+])
+def test_cli_bad_inputs(argv, msg, capsys):
+    assert G.main(["--model", str(F.converted("mixtral")), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and __import__("re").search(msg, err), err
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        G.main(["--model", str(F.converted("mixtral")), "--prompt-ids", "1", "--greedy", "--temperature", "0.5"])
+    assert e.value.code == 2
+    assert G.main(["--model", str(tmp_path), "--prompt-ids", "1"]) == 2
+    assert "config.json" in capsys.readouterr().err

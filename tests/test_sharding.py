@@ -1,0 +1,74 @@
+"""Sharded models equal single-device ones: logits and greedy generations, 8 CPU devices.
+
+JAX is already initialised in the pytest process (one CPU device), so the check runs in a
+subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.  Models: the converted
+tiny dense Mixtral fixture (6 experts: expert-parallel on a 2-wide axis) and the packed DeepSeek-MoE
+fixture (4 merged pairs + shared experts + a dense first layer: pairs expert-parallel on 2- and
+4-wide axes), on ("expert", "model") meshes 2x4 and 4x2.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests import hf_fixtures as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from puzzlemoe_jax import load_pretrained
+    from puzzlemoe_jax.generate import generate
+    from puzzlemoe_jax.models import forward
+    from puzzlemoe_jax.sharding import make_mesh, shard_model, sharding_summary
+    assert jax.device_count() == 8, jax.devices()
+    ids = np.random.default_rng(0).integers(0, 160, (3, 9))
+    prompts = [ids[0].tolist(), ids[1, :4].tolist(), ids[2, :7].tolist()]
+    out = []
+    for path in sys.argv[1:]:
+        single = load_pretrained(path)
+        ref_logits = np.asarray(forward(single, jnp.asarray(ids)))
+        ref_tokens = generate(single, prompts, 8)
+        for e, m in ((2, 4), (4, 2)):
+            model = shard_model(load_pretrained(path), make_mesh(e, m))
+            summary = sharding_summary(model)
+            logits = np.asarray(forward(model, jnp.asarray(ids)))
+            tokens = generate(model, prompts, 8)
+            devices = {d.id for leaf in jax.tree.leaves(model) if hasattr(leaf, "devices") for d in leaf.devices()}
+            out.append(dict(path=path, mesh=[e, m], summary=summary, devices=len(devices),
+                            max_diff=float(np.abs(logits - ref_logits).max()), finite=bool(np.isfinite(logits).all()),
+                            tokens=tokens, ref_tokens=ref_tokens))
+    print("RESULT " + json.dumps(out))
+''')
+
+
+def test_sharded_equals_single_device():
+    dense, packed = F.converted("mixtral"), F.converted("deepseek", ratio=0.5)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", SCRIPT, str(dense), str(packed)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert len(results) == 4
+    for r in results:
+        s, where = r["summary"], f"{Path(r['path']).name} mesh {r['mesh']}"
+        assert r["devices"] == 8, where
+        assert r["finite"] and r["max_diff"] < 1e-4, (where, r["max_diff"])
+        assert r["tokens"] == r["ref_tokens"], where
+        e, m = r["mesh"]
+        # tensor parallel attention over "model" (4 heads, 2 kv heads in mixtral; 4/4 in deepseek)
+        assert s["layers.0.attn.q_proj.kernel"] == "(None, 'model')", (where, s)
+        assert s["layers.0.attn.o_proj.kernel"] == "('model', None)", (where, s)
+        assert s["embed"] == "()", where
+        if "mixtral" in r["path"]:   # 6 dense experts: expert parallel only on the 2-wide axis
+            want = "('expert', None, 'model')" if e == 2 else "(None, None, 'model')"
+            assert s["layers.0.mlp.experts.w_gate"] == want, (where, s["layers.0.mlp.experts.w_gate"])
+        else:                       # 4 packed pairs: expert parallel on both meshes; layer 0 is dense
+            assert s["layers.1.mlp.experts.packed_w_gate"] == "('expert', None, 'model')", where
+            assert s["layers.1.mlp.experts.packed_w_down"] == "('expert', 'model', None)", where
+            assert s["layers.1.mlp.experts.pairs"] == "()", where
+            assert s["layers.0.mlp.gate.kernel"] == "(None, 'model')", where

@@ -45,7 +45,7 @@ def mixtral_packed():
     return load_pretrained(F.converted("mixtral", ratio=0.5))
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek"])
 def test_greedy_matches_transformers(arch):
     model = load_pretrained(F.converted(arch))
     got = generate(model, PROMPTS, 12)
@@ -199,6 +199,24 @@ def test_cli_byte_level_prompt(byte_model, capsys):
     want = generate(load_pretrained(byte_model), [list(b"def f(x):")], 5, stop_tokens=[10])[0]
     assert ids == want
     assert json.loads((byte_model / "config.json").read_text())["puzzlemoe"]["packed_pairs"]
+
+
+def test_cli_tokenizer_json(tmp_path, capsys):
+    """A model directory with tokenizer.json: --prompt is encoded with it, the output decoded."""
+    import shutil
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    model_dir = tmp_path / "m"
+    shutil.copytree(F.converted("mixtral"), model_dir)
+    vocab = {f"w{i}": i for i in range(F.VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()    # joins with spaces
+    tok.save(str(model_dir / "tokenizer.json"))
+    assert G.main(["--model", str(model_dir), "--prompt", "w5 w17 w33", "--max-new-tokens", "4", "--output-ids"]) == 0
+    text, ids = capsys.readouterr().out.strip().splitlines()[-2:]
+    want = generate(load_pretrained(model_dir), [[5, 17, 33]], 4)[0]
+    assert ids == ",".join(map(str, want))
+    assert text == " ".join(f"w{i}" for i in want)
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -9,9 +9,9 @@ runs once (ratio 0.5: 4 pairs of 8 experts) on one layer of random experts; ever
 words are that layer's words rolled along the output axis by the layer index (distinct buffers with
 the statistics of real merged words, without 32 merges).  Both models run the same stack:
 ``puzzlemoe_jax.generate`` (jit prefill, then one jit ``while_loop`` over the decode steps);
-packed layers use the Pallas kernel (``moe.moe_ffn`` impl "auto": kernel up to 256 tokens a
-step, the decode + ragged_dot reference above, i.e. for prefill at batch 64), dense ones
-``ragged_dot``.
+packed layers use the Pallas kernel (``moe.moe_ffn`` impl "auto": the kernel up to 256 tokens a
+step; ``generate`` chunks packed prefills to stay under that, e.g. 4 x 4 slots at batch 64),
+dense ones ``ragged_dot``.
 
 Each configuration runs in its own subprocess (peak memory is per process).  Timing: wall clock
 of the prefill call and of the whole decode loop (one dispatch for all steps), each

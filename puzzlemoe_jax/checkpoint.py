@@ -37,6 +37,9 @@ from puzzlemoe_jax.models import ARCHS, CausalLM, ConfigError, ModelConfig, Pack
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 FORMAT_VERSION = 1
+# files of an HF checkpoint directory that the converted model keeps (tokenizer, generation defaults)
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "generation_config.json", "chat_template.jinja")
 DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
           "U16": np.uint16, "I32": np.int32}
 DTYPE_NAMES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
@@ -352,6 +355,12 @@ class CheckpointWriter:
         self.weight_map.update({k: name for k in tensors})
         self.nbytes += sum(v.nbytes for v in tensors.values())
 
+    def copy_files(self, src: Path, names: Iterable[str]) -> None:
+        """Copy the files of ``names`` that exist in ``src`` (tokenizer, generation config) as they are."""
+        for name in names:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, self.tmp / name)
+
     def finish(self, config: Mapping[str, Any]) -> Path:
         (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": self.nbytes},
                                                   "weight_map": self.weight_map}, indent=1))
@@ -562,6 +571,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
             "source": {"dtype": sorted({i.dtype for i in ckpt.tensors.values()}), "bytes": ckpt.nbytes()},
         }
         bytes_out = w.nbytes
+        w.copy_files(src, SIDE_FILES)
         w.finish({**hf, "puzzlemoe": section})
     return ConvertReport(Path(out), arch, ratio, dtype, ckpt.nbytes(), bytes_out,
                          sum(r.expert_bytes_in for r in reports), sum(r.expert_bytes_out for r in reports),

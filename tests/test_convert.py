@@ -248,3 +248,13 @@ def test_load_pretrained_refuses_hf_dir(tiny):
         load_pretrained(tiny["qwen2_moe"])
 
 
+
+
+def test_tokenizer_and_generation_config_are_carried_over(tmp_path, capsys):
+    src = write_tiny_checkpoint(tmp_path / "src", "mixtral", num_layers=1)
+    (src / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    (src / "generation_config.json").write_text('{"eos_token_id": 2}')
+    assert run(["mixtral", "--src", src, "--out", tmp_path / "out", "--ratio", 0.5], capsys)[0] == 0
+    for name in ("tokenizer.json", "generation_config.json"):
+        assert (tmp_path / "out" / name).read_text() == (src / name).read_text()
+    assert not (tmp_path / "out" / "tokenizer_config.json").exists()   # only files the source has

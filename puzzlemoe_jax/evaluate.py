@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-BYTE_VOCAB = 256
+from puzzlemoe_jax.text import BYTE_VOCAB, TextCodec
 
 
 @nnx.jit
@@ -71,16 +71,10 @@ def load_tokens(model_dir: Path, vocab_size: int, tokens_path: str | None, text_
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
             raise ValueError(f"{tokens_path}: token ids must be in [0, {vocab_size}), got "
                              f"[{tokens.min()}, {tokens.max()}]")
-        return tokens, (1.0 if vocab_size == BYTE_VOCAB else None)
+        return tokens, (1.0 if vocab_size == BYTE_VOCAB else None)   # bytes known only when byte-level
     data = Path(text_path).read_bytes()
-    if vocab_size == BYTE_VOCAB:
-        return np.frombuffer(data, np.uint8).astype(np.int32), 1.0
-    tokenizer_file = model_dir / "tokenizer.json"
-    if not tokenizer_file.exists():
-        raise ValueError(f"{model_dir}: vocabulary of {vocab_size} is not byte-level and there is no "
-                         "tokenizer.json; pass --tokens FILE.npy with pre-tokenised ids")
-    from tokenizers import Tokenizer  # noqa: PLC0415 (only for non-byte models)
-    ids = np.asarray(Tokenizer.from_file(str(tokenizer_file)).encode(data.decode("utf-8")).ids, np.int32)
+    text = TextCodec(model_dir, vocab_size)
+    ids = np.asarray(text.encode(data.decode("utf-8")), np.int32)
     return ids, len(data) / max(len(ids), 1)
 
 

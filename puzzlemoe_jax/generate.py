@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from puzzlemoe_jax.text import TextCodec
 
 PAD_ID = 0
 
@@ -234,32 +234,6 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, gr
 # CLI
 
 
-class _Tok:
-    """Byte-level (vocab 256) or ``tokenizer.json`` (``tokenizers`` package) text <-> ids."""
-
-    def __init__(self, model_dir: Path, vocab_size: int):
-        self.kind, self.tok = None, None
-        if (model_dir / "tokenizer.json").exists():
-            try:
-                from tokenizers import Tokenizer  # noqa: PLC0415
-            except ImportError:
-                Tokenizer = None
-            if Tokenizer is not None:
-                self.kind, self.tok = "tokenizers", Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        if self.kind is None and vocab_size == 256:
-            self.kind = "bytes"
-
-    def encode(self, text: str) -> list[int]:
-        if self.kind == "bytes":
-            return list(text.encode("utf-8"))
-        return self.tok.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        if self.kind == "bytes":
-            return bytes(ids).decode("utf-8", errors="replace")
-        return self.tok.decode(ids)
-
-
 def _ids(text: str, what: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
@@ -290,12 +264,14 @@ def main(argv=None) -> int:
     from puzzlemoe_jax.checkpoint import CheckpointError, load_pretrained  # noqa: PLC0415
     try:
         model = load_pretrained(args.model, impl=args.impl)
-        tok = _Tok(Path(args.model), model.config.vocab_size)
+        try:
+            text = TextCodec(args.model, model.config.vocab_size)
+        except ValueError as e:
+            if args.prompt is not None:
+                raise GenerateError(f"{e}: pass --prompt-ids") from None
+            text = None
         if args.prompt is not None:
-            if tok.kind is None:
-                raise GenerateError(f"{args.model} has no tokenizer.json (or the tokenizers package is missing) "
-                                    "and is not byte-level: pass --prompt-ids")
-            prompt = tok.encode(args.prompt)
+            prompt = text.encode(args.prompt)
         else:
             prompt = _ids(args.prompt_ids, "--prompt-ids")
         out = generate(model, [prompt], args.max_new_tokens, greedy=greedy,
@@ -305,8 +281,8 @@ def main(argv=None) -> int:
     except (GenerateError, CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if tok.kind is not None:
-        print(tok.decode(out))
+    if text is not None:
+        print(text.decode(out))
     elif not args.output_ids:
         print(",".join(map(str, out)))
     if args.output_ids:

@@ -7,10 +7,11 @@ or from the shell: ``python -m lm_eval --model puzzlemoe --model_args pretrained
 --tasks ... --include_path ...`` after ``import puzzlemoe_jax.lm_eval_adapter`` (e.g. through
 ``python -c``).  Byte-level models (vocabulary 256) need no tokenizer; others read
 ``tokenizer.json`` from the model directory.  Sequences are right-padded to power-of-two
-lengths so that few shapes are compiled.  Generation is greedy, without a KV cache.
+lengths so that few shapes are compiled.  Generation is greedy (``puzzlemoe_jax.generate``).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -22,8 +23,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from puzzlemoe_jax.checkpoint import load_pretrained
+from puzzlemoe_jax.generate import generate
+from puzzlemoe_jax.text import TextCodec
 
-BYTE_VOCAB = 256
 NEWLINE = 10
 
 
@@ -42,21 +44,11 @@ class PuzzleMoELM(LM):
         self.model = load_pretrained(pretrained, impl=impl)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length = int(max_length)
-        vocab = self.model.config.vocab_size
-        if vocab == BYTE_VOCAB:
-            self._encode = lambda s: list(s.encode("utf-8"))
-            self._decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")
-            self.prefix_token_id = NEWLINE   # byte models have no BOS: a newline starts a document
-        else:
-            from tokenizers import Tokenizer  # noqa: PLC0415
-            path = Path(pretrained) / "tokenizer.json"
-            if not path.exists():
-                raise ValueError(f"{pretrained}: vocabulary {vocab} is not byte-level and there is no tokenizer.json")
-            tok = Tokenizer.from_file(str(path))
-            self._encode = lambda s: tok.encode(s, add_special_tokens=False).ids
-            self._decode = tok.decode
-            bos = getattr(self.model.config, "bos_token_id", None)
-            self.prefix_token_id = bos if bos is not None else 0
+        text = TextCodec(pretrained, self.model.config.vocab_size)
+        self._encode, self._decode = text.encode, text.decode
+        # byte models have no BOS: a newline starts a document; others use the config's BOS (or 0)
+        bos = json.loads((Path(pretrained) / "config.json").read_text()).get("bos_token_id")
+        self.prefix_token_id = NEWLINE if text.byte_level else (bos if isinstance(bos, int) else 0)
 
     # -- scoring -------------------------------------------------------------------------------
     def _score(self, seqs: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
@@ -95,23 +87,14 @@ class PuzzleMoELM(LM):
         return results
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        """Greedy continuation (KV-cache ``generate``), cut at the first ``until`` string."""
         results = []
         for r in requests:
             context, kwargs = r.args
             until = kwargs.get("until", [])
             until = [until] if isinstance(until, str) else list(until)
-            ids = self._encode(context) or [self.prefix_token_id]
-            new: list[int] = []
-            for _ in range(int(kwargs.get("max_gen_toks", 64))):
-                seq = (ids + new)[-self.max_length:]
-                width = 1 << max(1, len(seq) - 1).bit_length()
-                padded = np.zeros((1, width), np.int32)
-                padded[0, :len(seq)] = seq
-                new.append(int(np.asarray(_log_probs(self.model, jnp.asarray(padded)))[0, len(seq) - 1].argmax()))
-                text = self._decode(new)
-                if any(u in text for u in until):
-                    break
-            text = self._decode(new)
+            ids = (self._encode(context) or [self.prefix_token_id])[-self.max_length:]
+            text = self._decode(generate(self.model, [ids], int(kwargs.get("max_gen_toks", 64)))[0])
             for u in until:
                 text = text.split(u)[0]
             results.append(text)

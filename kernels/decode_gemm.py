@@ -72,10 +72,6 @@ class TileConfig:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(int(x), 1).bit_length() - 1)
-
-
 def _largest_pow2_divisor(x: int, cap: int) -> int:
     d = 1
     while d < cap and x % (2 * d) == 0:

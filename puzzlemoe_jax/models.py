@@ -196,8 +196,8 @@ def apply_rope(x, cos, sin):
 class Attention(nnx.Module):
     """GQA self-attention with RoPE, optional qkv/o bias and per-head q/k RMSNorm.
 
-    ``__call__(x, positions, mask)`` takes explicit positions and a boolean mask ``[B, S, S_kv]``
-    so that a KV cache can later pass longer key/value sequences.
+    ``__call__(x, positions, mask[, cache])`` takes explicit positions and a boolean mask
+    ``[B, S, S_kv]``; with a KV cache the keys/values are the cache's ``S_max`` slots.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs):
@@ -223,30 +223,26 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_tables(positions, self.head_dim, self.theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            return self._cached(q, k, v, mask, cache)
-        rep = self.num_heads // self.num_kv_heads
-        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * jnp.asarray(self.head_dim ** -0.5, x.dtype)
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, self.num_heads * self.head_dim)
-        return self.o_proj(out)
-
-    def _cached(self, q, k, v, mask, cache):
+        if cache is None:
+            return self._attend(q, k, v, mask)
         ck, cv, index = cache
         zero = jnp.zeros((), jnp.int32)
         at = (zero, jnp.asarray(index, jnp.int32), zero, zero)
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), at)
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), at)
+        return self._attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask), (ck, cv)
+
+    def _attend(self, q, k, v, mask):
+        """Softmax attention of q ``[B, S, heads, D]`` over k/v ``[B, S_kv, kv_heads, D]`` where
+        ``mask [B, S, S_kv]``; query heads are grouped onto their kv head (no repeat of k/v)."""
         b, s = q.shape[:2]
         g, rep = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        qg = q.reshape(b, s, g, rep, self.head_dim)   # grouped heads: no repeat of the cache
-        scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, ck.astype(q.dtype)) * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+        qg = q.reshape(b, s, g, rep, self.head_dim)
+        scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k) * jnp.asarray(self.head_dim ** -0.5, q.dtype)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, cv.astype(q.dtype)).reshape(b, s, self.num_heads * self.head_dim)
-        return self.o_proj(out), (ck, cv)
+        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, s, self.num_heads * self.head_dim)
+        return self.o_proj(out)
 
 
 class DenseExperts(nnx.Module):

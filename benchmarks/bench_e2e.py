@@ -2,6 +2,7 @@
 
     python benchmarks/bench_e2e.py [--shape mixtral-8x7b] [--batches 1,4,16,64] [--prefill 16]
         [--decode 128] [--packed-layers 32] [--dense-layers auto] [--budget-s 420] [--json OUT]
+        [--meshes 1x1,2x1] [--concurrent-single]
 
 A Mixtral-8x7B-shaped model (bf16) is built directly on the device with random weights
 (normal, std 0.02; RMSNorm scales 1), not read from disk.  Packed layers: ``merge.compress_layer``
@@ -20,12 +21,21 @@ batch * decode / (prefill + decode loop); decode-only = batch * (decode - 1) / l
 first new token comes from the prefill).  The uncompressed model gets as many layers as fit
 (``--dense-layers auto``); the packed model runs at that same layer count (per-layer-normalised
 comparison) and with all layers.
+
+Several GPUs (``--meshes``, e.g. ``1x1,2x1``: ("expert", "model") mesh shapes): each array is
+placed as ``sharding.shard_model`` places it while the model is built, and the MoE layers run
+expert parallel under ``shard_map`` (packed pairs with the Pallas kernel on each GPU, one psum);
+memory is reported per GPU and tokens/s compared with the 1x1 run of the same model.
+``--concurrent-single`` runs the 1x1 configurations side by side, one per GPU (separate processes
+and GPUs; only the host is shared), to save device time.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -52,13 +62,21 @@ def model_config(shape: str, layers: int):
                        moe_layers=tuple(range(layers)), norm_topk_prob=True, rms_norm_eps=1e-5, **s)
 
 
-def build_model(shape: str, layers: int, packed: bool, impl: str = "auto", seed: int = 0):
-    """Random-weight CausalLM built on the default device, layer by layer (see module docstring)."""
+def parse_mesh(text: str) -> tuple[int, int]:
+    e, m = (int(v) for v in text.lower().split("x"))
+    return e, m
+
+
+def build_model(shape: str, layers: int, packed: bool, impl: str = "auto", seed: int = 0, mesh=None):
+    """Random-weight CausalLM built on the default device, layer by layer (see module docstring);
+    with ``mesh``, each array is moved to its ``sharding.partition_spec`` place as it is made."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
     from puzzlemoe_jax import merge  # noqa: PLC0415
+    from jax.sharding import NamedSharding  # noqa: PLC0415
     from puzzlemoe_jax.models import CausalLM  # noqa: PLC0415
+    from puzzlemoe_jax.sharding import partition_spec, shard_model  # noqa: PLC0415
 
     cfg = model_config(shape, layers)
     e = cfg.num_experts
@@ -102,16 +120,31 @@ def build_model(shape: str, layers: int, packed: bool, impl: str = "auto", seed:
         else:
             a = draw(jax.random.fold_in(key, n), want.shape, want.dtype)
         assert a.shape == want.shape and a.dtype == want.dtype, (name, a.shape, want.shape, a.dtype, want.dtype)
+        if mesh is not None:
+            spec = partition_spec(path, a.shape, mesh, cfg.num_heads, cfg.num_kv_heads)
+            a = jax.device_put(a, NamedSharding(mesh, spec))
         a.block_until_ready()
         flat.append((path, a))
     del words0
     state = nnx.from_flat_state(flat)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    return shard_model(model, mesh) if mesh is not None else model
 
 
 def _mem(dev):
     m = dev.memory_stats() or {}
     return {k: m.get(k) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")}
+
+
+def _mems():
+    import jax  # noqa: PLC0415
+    return [_mem(d) for d in jax.devices()]
+
+
+def _mesh(args):
+    from puzzlemoe_jax.sharding import make_mesh  # noqa: PLC0415
+    e, m = parse_mesh(args.mesh)
+    return make_mesh(e, m) if e * m > 1 else None
 
 
 def worker(args) -> dict:
@@ -122,15 +155,17 @@ def worker(args) -> dict:
     t_start = time.perf_counter()
     dev = jax.devices()[0]
     res = {"device": dev.device_kind, "shape": args.shape, "layers": args.layers, "packed": args.packed,
-           "impl": args.impl, "prefill": args.prefill, "decode": args.decode, "jax": jax.__version__, "runs": []}
+           "impl": args.impl, "prefill": args.prefill, "decode": args.decode, "jax": jax.__version__,
+           "mesh": args.mesh, "gpus": jax.device_count(), "runs": []}
     try:
+        mesh = _mesh(args)
         t0 = time.perf_counter()
-        model = build_model(args.shape, args.layers, args.packed, args.impl)
+        model = build_model(args.shape, args.layers, args.packed, args.impl, mesh=mesh)
         res["build_s"] = time.perf_counter() - t0
     except Exception as e:  # noqa: BLE001 (out of memory while building: reported, parent retries)
         res["error"] = f"build: {type(e).__name__}: {str(e)[:300]}"
         return res
-    res["after_build"] = _mem(dev)
+    res["after_build"] = _mems()
     from flax import nnx  # noqa: PLC0415
     res["weights_bytes"] = sum(int(a.nbytes) for a in jax.tree.leaves(nnx.state(model)))
     gen = Generator(model)
@@ -172,10 +207,11 @@ def worker(args) -> dict:
                 run["error"] = "non-finite logits"
         except Exception as e:  # noqa: BLE001
             run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        run["mem"] = _mem(dev)
+        run["mem"] = _mems()
         res["runs"].append(run)
         print(json.dumps({k: v for k, v in run.items() if k not in ("prefill_runs", "decode_runs")}), flush=True)
-    res["peak_bytes_in_use"] = _mem(dev)["peak_bytes_in_use"]
+    res["peak_bytes_per_gpu"] = [m["peak_bytes_in_use"] for m in _mems()]
+    res["peak_bytes_in_use"] = max(res["peak_bytes_per_gpu"], key=lambda v: v or 0)
     res["wall_s"] = time.perf_counter() - t_start
     return res
 
@@ -188,16 +224,19 @@ def check(args) -> dict:
     from puzzlemoe_jax.generate import generate  # noqa: PLC0415
     from puzzlemoe_jax.models import forward  # noqa: PLC0415
     shape = args.check_shape
-    model = build_model(shape, SHAPES[shape]["num_layers"], True, "pallas", seed=7)
+    mesh = _mesh(args)
     ids = jnp.asarray(np.random.default_rng(7).integers(1, SHAPES[shape]["vocab_size"], (4, 12)), jnp.int32)
-    lp = np.asarray(forward(model, ids), np.float32)
-    gp = generate(model, ids.tolist(), 16)
-    model.set_impl("reference")
+    model = build_model(shape, SHAPES[shape]["num_layers"], True, "reference", seed=7)   # one device
     lr = np.asarray(forward(model, ids), np.float32)
     gr = generate(model, ids.tolist(), 16)
+    model = build_model(shape, SHAPES[shape]["num_layers"], True, "pallas", seed=7, mesh=mesh)
+    lp = np.asarray(forward(model, ids), np.float32)
+    gp = generate(model, ids.tolist(), 16)
     agree = float(np.mean([a == b for x, y in zip(gp, gr) for a, b in zip(x, y)]))
     scale = float(np.abs(lr).max())
-    res = {"shape": shape, "device": jax.devices()[0].device_kind, "finite": bool(np.isfinite(lp).all()),
+    res = {"shape": shape, "device": jax.devices()[0].device_kind, "mesh": args.mesh,
+           "what": "Pallas kernel path (on the mesh) vs reference path on one device",
+           "finite": bool(np.isfinite(lp).all()),
            "max_abs_logit_diff": float(np.abs(lp - lr).max()), "max_abs_logit": scale,
            "greedy_token_agreement": agree, "pallas_tokens_row0": gp[0], "reference_tokens_row0": gr[0]}
     res["ok"] = res["finite"] and res["max_abs_logit_diff"] <= 0.05 * max(scale, 1.0)
@@ -230,11 +269,20 @@ def _gib(x):
     return "n/a" if x is None else f"{x / GiB:.2f}"
 
 
+def _name(r) -> str:
+    return ("packed 50 %" if r["packed"] else "uncompressed") + (f" @{r['mesh']}" if r.get("mesh", "1x1") != "1x1" else "")
+
+
+def _per_gpu(r) -> str:
+    per = r.get("peak_bytes_per_gpu") or [r.get("peak_bytes_in_use")]
+    return " / ".join(_gib(v) for v in per)
+
+
 def table(results) -> str:
-    rows = ["| model | layers | batch | prefill s | decode loop s | ms/step | tok/s e2e | tok/s decode | weights GiB | peak GiB |",
+    rows = ["| model | layers | batch | prefill s | decode loop s | ms/step | tok/s e2e | tok/s decode | weights GiB | peak GiB per GPU |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        name = "packed 50 %" if r["packed"] else "uncompressed"
+        name = _name(r)
         if r.get("error"):
             rows.append(f"| {name} | {r['layers']} | - | {r['error'][:80]} | | | | | | |")
             continue
@@ -244,25 +292,45 @@ def table(results) -> str:
                 continue
             rows.append(f"| {name} | {r['layers']} | {run['batch']} | {run['prefill_s']:.3f} | {run['decode_loop_s']:.3f} | "
                         f"{run['ms_per_step']:.2f} | {run['tokens_per_s']:.1f} | {run['decode_tokens_per_s']:.1f} | "
-                        f"{r['weights_bytes'] / GiB:.2f} | {_gib(r.get('peak_bytes_in_use'))} |")
+                        f"{r['weights_bytes'] / GiB:.2f} | {_per_gpu(r)} |")
     return "\n".join(rows)
 
 
-def speedups(results) -> str:
+def _runs(results) -> dict:
     by = {}
     for r in results:
         for run in r.get("runs", []):
             if "tokens_per_s" in run:
-                by[(r["packed"], r["layers"], run["batch"])] = run
-    rows = ["| layers (both) | batch | packed tok/s | uncompressed tok/s | speed-up e2e | speed-up decode |",
-            "|---|---|---|---|---|---|"]
-    for (packed, layers, b), run in sorted(by.items()):
-        if not packed or (False, layers, b) not in by:
+                by[(r.get("mesh", "1x1"), r["packed"], r["layers"], run["batch"])] = run
+    return by
+
+
+def speedups(results) -> str:
+    """Packed over uncompressed, same mesh, same layer count."""
+    by = _runs(results)
+    rows = ["| mesh | layers (both) | batch | packed tok/s | uncompressed tok/s | speed-up e2e | speed-up decode |",
+            "|---|---|---|---|---|---|---|"]
+    for (mesh, packed, layers, b), run in sorted(by.items()):
+        if not packed or (mesh, False, layers, b) not in by:
             continue
-        d = by[(False, layers, b)]
-        rows.append(f"| {layers} | {b} | {run['tokens_per_s']:.1f} | {d['tokens_per_s']:.1f} | "
+        d = by[(mesh, False, layers, b)]
+        rows.append(f"| {mesh} | {layers} | {b} | {run['tokens_per_s']:.1f} | {d['tokens_per_s']:.1f} | "
                     f"{run['tokens_per_s'] / d['tokens_per_s']:.2f}x | {run['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x |")
     return "\n".join(rows)
+
+
+def scaling(results) -> str:
+    """Each model on a mesh over the same model on one GPU (decode tokens/s)."""
+    by = _runs(results)
+    rows = ["| model | mesh | layers | batch | tok/s decode | tok/s decode 1 GPU | scaling |", "|---|---|---|---|---|---|---|"]
+    for (mesh, packed, layers, b), run in sorted(by.items()):
+        one = by.get(("1x1", packed, layers, b))
+        if mesh == "1x1" or one is None:
+            continue
+        rows.append(f"| {'packed 50 %' if packed else 'uncompressed'} | {mesh} | {layers} | {b} | "
+                    f"{run['decode_tokens_per_s']:.1f} | {one['decode_tokens_per_s']:.1f} | "
+                    f"{run['decode_tokens_per_s'] / one['decode_tokens_per_s']:.2f}x |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def main(argv=None):
@@ -273,12 +341,16 @@ def main(argv=None):
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--packed-layers", type=int, help="default: all layers of the shape")
-    ap.add_argument("--dense-layers", default="auto", help="'auto': as many as fit, or a number")
+    ap.add_argument("--dense-layers", default="auto", help="'auto': as many as fit on one GPU, or a number")
     ap.add_argument("--headroom-gib", type=float, default=5.0, help="kept free when fitting dense layers")
     ap.add_argument("--configs", default="dense,packed-same,packed-all",
                     help="which runs, in order: dense, packed-same, packed-all")
+    ap.add_argument("--meshes", default="1x1", help="(expert x model) meshes to run every configuration on, e.g. 1x1,2x1")
+    ap.add_argument("--concurrent-single", action="store_true",
+                    help="run the 1x1 configurations at the same time, one per GPU")
     ap.add_argument("--budget-s", type=float, default=420.0, help="total seconds for all configurations")
-    ap.add_argument("--check", action="store_true", help="first: Pallas vs reference check of a small packed model")
+    ap.add_argument("--check", action="store_true",
+                    help="first: Pallas (on the largest mesh) vs one-device reference check of a small packed model")
     ap.add_argument("--check-shape", default="small", choices=SHAPES)
     ap.add_argument("--json")
     # worker mode
@@ -287,6 +359,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--mesh", default="1x1", help=argparse.SUPPRESS)
     ap.add_argument("--min-left-s", type=float, default=45.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in str(args.batches).split(",")]
@@ -301,18 +374,23 @@ def main(argv=None):
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    meshes = [m.strip().lower() for m in args.meshes.split(",") if m.strip()]
+    for m in meshes:
+        parse_mesh(m)
     t_start = time.perf_counter()
     left = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731
     out = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "results": [], "not_run": []}
     if args.check:
-        res, err = _spawn(["--worker-check", "--check-shape", args.check_shape], env, max(60.0, left()))
+        big = max(meshes, key=lambda m: math.prod(parse_mesh(m)))
+        res, err = _spawn(["--worker-check", "--check-shape", args.check_shape, "--mesh", big], env, max(60.0, left()))
         out["check"] = res or {"error": err}
         print("CHECK", json.dumps(out["check"]), flush=True)
     base = ["--shape", args.shape, "--batches", ",".join(map(str, args.batches)), "--prefill", str(args.prefill),
             "--decode", str(args.decode), "--reps", str(args.reps)]
     all_layers = args.packed_layers or SHAPES[args.shape]["num_layers"]
+    import jax  # noqa: PLC0415 (only the device count and bytes limit; workers use their own processes)
+    n_gpus = jax.device_count()
     if args.dense_layers == "auto":
-        import jax  # noqa: PLC0415 (only the bytes limit; workers use their own processes)
         limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
         if limit is None:
             dense_layers = all_layers
@@ -322,28 +400,48 @@ def main(argv=None):
     else:
         dense_layers = int(args.dense_layers)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for i, c in enumerate(configs):
-        layers, packed = {"dense": (dense_layers, False), "packed-same": (dense_layers, True),
-                          "packed-all": (all_layers, True)}[c]
-        if c == "packed-same" and layers == all_layers and "packed-all" in configs:
-            continue
-        share = left() / (len(configs) - i)
+    jobs = []   # (mesh, config name, layers, packed)
+    for mesh in meshes:
+        for c in configs:
+            layers, packed = {"dense": (dense_layers, False), "packed-same": (dense_layers, True),
+                              "packed-all": (all_layers, True)}[c]
+            if c == "packed-same" and layers == all_layers and "packed-all" in configs:
+                continue
+            jobs.append((mesh, c, layers, packed))
+    groups = []   # jobs run together (concurrent 1x1 runs, one per GPU) or alone
+    single = [j for j in jobs if j[0] == "1x1"]
+    if args.concurrent_single and len(single) > 1 and n_gpus >= len(single):
+        groups.append(single)
+        groups += [[j] for j in jobs if j[0] != "1x1"]
+    else:
+        groups = [[j] for j in jobs]
+
+    def run_job(job, share, gpu):
+        mesh, c, layers, packed = job
+        argv = base + ["--worker", "--layers", str(layers), "--mesh", mesh, "--budget-s", str(share - 15)] + (
+            ["--packed"] if packed else [])
+        job_env = dict(env)
+        if gpu is not None:
+            job_env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        res, err = _spawn(argv, job_env, share + 60)
+        return res or {"layers": layers, "packed": packed, "mesh": mesh, "error": err, "runs": []}
+
+    for i, group in enumerate(groups):
+        share = left() / (len(groups) - i)
         if share < 60:
-            out["not_run"].append(f"{c} ({layers} layers): time budget")
+            out["not_run"] += [f"{c} ({layers} layers, mesh {mesh}): time budget" for mesh, c, layers, _ in group]
             continue
-        argv = base + ["--worker", "--layers", str(layers), "--budget-s", str(share - 15)] + (["--packed"] if packed else [])
-        res, err = _spawn(argv, env, share + 60)
-        tries = 0
-        while res is not None and res.get("error", "").startswith("build") and not packed and layers > 1 and tries < 2:
-            layers, tries = layers - 2, tries + 1   # out of memory while building: fewer layers
-            dense_layers = layers
-            argv = base + ["--worker", "--layers", str(layers), "--budget-s", str(left() / (len(configs) - i) - 15)]
-            res, err = _spawn(argv, env, left() / (len(configs) - i) + 60)
-        out["results"].append(res or {"layers": layers, "packed": packed, "error": err, "runs": []})
+        if len(group) == 1:
+            mesh = group[0][0]
+            out["results"].append(run_job(group[0], share, 0 if mesh == "1x1" and n_gpus > 1 else None))
+        else:
+            with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
+                out["results"] += list(pool.map(lambda jg: run_job(jg[0], share, jg[1]), zip(group, range(len(group)))))
     out["dense_layers"] = dense_layers
     out["table"] = table(out["results"])
     out["speedups"] = speedups(out["results"])
-    print("\n" + out["table"] + "\n\n" + out["speedups"])
+    out["scaling"] = scaling(out["results"])
+    print("\n" + out["table"] + "\n\n" + out["speedups"] + ("\n\n" + out["scaling"] if out["scaling"] else ""))
     if out["not_run"]:
         print("not run:", "; ".join(out["not_run"]))
     if args.json:

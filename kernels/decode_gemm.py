@@ -435,9 +435,13 @@ LAYER_KERNEL_MAX_TOKENS = 256
 
 
 def _slot_order(experts: PackedExperts):
-    """Expert -> slot: dense experts first (slots 0..D-1), then pair p's i at D+2p, j at D+2p+1."""
+    """Expert id -> slot: dense experts first (slots 0..D-1), then pair p's i at D+2p, j at D+2p+1.
+
+    The map has ``num_experts + 1`` entries; ids of experts this layer does not hold (dropped, or
+    held by another device, passed as ``num_experts``) map to slot D+2P, which is in no group.
+    """
     P, D = experts.pairs.shape[0], experts.dense_ids.shape[0]
-    slot_of = jnp.zeros((experts.num_experts,), jnp.int32)
+    slot_of = jnp.full((experts.num_experts + 1,), D + 2 * P, jnp.int32)
     slot_of = slot_of.at[experts.dense_ids].set(jnp.arange(D, dtype=jnp.int32))
     slot_of = slot_of.at[experts.pairs[:, 0]].set(D + 2 * jnp.arange(P, dtype=jnp.int32))
     slot_of = slot_of.at[experts.pairs[:, 1]].set(D + 2 * jnp.arange(P, dtype=jnp.int32) + 1)
@@ -447,7 +451,7 @@ def _slot_order(experts: PackedExperts):
 def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
                    experts: PackedExperts, *, interpret: bool | None = None, impl: str = "auto",
                    gate_up_config: TileConfig | None = None,
-                   down_config: TileConfig | None = None) -> jax.Array:
+                   down_config: TileConfig | None = None, out_dtype=None) -> jax.Array:
     """Routed-expert FFN of a packed layer with the fused kernels: same function as
     ``moe.dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype))``.
 
@@ -455,18 +459,17 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     merged pairs; experts left dense go through ``jax.lax.ragged_dot``.  ``impl``: "pallas"
     forces the kernels, "reference" the decode + ragged_dot path, "auto" the kernels up to
     ``LAYER_KERNEL_MAX_TOKENS`` tokens.  ``interpret=None``: interpret mode off GPU.
+    ``out_dtype``: of the result (default ``x.dtype``).
     """
-    from puzzlemoe_jax.moe import dense_moe_ffn  # noqa: PLC0415 (moe imports us lazily)
+    from puzzlemoe_jax.moe import combine, dense_moe_ffn  # noqa: PLC0415 (moe imports us lazily)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     T, k = topk_ids.shape
     P = experts.pairs.shape[0]
     if (impl == "reference" or P == 0 or T == 0
             or (impl == "auto" and T > LAYER_KERNEL_MAX_TOKENS)):
-        return dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype))
-    if experts.dropped_ids.shape[0]:   # dropped experts have no weights: they contribute zero
-        topk_weights = jnp.where(jnp.isin(topk_ids, experts.dropped_ids), 0, topk_weights)
-    slot_of, P, D = _slot_order(experts)
+        return dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype), out_dtype)
+    slot_of, P, D = _slot_order(experts)   # dropped experts have no slot: they contribute zero
     slots = slot_of[topk_ids.reshape(-1)]
     order = jnp.argsort(slots, stable=True)
     tokens = order // k
@@ -490,5 +493,4 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
                           out_dtype=jnp.float32, config=down_config, interpret=interpret)
     if D:
         y = jnp.where(is_dense, dot(h, dn["w_down"]), y)
-    y = y * topk_weights.reshape(-1)[order][:, None].astype(jnp.float32)
-    return jnp.zeros(x.shape, jnp.float32).at[tokens].add(y).astype(x.dtype)
+    return combine(x, y, tokens, order, topk_weights, jnp.sum(sizes), out_dtype)

@@ -301,7 +301,8 @@ def route(logits, top_k, norm_topk_prob):
 class MoE(nnx.Module):
     """Router + routed experts (dense or packed, via ``moe.moe_ffn``) + optional shared expert.
 
-    ``impl`` is passed to ``moe_ffn`` for packed experts ("auto", "pallas" or "reference").
+    ``impl`` is passed to ``moe_ffn`` for packed experts ("auto", "pallas" or "reference");
+    ``mesh`` (set by ``sharding.shard_model``) makes the routed experts run expert parallel.
     With ``capture`` set, each call sows its input and routing (``nnx.Intermediate`` "routed"),
     which ``puzzlemoe_jax.calibrate`` collects.
     """
@@ -310,7 +311,7 @@ class MoE(nnx.Module):
         h, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         self.top_k, self.norm_topk_prob, self.routing_fp32 = cfg.top_k, cfg.norm_topk_prob, cfg.routing_fp32
         self.scale = cfg.routed_scaling_factor
-        self.impl, self.capture = impl, False
+        self.impl, self.capture, self.mesh = impl, False, None
         self.router = Linear(h, e, dtype=dtype, rngs=rngs)
         self.experts = (PackedExpertsModule(e, h, i, num_pairs, num_dropped, dtype=dtype) if num_pairs or num_dropped
                         else DenseExperts(e, h, i, dtype=dtype, rngs=rngs))
@@ -331,7 +332,7 @@ class MoE(nnx.Module):
             w = w * self.scale
         if not self.routing_fp32:
             w = w.astype(x.dtype)
-        y = moe_ffn(x, ids, w, experts, impl=self.impl)
+        y = moe_ffn(x, ids, w, experts, impl=self.impl, mesh=self.mesh)
         if self.shared is not None:
             s = self.shared(x)
             y = y + (jax.nn.sigmoid(self.shared_gate(x)) * s if self.shared_gate is not None else s)

@@ -17,7 +17,11 @@ IMPLS = ("auto", "pallas", "reference")
 
 
 def group_by_expert(topk_ids: jax.Array, num_experts: int):
-    """Sort the T*k (token, slot) assignments by expert: (order, token index, group sizes [E])."""
+    """Sort the T*k (token, slot) assignments by expert: (order, token index, group sizes [E]).
+
+    Ids ``>= num_experts`` (experts another device holds, see ``sharding.sharded_moe_ffn``) sort
+    last and belong to no group.
+    """
     flat = topk_ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     tokens = order // topk_ids.shape[-1]
@@ -25,30 +29,47 @@ def group_by_expert(topk_ids: jax.Array, num_experts: int):
     return order, tokens, group_sizes
 
 
+def combine(x: jax.Array, y: jax.Array, tokens: jax.Array, order: jax.Array, topk_weights: jax.Array,
+            num_rows: jax.Array, out_dtype=None) -> jax.Array:
+    """Weight the grouped expert outputs ``y`` [T*k, H] (first ``num_rows`` rows computed, the rest
+    unwritten or garbage) and add them back to their tokens: [T, H] in ``out_dtype`` (default
+    ``x.dtype``)."""
+    held = (jnp.arange(y.shape[0]) < num_rows)[:, None]
+    y = jnp.where(held, y * topk_weights.reshape(-1)[order][:, None].astype(jnp.float32), 0.0)
+    return jnp.zeros(x.shape, jnp.float32).at[tokens].add(y).astype(out_dtype or x.dtype)
+
+
 def dense_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
-                  weights: Mapping[str, jax.Array]) -> jax.Array:
-    """``sum_k topk_weights[t,k] * expert_{topk_ids[t,k]}(x[t])`` with dense ``[E, K, N]`` weights."""
+                  weights: Mapping[str, jax.Array], out_dtype=None) -> jax.Array:
+    """``sum_k topk_weights[t,k] * expert_{topk_ids[t,k]}(x[t])`` with dense ``[E, K, N]`` weights
+    (assignments to ids ``>= E`` contribute nothing)."""
     w_gate, w_up, w_down = weights["w_gate"], weights["w_up"], weights["w_down"]
     order, tokens, sizes = group_by_expert(topk_ids, w_gate.shape[0])
     xs = x[tokens].astype(w_gate.dtype)
     dot = lambda a, w: jax.lax.ragged_dot(a, w, sizes, preferred_element_type=jnp.float32)
     h = (jax.nn.silu(dot(xs, w_gate)) * dot(xs, w_up)).astype(w_down.dtype)
-    y = dot(h, w_down) * topk_weights.reshape(-1)[order][:, None].astype(jnp.float32)
-    return jnp.zeros(x.shape, jnp.float32).at[tokens].add(y).astype(x.dtype)
+    return combine(x, dot(h, w_down), tokens, order, topk_weights, jnp.sum(sizes), out_dtype)
 
 
 def moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
-            experts: PackedExperts | Mapping[str, jax.Array], impl: str = "auto") -> jax.Array:
+            experts: PackedExperts | Mapping[str, jax.Array], impl: str = "auto", mesh=None,
+            out_dtype=None) -> jax.Array:
     """Routed-expert output for dense weights (dict) or a ``PackedExperts`` layer.
 
     ``impl`` (packed only): "pallas" forces the fused GPU kernel, "reference" decodes to dense
     weights with plain jnp, "auto" uses the kernel on GPU and the reference elsewhere.
+    ``mesh`` (a ``sharding.make_mesh`` mesh of > 1 device): expert parallel under ``shard_map``
+    (``sharding.sharded_moe_ffn``), each device running this function on its own experts.
+    ``out_dtype``: of the result (default ``x.dtype``); experts accumulate in f32 either way.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if mesh is not None and mesh.size > 1:
+        from puzzlemoe_jax.sharding import sharded_moe_ffn  # noqa: PLC0415 (sharding imports us)
+        return sharded_moe_ffn(x, topk_ids, topk_weights, experts, mesh, impl=impl)
     if not isinstance(experts, PackedExperts):
-        return dense_moe_ffn(x, topk_ids, topk_weights, experts)
+        return dense_moe_ffn(x, topk_ids, topk_weights, experts, out_dtype)
     if impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu"):
         from kernels import packed_moe_ffn  # noqa: PLC0415 (the kernel package imports Pallas)
-        return packed_moe_ffn(x, topk_ids, topk_weights, experts)
-    return dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype))
+        return packed_moe_ffn(x, topk_ids, topk_weights, experts, out_dtype=out_dtype)
+    return dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype), out_dtype)

@@ -8,19 +8,26 @@
   head counts divide; dense MLPs / shared experts likewise (gate/up columns, down rows);
 * everything else (embeddings, norms, routers, lm_head, pair and id tables) is replicated.
 
-``shard_model(model, mesh)`` places every variable with a ``NamedSharding``; ``jit`` (e.g.
-``generate``) then runs the sharded model and XLA inserts the collectives.  The Pallas kernel
-is a single-device custom call, so on a mesh of more than one device packed layers use the
-reference path (decode the words, then ``ragged_dot``): ``shard_model`` sets ``impl="reference"``.
+``shard_model(model, mesh)`` places every variable with a ``NamedSharding`` and hands the mesh to
+the MoE layers; ``jit`` (e.g. ``generate``) then runs the sharded model and XLA inserts the
+collectives of attention and dense MLPs.  The routed experts run under ``shard_map``
+(``sharded_moe_ffn``): every device takes all tokens of the step, computes the share of the experts
+(pairs) it holds over its slice of the intermediate axis -- with the Pallas kernel on GPU, since a
+Pallas call is a single-device program -- and one ``psum`` adds the shares up.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from puzzlemoe_jax.merge import PackedExperts
+from puzzlemoe_jax.moe import moe_ffn
 
 AXES = ("expert", "model")
 
@@ -44,20 +51,27 @@ def _div(n: int, size: int) -> bool:
     return size > 1 and n > 0 and n % size == 0
 
 
+def expert_weight_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Spec of routed-expert weights ``[E, K, N]`` (dense, packed words or unmerged): experts /
+    pairs over "expert" where the count divides, the intermediate axis over "model" where it
+    divides (N of gate/up, K of down)."""
+    e, m = mesh.shape["expert"], mesh.shape["model"]
+    ex = "expert" if _div(shape[0], e) else None
+    if name == "down":                                                    # [E, I, H]
+        return P(ex, "model" if _div(shape[1], m) else None, None)
+    return P(ex, None, "model" if _div(shape[2], m) else None)            # [E, H, I]
+
+
 def partition_spec(path: Sequence, shape: tuple[int, ...], mesh: Mesh, heads: int, kv_heads: int) -> P:
     """PartitionSpec of the variable at ``path`` (a flat-state key) with ``shape``."""
-    e, m = mesh.shape["expert"], mesh.shape["model"]
+    m = mesh.shape["model"]
     names = [str(p) for p in path]
     leaf = names[-1]
     parent = names[-2] if len(names) > 1 else ""
-    ex = lambda n: "expert" if _div(n, e) else None                       # noqa: E731
     md = lambda n: "model" if _div(n, m) else None                        # noqa: E731
     if "experts" in names and len(shape) == 3 and (leaf.startswith("w_") or leaf.startswith("packed_w_")
                                                    or leaf.startswith("dense_w_")):
-        name = leaf.split("w_", 1)[1]
-        if name == "down":                                                # [E, I, H]
-            return P(ex(shape[0]), md(shape[1]), None)
-        return P(ex(shape[0]), None, md(shape[2]))                        # [E, H, I]
+        return expert_weight_spec(leaf.split("w_", 1)[1], shape, mesh)
     if "attn" in names and leaf in ("kernel", "bias"):
         if parent in ("q_proj", "k_proj", "v_proj"):
             nh = heads if parent == "q_proj" else kv_heads
@@ -71,9 +85,57 @@ def partition_spec(path: Sequence, shape: tuple[int, ...], mesh: Mesh, heads: in
     return P()
 
 
+def _owner_mask(expert_ids, split: bool, num_experts: int, owned=None):
+    """[E + 1] bool: ``expert_ids`` (this device's slice) marked owned.  A group that is not split
+    over "expert" is replicated there, so only the device of rank 0 on that axis owns it."""
+    owned = jnp.zeros((num_experts + 1,), bool) if owned is None else owned
+    return owned.at[expert_ids].set(True if split else lax.axis_index("expert") == 0)
+
+
+def sharded_moe_ffn(x, topk_ids, topk_weights, experts, mesh: Mesh, *, impl: str = "auto"):
+    """``moe.moe_ffn`` expert parallel over ``mesh`` (``shard_map``; see the module docstring).
+
+    Every device gets all T tokens and routes the assignments to experts it does not own to id E
+    (in no group, weight 0), runs ``moe_ffn`` on its own weights (Pallas kernel on GPU for
+    packed pairs) with an f32 result, and one ``psum`` over "expert" (and "model" where the intermediate
+    axis is split) sums the shares.  Specs follow ``expert_weight_spec``, as ``shard_model`` places them.
+    """
+    packed = isinstance(experts, PackedExperts)
+    mats = experts.packed if packed else experts
+    specs = {n: expert_weight_spec(n.split("w_", 1)[1], tuple(w.shape), mesh) for n, w in mats.items()}
+    if packed:
+        dense_specs = {n: expert_weight_spec(n.split("w_", 1)[1], tuple(w.shape), mesh)
+                       for n, w in experts.dense.items()}
+        pair_split = specs["w_gate"][0] == "expert"
+        dense_split = dense_specs["w_gate"][0] == "expert"
+        spec_tree = PackedExperts(P(specs["w_gate"][0]), specs, P(dense_specs["w_gate"][0]), dense_specs,
+                                  experts.num_experts, P())
+        num_experts = experts.num_experts
+    else:
+        spec_tree = specs
+        num_experts = experts["w_gate"].shape[0]
+    inter_split = specs["w_gate"][2] == "model"
+
+    def local(x, ids, w, ex):
+        if packed:
+            owned = _owner_mask(ex.pairs.reshape(-1), pair_split, num_experts)
+            owned = _owner_mask(ex.dense_ids, dense_split, num_experts, owned)[ids]
+            local_ids = jnp.where(owned, ids, num_experts)
+        else:
+            n_local = ex["w_gate"].shape[0]
+            first = lax.axis_index("expert") * n_local if specs["w_gate"][0] == "expert" else 0
+            owned = _owner_mask(first + jnp.arange(n_local), specs["w_gate"][0] == "expert", num_experts)[ids]
+            local_ids = jnp.where(owned, ids - first, n_local)
+        y = moe_ffn(x, local_ids, jnp.where(owned, w, 0), ex, impl=impl, out_dtype=jnp.float32)
+        return lax.psum(y, ("expert", "model") if inter_split else "expert")
+
+    run = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), spec_tree), out_specs=P(), check_vma=False)
+    return run(x, topk_ids, topk_weights, experts).astype(x.dtype)
+
+
 def shard_model(model, mesh: Mesh, *, impl: str | None = None):
-    """Place ``model``'s variables on ``mesh`` (in place; returns the model).  ``impl``: packed-layer
-    implementation; default "reference" on a mesh of more than one device (see module docstring)."""
+    """Place ``model``'s variables on ``mesh`` and let its MoE layers run expert parallel on it
+    (in place; returns the model).  ``impl``: force the packed-layer implementation."""
     if tuple(mesh.axis_names) != AXES:
         raise ValueError(f"mesh axes must be {AXES}, got {mesh.axis_names}")
     cfg = model.config
@@ -83,8 +145,8 @@ def shard_model(model, mesh: Mesh, *, impl: str | None = None):
         spec = partition_spec(path, tuple(value.shape), mesh, cfg.num_heads, cfg.num_kv_heads)
         var.set_value(jax.device_put(value, NamedSharding(mesh, spec)))
     nnx.update(model, state)
-    if impl is None and mesh.size > 1:
-        impl = "reference"
+    for moe in model.moe_layers().values():
+        moe.mesh = mesh if mesh.size > 1 else None
     if impl is not None:
         model.set_impl(impl)
     return model

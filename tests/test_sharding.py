@@ -1,16 +1,20 @@
 """Sharded models equal single-device ones: logits and greedy generations, 8 CPU devices.
 
-JAX is already initialised in the pytest process (one CPU device), so the check runs in a
+JAX is already initialised in the pytest process (one CPU device), so the checks run in a
 subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.  Models: the converted
 tiny dense Mixtral fixture (6 experts: expert-parallel on a 2-wide axis) and the packed DeepSeek-MoE
 fixture (4 merged pairs + shared experts + a dense first layer: pairs expert-parallel on 2- and
-4-wide axes), on ("expert", "model") meshes 2x4 and 4x2.
+4-wide axes), on ("expert", "model") meshes 2x4 and 4x2; the packed model also with the Pallas
+kernel (interpret mode) inside ``shard_map``.  And ``sharded_moe_ffn`` alone on fresh random
+layers where experts, pairs or the intermediate axis do and do not divide the mesh.
 """
 import json
 import os
 import subprocess
 import sys
 import textwrap
+
+import numpy as np
 from pathlib import Path
 
 from tests import hf_fixtures as F
@@ -38,9 +42,17 @@ SCRIPT = textwrap.dedent('''
             logits = np.asarray(forward(model, jnp.asarray(ids)))
             tokens = generate(model, prompts, 8)
             devices = {d.id for leaf in jax.tree.leaves(model) if hasattr(leaf, "devices") for d in leaf.devices()}
-            out.append(dict(path=path, mesh=[e, m], summary=summary, devices=len(devices),
+            meshes = {str(dict(moe.mesh.shape)) for moe in model.moe_layers().values()}
+            out.append(dict(path=path, mesh=[e, m], summary=summary, devices=len(devices), meshes=sorted(meshes),
                             max_diff=float(np.abs(logits - ref_logits).max()), finite=bool(np.isfinite(logits).all()),
                             tokens=tokens, ref_tokens=ref_tokens))
+        if "deepseek" in path:   # the Pallas kernel (interpret mode) per device under shard_map
+            single.set_impl("pallas")
+            model = shard_model(load_pretrained(path), make_mesh(2, 4), impl="pallas")
+            ref_logits = np.asarray(forward(single, jnp.asarray(ids)))
+            logits = np.asarray(forward(model, jnp.asarray(ids)))
+            out.append(dict(path=path, mesh=[2, 4], impl="pallas", max_diff=float(np.abs(logits - ref_logits).max()),
+                            finite=bool(np.isfinite(logits).all()), scale=float(np.abs(ref_logits).max())))
     print("RESULT " + json.dumps(out))
 ''')
 
@@ -53,10 +65,14 @@ def test_sharded_equals_single_device():
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    assert len(results) == 4
+    assert len(results) == 5
+    kernel = results.pop()
+    assert kernel["impl"] == "pallas" and kernel["finite"], kernel
+    assert kernel["max_diff"] < 1e-3 * max(kernel["scale"], 1.0), kernel
     for r in results:
         s, where = r["summary"], f"{Path(r['path']).name} mesh {r['mesh']}"
         assert r["devices"] == 8, where
+        assert r["meshes"] == [repr({"expert": r["mesh"][0], "model": r["mesh"][1]})], (where, r["meshes"])
         assert r["finite"] and r["max_diff"] < 1e-4, (where, r["max_diff"])
         assert r["tokens"] == r["ref_tokens"], where
         e, m = r["mesh"]
@@ -72,3 +88,45 @@ def test_sharded_equals_single_device():
             assert s["layers.1.mlp.experts.packed_w_down"] == "('expert', 'model', None)", where
             assert s["layers.1.mlp.experts.pairs"] == "()", where
             assert s["layers.0.mlp.gate.kernel"] == "(None, 'model')", where
+
+
+LAYER_SCRIPT = textwrap.dedent('''
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from puzzlemoe_jax import merge
+    from puzzlemoe_jax.moe import dense_moe_ffn, moe_ffn
+    from puzzlemoe_jax.sharding import make_mesh
+    rng = np.random.default_rng(1)
+    out = []
+    # experts, ratio (0: dense experts), mesh, intermediate size: pairs / dense experts / I split or replicated
+    for E, ratio, (e, m), I in [(8, 0.5, (2, 4), 64), (8, 0.5, (8, 1), 40), (8, 0.25, (2, 4), 64),
+                                (8, 0.25, (8, 1), 48), (8, 0.375, (4, 2), 60), (6, 0, (2, 4), 64), (6, 0, (4, 2), 64)]:
+        H, T, k = 32, 5, 2
+        w = {n: jnp.asarray(rng.normal(0, 0.05, s), jnp.float32) for n, s in
+             (("w_gate", (E, H, I)), ("w_up", (E, H, I)), ("w_down", (E, I, H)))}
+        x = jnp.asarray(rng.normal(size=(T, H)), jnp.float32)
+        ids = jnp.asarray(np.stack([rng.choice(E, k, replace=False) for _ in range(T)]), jnp.int32)
+        tw = jnp.asarray(rng.random((T, k)), jnp.float32)
+        experts = merge.compress_layer(w, ratio)[0] if ratio else w
+        ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.float32) if ratio else w)
+        for impl in ("reference", "pallas") if ratio else ("auto",):
+            got = jax.jit(lambda *a: moe_ffn(*a, impl=impl, mesh=make_mesh(e, m)))(x, ids, tw, experts)
+            out.append(dict(case=[E, ratio, e, m, I, impl], got=np.asarray(got).tolist(), ref=np.asarray(ref).tolist()))
+    print("RESULT " + json.dumps(out))
+''')
+
+
+def test_sharded_moe_ffn_equals_single_device_layer():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", LAYER_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert len(results) == 12
+    for r in results:
+        got, ref = np.asarray(r["got"]), np.asarray(r["ref"])
+        assert np.isfinite(got).all() and np.abs(ref).max() > 0, r["case"]
+        err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        # f32 reference path: summation order only; Pallas kernel: bf16 activations
+        assert err < (1e-6 if r["case"][-1] != "pallas" else 1e-2), (r["case"], err)

@@ -1,5 +1,6 @@
 """GPU decode-GEMM kernels for packed (merged) expert pairs; see kernels/decode_gemm.py."""
 from kernels.decode_gemm import (  # noqa: F401
+    GEMV_MAX_ROWS,
     IMPLS,
     LAYER_KERNEL_MAX_TOKENS,
     PAIR_KERNEL_MAX_M,
@@ -14,4 +15,5 @@ from kernels.decode_gemm import (  # noqa: F401
     packed_moe_ffn,
     pair_config,
     pair_kernel_wins,
+    to_panels,
 )

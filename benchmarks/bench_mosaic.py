@@ -1,0 +1,105 @@
+"""Mosaic-GPU swap-AB pair kernel vs the Pallas-Triton pair kernel vs XLA's two bf16 dots (H100).
+
+Same method as ``bench_kernel.py`` (CUPTI kernel times summed per call, median of ``--iters``,
+R distinct weight buffers per launch so the weights streamed exceed L2; every timed variant's
+output checked against the jnp reference on fresh random data).  The Mosaic kernel reads the
+words stored transposed, ``[N, K]`` (``words.T``, prepared once, outside the timing).
+
+    PYTHONPATH=. python3 benchmarks/bench_mosaic.py --out $OUT/bench_mosaic.json
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import bandwidth_ceilings, cupti_time, device_info, rel_err, write_json
+from bench_kernel import SHAPES, SMOKE_SHAPES, make_buffers, rotation
+
+import jax
+import jax.numpy as jnp
+
+import kernels as K
+from kernels.mosaic_pair import mosaic_dual_decode_gemm
+
+VARIANTS = [  # Mosaic kernel settings tried at every (shape, M)
+    dict(block_n=64, block_k=128, steps=4), dict(block_n=64, block_k=64, steps=6),
+    dict(block_n=128, block_k=64, steps=4), dict(block_n=64, block_k=128, steps=4, a_in_smem=True),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench_mosaic.json")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--shapes", default="mixtral_w1w3,mixtral_w2")
+    ap.add_argument("--ms", default="1,4,16,32,64,128")
+    ap.add_argument("--budget-s", type=float, default=400.0)
+    ap.add_argument("--interpret", action="store_true", help="CPU smoke test (Mosaic interpreter)")
+    args = ap.parse_args()
+    t0 = time.time()
+    res = {"info": device_info(), "command": " ".join(__import__("sys").argv), "rows": []}
+    if not args.interpret:
+        res["ceilings"] = bandwidth_ceilings()
+    copy_bw = res.get("ceilings", {}).get("copy_GBps", float("nan"))
+    print(res["info"], res.get("ceilings"), flush=True)
+    for shape in args.shapes.split(","):
+        k, n = {**SHAPES, **SMOKE_SHAPES}[shape]
+        nbytes = k * n * 2
+        r = rotation(nbytes, 32)
+        bufs = make_buffers(k, n, r, seed=5)
+        words = [b[0] for b in bufs]
+        words_t = [jax.block_until_ready(jnp.array(w.T)) for w in words]
+        dense = [w for b in bufs for w in b[1:]]
+        for m in [int(x) for x in args.ms.split(",")]:
+            if time.time() - t0 > args.budget_s:
+                res.setdefault("not_run", []).append(f"{shape} M={m}: time budget")
+                continue
+            a_i, a_j = (jax.random.normal(kk, (m, k), jnp.float32).astype(jnp.bfloat16)
+                        for kk in jax.random.split(jax.random.key(m + k)))
+            ref = K.dual_decode_gemm_reference(a_i, a_j, words[0], out_dtype=jnp.float32)
+            row = dict(shape=shape, k=k, n=n, m=m, rotate=r, packed_bytes=nbytes, timings={})
+
+            def timed(name, fn, ws):
+                try:
+                    out, t, spread, kern = cupti_time(jax.jit(fn), (a_i, a_j, *ws), iterations=args.iters, per_call=r)
+                    (ei, fi), (ej, fj) = rel_err(out[0][0], ref[0]), rel_err(out[0][1], ref[1])
+                    row["timings"][name] = dict(ms=t, spread_ms=spread, err=max(ei, ej), ok=fi and fj and max(ei, ej) < 1e-2,
+                                                GBps=nbytes / t / 1e6, frac_copy_bw=nbytes / t / 1e6 / copy_bw,
+                                                kernels=kern)
+                except Exception as e:  # noqa: BLE001 (a variant that does not compile is recorded)
+                    row["timings"][name] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
+                print(shape, m, name, {kk: v for kk, v in row["timings"][name].items() if kk != "kernels"}, flush=True)
+
+            if not args.interpret:
+                timed("two_dots", lambda a_i, a_j, *ws: [(a_i @ ws[2 * q], a_j @ ws[2 * q + 1])
+                                                         for q in range(len(ws) // 2)], dense)
+                timed("triton", lambda a_i, a_j, *ws: [K.dual_decode_gemm(a_i, a_j, w, impl="pallas") for w in ws], words)
+            for v in VARIANTS:
+                bn, bk = v["block_n"], v["block_k"]
+                split = 1
+                while (n // bn) * split < 200 and (k // bk) % (2 * split) == 0 and k // bk // (2 * split) >= 4:
+                    split *= 2
+                name = "mosaic_" + "_".join(f"{kk}{vv}" for kk, vv in v.items()) + f"_split{split}"
+                cfg = dict(v, split_k=split)
+                timed(name, lambda a_i, a_j, *ws, cfg=cfg: [
+                    mosaic_dual_decode_gemm(a_i, a_j, w, interpret=args.interpret, **cfg) for w in ws], words_t)
+            base = row["timings"].get("two_dots", {}).get("ms")
+            for t in row["timings"].values():
+                if base and "ms" in t:
+                    t["speedup"] = base / t["ms"]
+            res["rows"].append(row)
+            write_json(args.out, res)
+    res["elapsed_s"] = time.time() - t0
+    write_json(args.out, res)
+    print("\nshape          M  variant                                            us     GB/s  %copy  speedup ok")
+    for row in res["rows"]:
+        for name, t in row["timings"].items():
+            if "ms" in t:
+                print(f"{row['shape']:13s} {row['m']:3d}  {name:48s} {t['ms'] * 1e3:8.1f} {t['GBps']:7.0f} "
+                      f"{t['frac_copy_bw']:6.0%} {t.get('speedup', float('nan')):6.2f}  {t['ok']}")
+            else:
+                print(f"{row['shape']:13s} {row['m']:3d}  {name:48s} {t['error'][:120]}")
+
+
+if __name__ == "__main__":
+    main()

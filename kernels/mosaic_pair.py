@@ -24,15 +24,20 @@ from puzzlemoe_jax import codec
 
 def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, *, block_n: int = 64,
                             block_k: int = 128, split_k: int = 1, steps: int = 4,
-                            a_in_smem: bool | None = None, interpret: bool = False,
-                            out_dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
+                            a_in_smem: bool | None = None, warp_specialized: bool = False,
+                            interpret: bool = False, out_dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
     """``(A_i @ W_i, A_j @ W_j)`` for one packed pair given as ``words_t`` uint16 ``[N, K]``.
 
     ``a_i``, ``a_j``: [M, K] with M <= 256.  N must be a multiple of ``block_n`` (64 or 128) and
     K of ``block_k * split_k``.  f32 accumulation; split-K partials are summed by XLA.
     ``a_in_smem``: stage the decoded tiles in shared memory for the wgmma instead of feeding them
     from registers -- the only form Mosaic GPU's CPU interpreter runs (default: when ``interpret``).
+    ``warp_specialized``: one producer warpgroup issues the TMA copies, two compute warpgroups
+    decode and multiply 64 rows each (``block_n`` must then be 128).
     """
+    if warp_specialized:
+        return _warp_specialized(a_i, a_j, words_t, block_k=block_k, split_k=split_k, steps=steps,
+                                 interpret=interpret, out_dtype=out_dtype)
     a_in_smem = interpret if a_in_smem is None else a_in_smem
     N, K = words_t.shape
     m = max(a_i.shape[0], a_j.shape[0])
@@ -103,3 +108,65 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
     o_i, o_j = kernel(pad(a_i), pad(a_j), words_t.astype(jnp.uint16))
     finish = lambda o, rows: o.sum(0).T[:rows].astype(out_dtype)   # noqa: E731
     return finish(o_i, a_i.shape[0]), finish(o_j, a_j.shape[0])
+
+
+def _decode_bf16(words):
+    bits_i, bits_j = codec.decode_words(words)
+    return (lax.bitcast_convert_type(bits_i, jnp.bfloat16), lax.bitcast_convert_type(bits_j, jnp.bfloat16))
+
+
+def _warp_specialized(a_i, a_j, words_t, *, block_k, split_k, steps, interpret, out_dtype):
+    """``mosaic_dual_decode_gemm`` with a TMA producer warpgroup and two compute warpgroups."""
+    N, K = words_t.shape
+    block_n, wg_rows = 128, 64
+    m = max(a_i.shape[0], a_j.shape[0])
+    if N % block_n or K % (block_k * split_k) or m > 256:
+        raise ValueError(f"warp-specialized kernel needs N % 128 == 0, K % (block_k*split_k) == 0, M <= 256; "
+                         f"got N={N}, K={K}, M={m}")
+    mp = max(8, -(-m // 8) * 8)
+    nk = K // block_k // split_k
+
+    def body(ai_gmem, aj_gmem, w_gmem, oi_gmem, oj_gmem, o_smem):
+        n, s = lax.axis_index("n"), lax.axis_index("s")
+        wg = lax.axis_index("wg")
+
+        def compute_context(eval_pipeline):
+            @functools.partial(pl.run_scoped, acc_i=plgpu.ACC((wg_rows, mp)), acc_j=plgpu.ACC((wg_rows, mp)))
+            def _acc(acc_i, acc_j):
+                eval_pipeline((acc_i, acc_j))
+                o_smem[wg, 0] = acc_i[...]
+                o_smem[wg, 1] = acc_j[...]
+                plgpu.commit_smem()
+                rows = pl.ds(n * block_n + wg * wg_rows, wg_rows)
+                plgpu.copy_smem_to_gmem(o_smem.at[wg, 0], oi_gmem.at[s, rows])
+                plgpu.copy_smem_to_gmem(o_smem.at[wg, 1], oj_gmem.at[s, rows])
+                plgpu.wait_smem_to_gmem(0)
+
+        def step(_, w_smem, ai_smem, aj_smem, carry):
+            acc_i, acc_j = carry
+            w_i, w_j = _decode_bf16(w_smem[pl.ds(wg * wg_rows, wg_rows)])
+            plgpu.wgmma(acc_i, w_i, ai_smem.T)
+            plgpu.wgmma(acc_j, w_j, aj_smem.T)
+            plgpu.wgmma_wait(0)
+            return carry
+
+        plgpu.emit_pipeline_warp_specialized(
+            step, grid=(nk,), memory_registers=40,
+            in_specs=[plgpu.BlockSpec((block_n, block_k), lambda k: (n, s * nk + k)),
+                      plgpu.BlockSpec((mp, block_k), lambda k: (0, s * nk + k)),
+                      plgpu.BlockSpec((mp, block_k), lambda k: (0, s * nk + k))],
+            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps, compute_context=compute_context,
+        )(w_gmem, ai_gmem, aj_gmem)
+
+    def pad(a):
+        return jnp.pad(a.astype(jnp.bfloat16), ((0, mp - a.shape[0]), (0, 0)))
+
+    out = jax.ShapeDtypeStruct((split_k, N, mp), jnp.float32)
+    kernel = plgpu.kernel(
+        body, out_type=(out, out), grid=(N // block_n, split_k), grid_names=("n", "s"),
+        num_threads=3, thread_name="wg",
+        scratch_types=dict(o_smem=plgpu.SMEM((2, 2, wg_rows, mp), jnp.float32)),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None)
+    o_i, o_j = kernel(pad(a_i), pad(a_j), words_t.astype(jnp.uint16))
+    return o_i.sum(0).T[:a_i.shape[0]].astype(out_dtype), o_j.sum(0).T[:a_j.shape[0]].astype(out_dtype)

@@ -50,18 +50,13 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
     mp = max(8, -(-m // 8) * 8)   # wgmma N: a multiple of 8
     nk = K // block_k // split_k
 
-    def pad(a):
-        return jnp.pad(a.astype(jnp.bfloat16), ((0, mp - a.shape[0]), (0, 0)))
-
     def body(ai_gmem, aj_gmem, w_gmem, oi_gmem, oj_gmem):
         n, s = lax.axis_index("n"), lax.axis_index("s")
 
-        def acc_scope(acc_i, acc_j):
+        def acc_scope(acc_i, acc_j, dec_smem=None):
             def step(_, w_smem, ai_smem, aj_smem):
-                bits_i, bits_j = codec.decode_words(w_smem[...])
-                w_i = lax.bitcast_convert_type(bits_i, jnp.bfloat16)
-                w_j = lax.bitcast_convert_type(bits_j, jnp.bfloat16)
-                if a_in_smem:
+                w_i, w_j = _decode_bf16(w_smem[...])
+                if dec_smem is not None:
                     dec_smem[0] = w_i
                     dec_smem[1] = w_j
                     plgpu.commit_smem()
@@ -79,16 +74,12 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
             )(w_gmem, ai_gmem, aj_gmem)
             return acc_i[...], acc_j[...]
 
-        def dec_scope(smem):
-            nonlocal dec_smem
-            dec_smem = smem
-            return pl.run_scoped(acc_scope, plgpu.ACC((block_n, mp)), plgpu.ACC((block_n, mp)))
-
-        dec_smem = None
-        if a_in_smem:
-            acc_i, acc_j = pl.run_scoped(dec_scope, plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
+        accs = (plgpu.ACC((block_n, mp)), plgpu.ACC((block_n, mp)))
+        if a_in_smem:   # register (ACC) and shared-memory scopes cannot be opened together
+            acc_i, acc_j = pl.run_scoped(lambda dec: pl.run_scoped(functools.partial(acc_scope, dec_smem=dec), *accs),
+                                         plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
         else:
-            acc_i, acc_j = pl.run_scoped(acc_scope, plgpu.ACC((block_n, mp)), plgpu.ACC((block_n, mp)))
+            acc_i, acc_j = pl.run_scoped(acc_scope, *accs)
 
         @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((2, block_n, mp), jnp.float32))
         def _store(o_smem):
@@ -105,9 +96,17 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
         body, out_type=(out, out), grid=(N // block_n, split_k), grid_names=("n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
-    o_i, o_j = kernel(pad(a_i), pad(a_j), words_t.astype(jnp.uint16))
-    finish = lambda o, rows: o.sum(0).T[:rows].astype(out_dtype)   # noqa: E731
-    return finish(o_i, a_i.shape[0]), finish(o_j, a_j.shape[0])
+    o_i, o_j = kernel(_pad_rows(a_i, mp), _pad_rows(a_j, mp), words_t.astype(jnp.uint16))
+    return _finish(o_i, a_i.shape[0], out_dtype), _finish(o_j, a_j.shape[0], out_dtype)
+
+
+def _pad_rows(a, rows):
+    return jnp.pad(a.astype(jnp.bfloat16), ((0, rows - a.shape[0]), (0, 0)))
+
+
+def _finish(o, rows, dtype):
+    """[S, N, Mp] f32 split-K partials of O^T -> O [rows, N]."""
+    return o.sum(0).T[:rows].astype(dtype)
 
 
 def _decode_bf16(words):
@@ -158,9 +157,6 @@ def _warp_specialized(a_i, a_j, words_t, *, block_k, split_k, steps, interpret, 
             wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps, compute_context=compute_context,
         )(w_gmem, ai_gmem, aj_gmem)
 
-    def pad(a):
-        return jnp.pad(a.astype(jnp.bfloat16), ((0, mp - a.shape[0]), (0, 0)))
-
     out = jax.ShapeDtypeStruct((split_k, N, mp), jnp.float32)
     kernel = plgpu.kernel(
         body, out_type=(out, out), grid=(N // block_n, split_k), grid_names=("n", "s"),
@@ -168,5 +164,5 @@ def _warp_specialized(a_i, a_j, words_t, *, block_k, split_k, steps, interpret, 
         scratch_types=dict(o_smem=plgpu.SMEM((2, 2, wg_rows, mp), jnp.float32)),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
-    o_i, o_j = kernel(pad(a_i), pad(a_j), words_t.astype(jnp.uint16))
-    return o_i.sum(0).T[:a_i.shape[0]].astype(out_dtype), o_j.sum(0).T[:a_j.shape[0]].astype(out_dtype)
+    o_i, o_j = kernel(_pad_rows(a_i, mp), _pad_rows(a_j, mp), words_t.astype(jnp.uint16))
+    return _finish(o_i, a_i.shape[0], out_dtype), _finish(o_j, a_j.shape[0], out_dtype)

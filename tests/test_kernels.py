@@ -250,3 +250,42 @@ def test_packed_layer_lowers_to_triton_for_h100(ratio):
     fn = functools.partial(K.packed_moe_ffn, impl="pallas", interpret=False)
     args = (SDS((t, h), jnp.bfloat16), SDS((t, k), jnp.int32), SDS((t, k), jnp.float32), experts)
     assert _lower_for_h100(fn, *args) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Mosaic-GPU swap-AB variant: Mosaic GPU's CPU interpreter runs it with the decoded tiles staged in
+# shared memory (it has no register-operand wgmma); the register form runs only on a Hopper GPU
+# (benchmarks/bench_mosaic.py checks it against the reference there).
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mi,mj,k,n,block_n,block_k,split_k", [
+    (1, 3, 256, 128, 64, 128, 1),
+    (5, 9, 512, 128, 128, 64, 2),
+    (0, 17, 256, 64, 64, 64, 1),
+])
+def test_mosaic_pair_kernel_matches_reference_in_interpreter(mi, mj, k, n, block_n, block_k, split_k):
+    from kernels.mosaic_pair import mosaic_dual_decode_gemm
+    rng = _rng(mi * 7 + k + n)
+    words = _words(rng, (k, n))
+    a_i = jnp.asarray(rng.standard_normal((mi, k)), jnp.bfloat16)
+    a_j = jnp.asarray(rng.standard_normal((mj, k)), jnp.bfloat16)
+    got = mosaic_dual_decode_gemm(a_i, a_j, words.T, block_n=block_n, block_k=block_k, split_k=split_k,
+                                  interpret=True)
+    ref = K.dual_decode_gemm_reference(a_i, a_j, words, out_dtype=jnp.float32)
+    for g, r, name in zip(got, ref, "ij"):
+        assert g.dtype == jnp.bfloat16
+        _check(g, r, f"mosaic O_{name}")
+
+
+def test_mosaic_pair_kernel_rejects_bad_shapes():
+    from kernels.mosaic_pair import mosaic_dual_decode_gemm
+    a = jnp.zeros((4, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiple of block_n"):
+        mosaic_dual_decode_gemm(a, a, jnp.zeros((96, 256), jnp.uint16), interpret=True)
+    with pytest.raises(ValueError, match="multiple of block_k"):
+        mosaic_dual_decode_gemm(a[:, :200], a[:, :200], jnp.zeros((64, 200), jnp.uint16), interpret=True)
+    with pytest.raises(ValueError, match="at most 256 tokens"):
+        big = jnp.zeros((257, 256), jnp.bfloat16)
+        mosaic_dual_decode_gemm(big, big, jnp.zeros((64, 256), jnp.uint16), interpret=True)
+    with pytest.raises(ValueError, match="warp-specialized"):
+        mosaic_dual_decode_gemm(a, a, jnp.zeros((64, 256), jnp.uint16), warp_specialized=True, interpret=True)

@@ -25,7 +25,8 @@ from puzzlemoe_jax import codec
 def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, *, block_n: int = 64,
                             block_k: int = 128, split_k: int = 1, steps: int = 4,
                             a_in_smem: bool | None = None, warp_specialized: bool = False,
-                            interpret: bool = False, out_dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
+                            interpret: bool = False, out_dtype=jnp.bfloat16,
+                            _control: str | None = None) -> tuple[jax.Array, jax.Array]:
     """``(A_i @ W_i, A_j @ W_j)`` for one packed pair given as ``words_t`` uint16 ``[N, K]``.
 
     ``a_i``, ``a_j``: [M, K] with M <= 256.  N must be a multiple of ``block_n`` (64 or 128) and
@@ -34,6 +35,8 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
     from registers -- the only form Mosaic GPU's CPU interpreter runs (default: when ``interpret``).
     ``warp_specialized``: one producer warpgroup issues the TMA copies, two compute warpgroups
     decode and multiply 64 rows each (``block_n`` must then be 128).
+    ``_control`` (benchmark diagnostics, other functions): "no_decode" feeds the words bitcast to
+    bf16 to both wgmmas; "stream_only" runs the TMA pipeline with an empty body.
     """
     if warp_specialized:
         return _warp_specialized(a_i, a_j, words_t, block_k=block_k, split_k=split_k, steps=steps,
@@ -55,7 +58,12 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
 
         def acc_scope(acc_i, acc_j, dec_smem=None):
             def step(_, w_smem, ai_smem, aj_smem):
-                w_i, w_j = _decode_bf16(w_smem[...])
+                if _control == "stream_only":
+                    return
+                if _control == "no_decode":
+                    w_i = w_j = lax.bitcast_convert_type(w_smem[...], jnp.bfloat16)
+                else:
+                    w_i, w_j = _decode_bf16(w_smem[...])
                 if dec_smem is not None:
                     dec_smem[0] = w_i
                     dec_smem[1] = w_j

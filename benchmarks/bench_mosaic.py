@@ -36,6 +36,12 @@ CONTROL_VARIANTS = [
     dict(block_n=64, block_k=128, steps=8), dict(block_n=64, block_k=128, steps=8, _control="stream_only"),
     dict(block_n=64, block_k=128, steps=2), dict(block_n=64, block_k=64, steps=4, _control="stream_only"),
 ]
+# --variants decode: the forms of the in-register decode (kernels.mosaic_pair.decode_bits)
+DECODE_VARIANTS = [
+    dict(block_n=64, block_k=128, steps=4, decode=f) for f in ("select", "shift", "u32")
+] + [dict(block_n=64, block_k=128, steps=4, _control="no_decode"),
+     dict(block_n=128, block_k=64, steps=4, decode="shift"), dict(block_n=64, block_k=256, steps=4, decode="shift"),
+     dict(block_n=128, block_k=128, steps=4, warp_specialized=True, decode="shift")]
 
 
 def main():
@@ -46,7 +52,7 @@ def main():
     ap.add_argument("--ms", default="1,4,16,32,64,128")
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test (Mosaic interpreter)")
-    ap.add_argument("--variants", default="main", choices=["main", "controls"])
+    ap.add_argument("--variants", default="main", choices=["main", "controls", "decode"])
     args = ap.parse_args()
     t0 = time.time()
     res = {"info": device_info(), "command": " ".join(__import__("sys").argv), "rows": []}
@@ -89,7 +95,7 @@ def main():
                 timed("two_dots", lambda a_i, a_j, *ws: [(a_i @ ws[2 * q], a_j @ ws[2 * q + 1])
                                                          for q in range(len(ws) // 2)], dense)
                 timed("triton", lambda a_i, a_j, *ws: [K.dual_decode_gemm(a_i, a_j, w, impl="pallas") for w in ws], words)
-            for v in (VARIANTS if args.variants == "main" else CONTROL_VARIANTS):
+            for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "decode": DECODE_VARIANTS}[args.variants]:
                 if args.interpret and v.get("warp_specialized"):
                     continue   # the interpreter has no register-operand wgmma
                 bn, bk = v["block_n"], v["block_k"]

@@ -26,7 +26,7 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
                             block_k: int = 128, split_k: int = 1, steps: int = 4,
                             a_in_smem: bool | None = None, warp_specialized: bool = False,
                             interpret: bool = False, out_dtype=jnp.bfloat16,
-                            _control: str | None = None) -> tuple[jax.Array, jax.Array]:
+                            decode: str = "select", _control: str | None = None) -> tuple[jax.Array, jax.Array]:
     """``(A_i @ W_i, A_j @ W_j)`` for one packed pair given as ``words_t`` uint16 ``[N, K]``.
 
     ``a_i``, ``a_j``: [M, K] with M <= 256.  N must be a multiple of ``block_n`` (64 or 128) and
@@ -35,12 +35,13 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
     from registers -- the only form Mosaic GPU's CPU interpreter runs (default: when ``interpret``).
     ``warp_specialized``: one producer warpgroup issues the TMA copies, two compute warpgroups
     decode and multiply 64 rows each (``block_n`` must then be 128).
+    ``decode``: the form of the in-register decode (``decode_bits``).
     ``_control`` (benchmark diagnostics, other functions): "no_decode" feeds the words bitcast to
     bf16 to both wgmmas; "stream_only" runs the TMA pipeline with an empty body.
     """
     if warp_specialized:
         return _warp_specialized(a_i, a_j, words_t, block_k=block_k, split_k=split_k, steps=steps,
-                                 interpret=interpret, out_dtype=out_dtype)
+                                 interpret=interpret, out_dtype=out_dtype, decode=decode)
     a_in_smem = interpret if a_in_smem is None else a_in_smem
     N, K = words_t.shape
     m = max(a_i.shape[0], a_j.shape[0])
@@ -63,7 +64,7 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
                 if _control == "no_decode":
                     w_i = w_j = lax.bitcast_convert_type(w_smem[...], jnp.bfloat16)
                 else:
-                    w_i, w_j = _decode_bf16(w_smem[...])
+                    w_i, w_j = _decode_bf16(w_smem[...], decode)
                 if dec_smem is not None:
                     dec_smem[0] = w_i
                     dec_smem[1] = w_j
@@ -117,12 +118,36 @@ def _finish(o, rows, dtype):
     return o.sum(0).T[:rows].astype(dtype)
 
 
-def _decode_bf16(words):
-    bits_i, bits_j = codec.decode_words(words)
+def decode_bits(w: jax.Array, form: str = "select") -> tuple[jax.Array, jax.Array]:
+    """``codec.decode_words`` written three ways (same bits, tested on every word), whose cost
+    differs in the Mosaic lowering: "select" (compare + select, 16-bit), "shift" (masks by an
+    arithmetic shift of the mask bit into the sign, no compare), "u32" (the shift form computed
+    in 32-bit lanes)."""
+    if form == "select":
+        return codec.decode_words(w)
+    wide = form == "u32"
+    if form not in ("shift", "u32"):
+        raise ValueError(f"unknown decode form {form!r}")
+    u, i = (jnp.uint32, jnp.int32) if wide else (jnp.uint16, jnp.int16)
+    top = 31 if wide else 15
+    x = w.astype(u)
+    base = (x & codec.FIELD_MASK) + codec.OFFSET            # magnitude bits, no sign (< 0x8000)
+
+    def mask(bit):                                          # all ones where the mask bit is set
+        up = lax.shift_left(x, u(top - bit))
+        return lax.bitcast_convert_type(lax.shift_right_arithmetic(lax.bitcast_convert_type(up, i), i(top)), u)
+
+    bits_i = (base | (x & 0x8000)) & mask(codec.MASK_I_BIT)
+    bits_j = (base | (lax.shift_left(x, u(1)) & 0x8000)) & mask(codec.MASK_J_BIT)
+    return bits_i.astype(jnp.uint16), bits_j.astype(jnp.uint16)
+
+
+def _decode_bf16(words, form: str = "select"):
+    bits_i, bits_j = decode_bits(words, form)
     return (lax.bitcast_convert_type(bits_i, jnp.bfloat16), lax.bitcast_convert_type(bits_j, jnp.bfloat16))
 
 
-def _warp_specialized(a_i, a_j, words_t, *, block_k, split_k, steps, interpret, out_dtype):
+def _warp_specialized(a_i, a_j, words_t, *, block_k, split_k, steps, interpret, out_dtype, decode):
     """``mosaic_dual_decode_gemm`` with a TMA producer warpgroup and two compute warpgroups."""
     N, K = words_t.shape
     block_n, wg_rows = 128, 64
@@ -151,7 +176,7 @@ def _warp_specialized(a_i, a_j, words_t, *, block_k, split_k, steps, interpret, 
 
         def step(_, w_smem, ai_smem, aj_smem, carry):
             acc_i, acc_j = carry
-            w_i, w_j = _decode_bf16(w_smem[pl.ds(wg * wg_rows, wg_rows)])
+            w_i, w_j = _decode_bf16(w_smem[pl.ds(wg * wg_rows, wg_rows)], decode)
             plgpu.wgmma(acc_i, w_i, ai_smem.T)
             plgpu.wgmma(acc_j, w_j, aj_smem.T)
             plgpu.wgmma_wait(0)

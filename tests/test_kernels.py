@@ -258,23 +258,31 @@ def test_packed_layer_lowers_to_triton_for_h100(ratio):
 # (benchmarks/bench_mosaic.py checks it against the reference there).
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mi,mj,k,n,block_n,block_k,split_k", [
-    (1, 3, 256, 128, 64, 128, 1),
-    (5, 9, 512, 128, 128, 64, 2),
-    (0, 17, 256, 64, 64, 64, 1),
+@pytest.mark.parametrize("mi,mj,k,n,block_n,block_k,split_k,decode", [
+    (1, 3, 256, 128, 64, 128, 1, "select"),
+    (5, 9, 512, 128, 128, 64, 2, "shift"),
+    (0, 17, 256, 64, 64, 64, 1, "u32"),
 ])
-def test_mosaic_pair_kernel_matches_reference_in_interpreter(mi, mj, k, n, block_n, block_k, split_k):
+def test_mosaic_pair_kernel_matches_reference_in_interpreter(mi, mj, k, n, block_n, block_k, split_k, decode):
     from kernels.mosaic_pair import mosaic_dual_decode_gemm
     rng = _rng(mi * 7 + k + n)
     words = _words(rng, (k, n))
     a_i = jnp.asarray(rng.standard_normal((mi, k)), jnp.bfloat16)
     a_j = jnp.asarray(rng.standard_normal((mj, k)), jnp.bfloat16)
     got = mosaic_dual_decode_gemm(a_i, a_j, words.T, block_n=block_n, block_k=block_k, split_k=split_k,
-                                  interpret=True)
+                                  decode=decode, interpret=True)
     ref = K.dual_decode_gemm_reference(a_i, a_j, words, out_dtype=jnp.float32)
     for g, r, name in zip(got, ref, "ij"):
         assert g.dtype == jnp.bfloat16
         _check(g, r, f"mosaic O_{name}")
+
+
+@pytest.mark.parametrize("form", ["select", "shift", "u32"])
+def test_mosaic_decode_forms_equal_codec_on_every_word(form):
+    from kernels.mosaic_pair import decode_bits
+    words = jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16)
+    for got, want in zip(decode_bits(words, form), codec.decode_words(words)):
+        assert got.dtype == jnp.uint16 and bool(jnp.array_equal(got, want)), form
 
 
 def test_mosaic_pair_kernel_rejects_bad_shapes():

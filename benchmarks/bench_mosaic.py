@@ -38,10 +38,10 @@ CONTROL_VARIANTS = [
 ]
 # --variants decode: the forms of the in-register decode (kernels.mosaic_pair.decode_bits)
 DECODE_VARIANTS = [
-    dict(block_n=64, block_k=128, steps=4, decode=f) for f in ("select", "shift", "u32")
+    dict(block_n=64, block_k=128, steps=4, decode=f) for f in ("select", "shift", "u32", "swar")
 ] + [dict(block_n=64, block_k=128, steps=4, _control="no_decode"),
-     dict(block_n=128, block_k=64, steps=4, decode="shift"), dict(block_n=64, block_k=256, steps=4, decode="shift"),
-     dict(block_n=128, block_k=128, steps=4, warp_specialized=True, decode="shift")]
+     dict(block_n=128, block_k=64, steps=4, decode="swar"), dict(block_n=64, block_k=64, steps=6, decode="swar"),
+     dict(block_n=128, block_k=128, steps=4, warp_specialized=True, decode="swar")]
 
 
 def main():
@@ -96,7 +96,7 @@ def main():
                                                          for q in range(len(ws) // 2)], dense)
                 timed("triton", lambda a_i, a_j, *ws: [K.dual_decode_gemm(a_i, a_j, w, impl="pallas") for w in ws], words)
             for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "decode": DECODE_VARIANTS}[args.variants]:
-                if args.interpret and v.get("warp_specialized"):
+                if args.interpret and (v.get("warp_specialized") or v.get("decode") == "swar"):
                     continue   # the interpreter has no register-operand wgmma
                 bn, bk = v["block_n"], v["block_k"]
                 split = 1

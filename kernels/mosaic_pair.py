@@ -35,7 +35,8 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
     from registers -- the only form Mosaic GPU's CPU interpreter runs (default: when ``interpret``).
     ``warp_specialized``: one producer warpgroup issues the TMA copies, two compute warpgroups
     decode and multiply 64 rows each (``block_n`` must then be 128).
-    ``decode``: the form of the in-register decode (``decode_bits``).
+    ``decode``: the form of the in-register decode (``decode_bits``, or "swar": two words per
+    32-bit register op, ``decode_pairs_swar``; GPU only, the interpreter has no ``inline_mgpu``).
     ``_control`` (benchmark diagnostics, other functions): "no_decode" feeds the words bitcast to
     bf16 to both wgmmas; "stream_only" runs the TMA pipeline with an empty body.
     """
@@ -142,7 +143,61 @@ def decode_bits(w: jax.Array, form: str = "select") -> tuple[jax.Array, jax.Arra
     return bits_i.astype(jnp.uint16), bits_j.astype(jnp.uint16)
 
 
+# SWAR form: two words per 32-bit lane ("swar" below); no carry crosses the halves because each
+# half's field + offset stays below 0x4800 and the masks are built per half.
+SWAR_FIELD, SWAR_OFFSET, SWAR_SIGN, SWAR_ONES = 0x0FFF0FFF, 0x38003800, 0x80008000, 0x00010001
+
+
+def decode_pairs_swar(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint32 lanes holding two words each -> (expert i, expert j) uint32 lanes of two bf16 bit
+    patterns each: the math of the in-kernel SWAR decode, in jnp (tests compare it with the codec)."""
+    u = jnp.uint32
+    x = x.astype(u)
+    base = (x & u(SWAR_FIELD)) + u(SWAR_OFFSET)
+    mask_i = ((x >> codec.MASK_I_BIT) & u(SWAR_ONES)) * u(0xFFFF)
+    mask_j = ((x >> codec.MASK_J_BIT) & u(SWAR_ONES)) * u(0xFFFF)
+    return (base | (x & u(SWAR_SIGN))) & mask_i, (base | ((x << 1) & u(SWAR_SIGN))) & mask_j
+
+
+def _swar_decode_registers(words):
+    """In-kernel SWAR decode at the register level (``plgpu.inline_mgpu``): each 32-bit register
+    of the WGMMA-layout uint16 array holds two words; decode both with 32-bit ops."""
+    import numpy as np  # noqa: PLC0415
+    from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+    from jaxlib.mlir import ir  # noqa: PLC0415
+    from jaxlib.mlir.dialects import arith, vector  # noqa: PLC0415
+
+    layout = plgpu.Layout.WGMMA
+    out = plgpu.ShapeDtypeStruct(words.shape, jnp.bfloat16, layout=layout)
+
+    @plgpu.inline_mgpu(arg_types=(layout,), return_type=(out, out))
+    def dec(ctx, w):
+        del ctx
+        i32, bf16 = ir.IntegerType.get_signless(32), ir.BF16Type.get()
+        regs_i, regs_j = np.empty_like(w.registers), np.empty_like(w.registers)
+        for idx, reg in np.ndenumerate(w.registers):
+            n = ir.VectorType(reg.type).shape[0]
+            vt = ir.VectorType.get([n // 2], i32)
+
+            def c(v, vt=vt):   # i32 splat; bit patterns >= 2**31 as their signed value
+                v = v - (1 << 32) if v >= 1 << 31 else v
+                return arith.constant(vt, ir.DenseElementsAttr.get_splat(vt, ir.IntegerAttr.get(i32, v)))
+            x = vector.bitcast(vt, reg)
+            base = arith.addi(arith.andi(x, c(SWAR_FIELD)), c(SWAR_OFFSET))
+            ones = lambda bit: arith.muli(arith.andi(arith.shrui(x, c(bit)), c(SWAR_ONES)), c(0xFFFF))  # noqa: E731
+            b_i = arith.andi(arith.ori(base, arith.andi(x, c(SWAR_SIGN))), ones(codec.MASK_I_BIT))
+            b_j = arith.andi(arith.ori(base, arith.andi(arith.shli(x, c(1)), c(SWAR_SIGN))), ones(codec.MASK_J_BIT))
+            bt = ir.VectorType.get([n], bf16)
+            regs_i[idx], regs_j[idx] = vector.bitcast(bt, b_i), vector.bitcast(bt, b_j)
+        return (mgpu.FragmentedArray(_registers=regs_i, _layout=w.layout, _is_signed=None),
+                mgpu.FragmentedArray(_registers=regs_j, _layout=w.layout, _is_signed=None))
+
+    return dec(words)
+
+
 def _decode_bf16(words, form: str = "select"):
+    if form == "swar":
+        return _swar_decode_registers(words)
     bits_i, bits_j = decode_bits(words, form)
     return (lax.bitcast_convert_type(bits_i, jnp.bfloat16), lax.bitcast_convert_type(bits_j, jnp.bfloat16))
 

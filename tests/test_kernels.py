@@ -285,6 +285,17 @@ def test_mosaic_decode_forms_equal_codec_on_every_word(form):
         assert got.dtype == jnp.uint16 and bool(jnp.array_equal(got, want)), form
 
 
+def test_mosaic_swar_decode_math_equals_codec_on_every_word_pair():
+    from kernels.mosaic_pair import decode_pairs_swar
+    words = jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16)
+    partner = jnp.roll(words, 12345)   # every word in both halves, next to varied partners
+    for lo, hi in ((words, partner), (partner, words)):
+        lanes = lo.astype(jnp.uint32) | (hi.astype(jnp.uint32) << 16)
+        for got, (want_lo, want_hi) in zip(decode_pairs_swar(lanes), zip(codec.decode_words(lo), codec.decode_words(hi))):
+            assert bool(jnp.array_equal((got & 0xFFFF).astype(jnp.uint16), want_lo))
+            assert bool(jnp.array_equal((got >> 16).astype(jnp.uint16), want_hi))
+
+
 def test_mosaic_pair_kernel_rejects_bad_shapes():
     from kernels.mosaic_pair import mosaic_dual_decode_gemm
     a = jnp.zeros((4, 256), jnp.bfloat16)

@@ -2,6 +2,7 @@
 from kernels.decode_gemm import (  # noqa: F401
     GEMV_MAX_ROWS,
     IMPLS,
+    PAIR_IMPLS,
     LAYER_KERNEL_MAX_TOKENS,
     PAIR_KERNEL_MAX_M,
     PAIR_KERNEL_MAX_M_SMALL,

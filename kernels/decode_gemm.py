@@ -33,6 +33,7 @@ from puzzlemoe_jax import codec
 from puzzlemoe_jax.merge import PackedExperts
 
 IMPLS = ("auto", "pallas", "reference")
+PAIR_IMPLS = IMPLS + ("mosaic",)
 MIN_ROWS = 16  # smallest MMA row tile; fewer tokens are padded/masked up to it
 GEMV_MAX_ROWS = 8  # the no-MMA pair kernel keeps one f32 accumulator row per token and expert
 
@@ -305,10 +306,18 @@ def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
     width).  ``a_i`` [M_i, K], ``a_j`` [M_j, K] (any M >= 0, also different).
 
     ``impl``: "pallas" forces the kernel, "reference" the jnp path, "auto" the kernel where the
-    H100 sweep found it faster (``pair_kernel_wins``).  ``interpret=None`` runs the kernel in interpret mode off GPU.
+    H100 sweep found it faster (``pair_kernel_wins``); "mosaic" the Mosaic-GPU swap-AB kernel
+    (``kernels.mosaic_pair``, Hopper; transposed words only, M <= 256), the fastest on the H100
+    for M <= 64 (benchmarks/RESULTS.md).  ``interpret=None`` runs the kernel in interpret mode off GPU.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in PAIR_IMPLS:
+        raise ValueError(f"impl must be one of {PAIR_IMPLS}, got {impl!r}")
+    if impl == "mosaic":
+        if not transpose_w or panels or config is not None:
+            raise ValueError('impl="mosaic" takes transposed words [N, K] (transpose_w=True) and its own '
+                             "settings (kernels.mosaic_pair.mosaic_config), not a TileConfig")
+        from kernels.mosaic_pair import mosaic_dual_decode_gemm  # noqa: PLC0415
+        return mosaic_dual_decode_gemm(a_i, a_j, words, interpret=_interpret(interpret), out_dtype=out_dtype)
     if words.ndim != (3 if panels else 2) or (panels and transpose_w):
         raise ValueError(f"words must be [K, N] ([N, K] transposed) or [N/bn, K, bn] panels, got shape "
                          f"{words.shape} (panels={panels}, transpose_w={transpose_w})")

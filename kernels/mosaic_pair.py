@@ -22,15 +22,35 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from puzzlemoe_jax import codec
 
 
-def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, *, block_n: int = 64,
-                            block_k: int = 128, split_k: int = 1, steps: int = 4,
+SMEM_BYTES = 200 * 1024   # of the H100's 227 KB per block
+
+
+def mosaic_config(m: int, k: int, n: int) -> dict:
+    """Default settings from the H100 runs (benchmarks/RESULTS.md): 64 x 128 word tiles, a 4-deep
+    pipeline (fewer stages where the activation tiles of many tokens would overflow shared
+    memory, 64-deep K tiles beyond that), K split until the launch has >= 200 CTAs, SWAR decode."""
+    block_n = 64
+    mp = max(8, -(-m // 8) * 8)
+    for block_k in (128, 64):             # 64-deep K tiles when many tokens' activations fill the stages
+        steps = min(4, SMEM_BYTES // (2 * block_k * (block_n + 2 * mp)))
+        if steps >= 2:
+            break
+    split = 1
+    while (n // block_n) * split < 200 and (k // block_k) % (2 * split) == 0 and k // block_k // (2 * split) >= 4:
+        split *= 2
+    return dict(block_n=block_n, block_k=block_k, steps=steps, split_k=split, decode="swar")
+
+
+def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, *, block_n: int | None = None,
+                            block_k: int | None = None, split_k: int | None = None, steps: int | None = None,
                             a_in_smem: bool | None = None, warp_specialized: bool = False,
                             interpret: bool = False, out_dtype=jnp.bfloat16,
-                            decode: str = "select", _control: str | None = None) -> tuple[jax.Array, jax.Array]:
+                            decode: str | None = None, _control: str | None = None) -> tuple[jax.Array, jax.Array]:
     """``(A_i @ W_i, A_j @ W_j)`` for one packed pair given as ``words_t`` uint16 ``[N, K]``.
 
     ``a_i``, ``a_j``: [M, K] with M <= 256.  N must be a multiple of ``block_n`` (64 or 128) and
     K of ``block_k * split_k``.  f32 accumulation; split-K partials are summed by XLA.
+    Settings left ``None`` come from ``mosaic_config`` (decode "select" in interpret mode).
     ``a_in_smem``: stage the decoded tiles in shared memory for the wgmma instead of feeding them
     from registers -- the only form Mosaic GPU's CPU interpreter runs (default: when ``interpret``).
     ``warp_specialized``: one producer warpgroup issues the TMA copies, two compute warpgroups
@@ -40,11 +60,19 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
     ``_control`` (benchmark diagnostics, other functions): "no_decode" feeds the words bitcast to
     bf16 to both wgmmas; "stream_only" runs the TMA pipeline with an empty body.
     """
+    N, K = words_t.shape
+    auto = mosaic_config(max(a_i.shape[0], a_j.shape[0]), K, N)
+    if interpret:
+        auto["decode"] = "select"
+    block_n = auto["block_n"] if block_n is None else block_n
+    block_k = auto["block_k"] if block_k is None else block_k
+    steps = auto["steps"] if steps is None else steps
+    split_k = auto["split_k"] if split_k is None else split_k
+    decode = auto["decode"] if decode is None else decode
     if warp_specialized:
         return _warp_specialized(a_i, a_j, words_t, block_k=block_k, split_k=split_k, steps=steps,
                                  interpret=interpret, out_dtype=out_dtype, decode=decode)
     a_in_smem = interpret if a_in_smem is None else a_in_smem
-    N, K = words_t.shape
     m = max(a_i.shape[0], a_j.shape[0])
     if m > 256:
         raise ValueError(f"at most 256 tokens per expert, got {m}")

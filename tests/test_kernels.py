@@ -296,6 +296,30 @@ def test_mosaic_swar_decode_math_equals_codec_on_every_word_pair():
             assert bool(jnp.array_equal((got >> 16).astype(jnp.uint16), want_hi))
 
 
+def test_pair_api_mosaic_impl():
+    rng = _rng(11)
+    words = _words(rng, (128, 256))                       # [N, K]: transposed words
+    a_i = jnp.asarray(rng.standard_normal((3, 256)), jnp.bfloat16)
+    a_j = jnp.asarray(rng.standard_normal((5, 256)), jnp.bfloat16)
+    got = K.dual_decode_gemm(a_i, a_j, words, transpose_w=True, impl="mosaic", interpret=True)
+    ref = K.dual_decode_gemm_reference(a_i, a_j, words, transpose_w=True, out_dtype=jnp.float32)
+    for g, r, name in zip(got, ref, "ij"):
+        _check(g, r, f"impl=mosaic O_{name}")
+    with pytest.raises(ValueError, match="transposed words"):
+        K.dual_decode_gemm(a_i, a_j, words.T, impl="mosaic", interpret=True)
+
+
+def test_mosaic_config_fits_shared_memory_and_fills_the_gpu():
+    from kernels.mosaic_pair import SMEM_BYTES, mosaic_config
+    for m in (1, 16, 64, 128, 256):
+        for k, n in ((4096, 14336), (14336, 4096), (2048, 1408)):
+            c = mosaic_config(m, k, n)
+            mp = max(8, -(-m // 8) * 8)
+            assert c["steps"] >= 2 and c["steps"] * 2 * c["block_k"] * (c["block_n"] + 2 * mp) <= SMEM_BYTES, (m, c)
+            assert k % (c["block_k"] * c["split_k"]) == 0
+    assert mosaic_config(1, 14336, 4096)["split_k"] == 4 and mosaic_config(1, 4096, 14336)["split_k"] == 1
+
+
 def test_mosaic_pair_kernel_rejects_bad_shapes():
     from kernels.mosaic_pair import mosaic_dual_decode_gemm
     a = jnp.zeros((4, 256), jnp.bfloat16)

@@ -52,7 +52,8 @@ def main():
     ap.add_argument("--ms", default="1,4,16,32,64,128")
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test (Mosaic interpreter)")
-    ap.add_argument("--variants", default="main", choices=["main", "controls", "decode"])
+    ap.add_argument("--variants", default="main", choices=["main", "controls", "decode", "default"],
+                    help="default: only dual_decode_gemm(impl='mosaic') with mosaic_config's settings")
     args = ap.parse_args()
     t0 = time.time()
     res = {"info": device_info(), "command": " ".join(__import__("sys").argv), "rows": []}
@@ -95,7 +96,12 @@ def main():
                 timed("two_dots", lambda a_i, a_j, *ws: [(a_i @ ws[2 * q], a_j @ ws[2 * q + 1])
                                                          for q in range(len(ws) // 2)], dense)
                 timed("triton", lambda a_i, a_j, *ws: [K.dual_decode_gemm(a_i, a_j, w, impl="pallas") for w in ws], words)
-            for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "decode": DECODE_VARIANTS}[args.variants]:
+            if args.variants == "default":
+                timed("mosaic_default", lambda a_i, a_j, *ws: [
+                    K.dual_decode_gemm(a_i, a_j, w, transpose_w=True, impl="mosaic", interpret=args.interpret)
+                    for w in ws], words_t)
+            for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "decode": DECODE_VARIANTS,
+                      "default": []}[args.variants]:
                 if args.interpret and (v.get("warp_specialized") or v.get("decode") == "swar"):
                     continue   # the interpreter has no register-operand wgmma
                 bn, bk = v["block_n"], v["block_k"]

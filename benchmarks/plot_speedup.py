@@ -1,6 +1,7 @@
-"""Plot speedup vs M of the pair kernel over XLA's two bf16 dots, from bench_kernel.py's JSON.
+"""Plot speedup vs M of the pair kernels over XLA's two bf16 dots, from bench_kernel.py's JSON
+(Pallas-Triton, solid) and optionally bench_mosaic.py's ``--variants default`` JSON (Mosaic, dashed).
 
-    python3 benchmarks/plot_speedup.py bench_kernel.json speedup_vs_m.png [bench_moe_layer.json]
+    python3 benchmarks/plot_speedup.py bench_kernel.json speedup_vs_m.png [bench_moe_layer.json] [--mosaic bench_mosaic.json]
 """
 import json
 import sys
@@ -11,20 +12,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main(src, dst, layer=None):
+def main(src, dst, layer=None, mosaic=None):
     res = json.load(open(src))
     fig, axes = plt.subplots(1, 2 if layer else 1, figsize=(13 if layer else 7.5, 4.8), squeeze=False)
     ax = axes[0][0]
     shapes = sorted({r["shape"] for r in res["rows"]}, key=lambda s: [r["shape"] for r in res["rows"]].index(s))
-    for s in shapes:
+    mos = json.load(open(mosaic))["rows"] if mosaic else []
+    for n, s in enumerate(shapes):
         rows = [r for r in res["rows"] if r["shape"] == s]
-        ax.plot([r["m"] for r in rows], [r["kernel"]["speedup"] for r in rows], "o-", label=f"{s} [{rows[0]['k']}x{rows[0]['n']}]")
+        color = f"C{n}"
+        ax.plot([r["m"] for r in rows], [r["kernel"]["speedup"] for r in rows], "o-", color=color,
+                label=f"{s} [{rows[0]['k']}x{rows[0]['n']}] Triton")
+        pts = [(r["m"], r["timings"]["mosaic_default"]["speedup"]) for r in mos
+               if r["shape"] == s and "speedup" in r["timings"].get("mosaic_default", {})]
+        if pts:
+            ax.plot(*zip(*pts), "s--", color=color, label=f"{s} Mosaic (SWAR)")
     ax.axhline(2.0, color="gray", ls="--", lw=1, label="2x (ideal, memory-bound)")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens per expert M")
     ax.set_ylabel("speedup over two bf16 XLA dots")
-    ax.set_title(f"Pair decode-GEMM, {res['info']['device']} (CUPTI medians)")
+    ax.set_title(f"Pair decode-GEMM, {res['info']['device']} (CUPTI medians)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     if layer:
@@ -45,4 +53,10 @@ def main(src, dst, layer=None):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    args = sys.argv[1:]
+    mosaic = None
+    if "--mosaic" in args:
+        i = args.index("--mosaic")
+        mosaic = args[i + 1]
+        del args[i:i + 2]
+    main(*args, mosaic=mosaic)

@@ -1,6 +1,7 @@
-"""Render bench_kernel.py / bench_moe_layer.py JSON as the markdown tables of RESULTS.md.
+"""Render bench_kernel.py / bench_moe_layer.py / bench_mosaic.py JSON as the markdown tables of RESULTS.md.
 
     python3 benchmarks/tables.py bench_kernel.json bench_moe_layer.json
+    python3 benchmarks/tables.py --mosaic bench_mosaic.json
 """
 import json
 import sys
@@ -69,7 +70,32 @@ def layer_variants(res):
     return "\n".join(out)
 
 
+def mosaic_table(res):
+    """One row per (shape, M, variant) of a bench_mosaic.py run."""
+    info, c = res["info"], res["ceilings"]
+    out = [f"Device: {info['device']} ({info.get('nvidia_smi', '')}), jax {info['jax']}, run {info['date_utc']} UTC; "
+           f"copy {c['copy_GBps']:.0f} GB/s, read-only {c['read_GBps']:.0f} GB/s.", "",
+           "| shape [K x N] | M | variant | µs | packed read GB/s | % of copy BW | speed-up vs 2 dots | checked |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        for name, t in r["timings"].items():
+            if "ms" not in t:
+                out.append(f"| {r['shape']} [{r['k']}x{r['n']}] | {r['m']} | {name} | {t['error'][:70]} | | | | |")
+                continue
+            dots = name == "two_dots"   # reads the bf16 weights: twice the packed bytes
+            gbps = f"{t['GBps'] * (2 if dots else 1):.0f}" + (" (bf16)" if dots else "")
+            frac = t["frac_copy_bw"] * (2 if dots else 1)
+            ok = {True: f"ok ({t['err']:.1e})", False: "FAIL", None: "n/a"}[t["ok"]]
+            out.append(f"| {r['shape']} [{r['k']}x{r['n']}] | {r['m']} | {name} | {us(t['ms'])} | {gbps} | "
+                       f"{frac:.0%} | {t.get('speedup', float('nan')):.2f} | {ok} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--mosaic":
+        for f in sys.argv[2:]:
+            print(mosaic_table(json.load(open(f))), "\n")
+        sys.exit(0)
     kr = json.load(open(sys.argv[1]))
     print(kernel_tables(kr), "\n")
     print(variant_table(kr), "\n")

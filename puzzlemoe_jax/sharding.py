@@ -100,13 +100,15 @@ def sharded_moe_ffn(x, topk_ids, topk_weights, experts, mesh: Mesh, *, impl: str
     packed pairs) with an f32 result, and one ``psum`` over "expert" (and "model" where the intermediate
     axis is split) sums the shares.  Specs follow ``expert_weight_spec``, as ``shard_model`` places them.
     """
+    def weight_specs(mats):
+        return {n: expert_weight_spec(n.split("w_", 1)[1], tuple(w.shape), mesh) for n, w in mats.items()}
+
     packed = isinstance(experts, PackedExperts)
-    mats = experts.packed if packed else experts
-    specs = {n: expert_weight_spec(n.split("w_", 1)[1], tuple(w.shape), mesh) for n, w in mats.items()}
+    specs = weight_specs(experts.packed if packed else experts)
+    split = specs["w_gate"][0] == "expert"             # experts / pairs over "expert"
+    inter_split = specs["w_gate"][2] == "model"        # the intermediate axis over "model"
     if packed:
-        dense_specs = {n: expert_weight_spec(n.split("w_", 1)[1], tuple(w.shape), mesh)
-                       for n, w in experts.dense.items()}
-        pair_split = specs["w_gate"][0] == "expert"
+        dense_specs = weight_specs(experts.dense)
         dense_split = dense_specs["w_gate"][0] == "expert"
         spec_tree = PackedExperts(P(specs["w_gate"][0]), specs, P(dense_specs["w_gate"][0]), dense_specs,
                                   experts.num_experts, P())
@@ -114,17 +116,16 @@ def sharded_moe_ffn(x, topk_ids, topk_weights, experts, mesh: Mesh, *, impl: str
     else:
         spec_tree = specs
         num_experts = experts["w_gate"].shape[0]
-    inter_split = specs["w_gate"][2] == "model"
 
     def local(x, ids, w, ex):
         if packed:
-            owned = _owner_mask(ex.pairs.reshape(-1), pair_split, num_experts)
+            owned = _owner_mask(ex.pairs.reshape(-1), split, num_experts)
             owned = _owner_mask(ex.dense_ids, dense_split, num_experts, owned)[ids]
             local_ids = jnp.where(owned, ids, num_experts)
         else:
             n_local = ex["w_gate"].shape[0]
-            first = lax.axis_index("expert") * n_local if specs["w_gate"][0] == "expert" else 0
-            owned = _owner_mask(first + jnp.arange(n_local), specs["w_gate"][0] == "expert", num_experts)[ids]
+            first = lax.axis_index("expert") * n_local if split else 0
+            owned = _owner_mask(first + jnp.arange(n_local), split, num_experts)[ids]
             local_ids = jnp.where(owned, ids - first, n_local)
         y = moe_ffn(x, local_ids, jnp.where(owned, w, 0), ex, impl=impl, out_dtype=jnp.float32)
         return lax.psum(y, ("expert", "model") if inter_split else "expert")

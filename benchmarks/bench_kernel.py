@@ -50,39 +50,10 @@ LARGE_M_VARIANTS = [
 ]
 
 
-# layout / no-MMA probe (--variants layouts): "panel" streams to_panels(words, bn) (one
-# contiguous stream per program); gemv=True is the f32 multiply-add kernel (bm = rows, <= 8)
-LAYOUT_VARIANTS = [
-    dict(panel=True), dict(panel=True, bn=128, bk=64), dict(panel=True, bk=64, num_warps=8),
-    dict(gemv=True, bn=64, bk=128), dict(gemv=True, bn=128, bk=64), dict(gemv=True, bn=256, bk=32),
-    dict(gemv=True, bn=256, bk=64, num_warps=8), dict(gemv=True, bn=128, bk=128, num_warps=8),
-    dict(gemv=True, bn=64, bk=128, panel=True), dict(gemv=True, bn=128, bk=64, panel=True),
-    dict(gemv=True, bn=256, bk=32, panel=True), dict(gemv=True, bn=256, bk=64, num_warps=8, panel=True),
-]
-
-
-def auto_split(cfg: K.TileConfig, m: int, k: int, n: int) -> K.TileConfig:
-    """split-K as the tile table sets it (>= 200 programs, >= 4 K steps each) for cfg's tiles."""
-    m_tiles, n_tiles, nk = -(-max(m, 1) // cfg.bm), -(-n // cfg.bn), -(-k // cfg.bk)
-    split = 1
-    while m_tiles * n_tiles * split < 200 and nk % (2 * split) == 0 and nk // (2 * split) >= 4:
-        split *= 2
-    return dataclasses.replace(cfg, split_k=split)
-
-
-def variant(base: K.TileConfig, m: int, k: int, change: dict, n: int = 0) -> K.TileConfig | None:
+def variant(base: K.TileConfig, m: int, k: int, change: dict) -> K.TileConfig | None:
     change = dict(change)
     split = change.pop("split", None)
-    change.pop("panel", None)
-    if change.get("gemv"):
-        if m > K.GEMV_MAX_ROWS:
-            return None
-        change.setdefault("bm", 1 << max(0, (m - 1).bit_length()))
-        change.setdefault("num_warps", 4)
-        return auto_split(dataclasses.replace(base, **change), m, k, n)
     cfg = dataclasses.replace(base, **change)
-    if "bn" in change or "bk" in change:
-        cfg = auto_split(cfg, m, k, n)
     if split == "x2":
         cfg = dataclasses.replace(cfg, split_k=cfg.split_k * 2)
     elif split == "/2":
@@ -120,7 +91,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop the variant sweep after this")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--variants", default="mixtral", help="none | diag | layouts | mixtral | all")
+    ap.add_argument("--variants", default="mixtral", help="none | diag | mixtral | all")
     ap.add_argument("--max-rotate", type=int, default=32, help="cap on rotated weight buffers")
     args = ap.parse_args()
     t_start = time.time()
@@ -207,8 +178,6 @@ def main():
         order = [m for m in (16, 1, 64, 256, 4, 32, 128, 8, 2) if m in ms]
         if args.variants == "diag":
             order = [m for m in (16, 1, 256) if m in ms]
-        if args.variants == "layouts":
-            order = [m for m in (1, 4, 16, 2, 8, 32) if m in ms]
         for m in order:
             for shape_name in sweep_shapes:
                 if time.time() - t_start > args.budget_s:
@@ -225,31 +194,27 @@ def main():
                 changes = SMALL_M_VARIANTS if m <= 32 else LARGE_M_VARIANTS
                 if args.variants == "diag":  # no_decode: same kernel streaming words as bf16
                     changes = [dict(evict_first=True), dict(no_decode=True)]
-                if args.variants == "layouts":
-                    changes = LAYOUT_VARIANTS
                 for change in [{}] + changes:
                     if time.time() - t_start > args.budget_s:
                         break
                     change = dict(change)
                     no_decode = change.pop("no_decode", False)
-                    panel = bool(change.get("panel"))
-                    cfg = variant(base, m, k, change, n)
+                    cfg = variant(base, m, k, change)
                     if cfg is None:
                         continue
-                    fn = lambda a_i, a_j, *ws, cfg=cfg, nd=no_decode, panel=panel: [
-                        K.dual_decode_gemm(a_i, a_j, w, config=cfg, impl="pallas", _no_decode=nd,
-                                           panels=panel) for w in ws]
+                    fn = lambda a_i, a_j, *ws, cfg=cfg, nd=no_decode: [
+                        K.dual_decode_gemm(a_i, a_j, w, config=cfg, impl="pallas", _no_decode=nd)
+                        for w in ws]
                     try:
-                        ws = [K.to_panels(w, cfg.bn) for w in words] if panel else words
-                        out, t, s, _ = time_pair(fn, a_i, a_j, ws, r)
+                        out, t, s, _ = time_pair(fn, a_i, a_j, words, r)
                         (e_i, f_i), (e_j, f_j) = rel_err(out[0][0], ref[0]), rel_err(out[0][1], ref[1])
                         v = dict(shape=shape_name, m=m, config=dataclasses.asdict(cfg), ms=t,
                                  spread_ms=s, err=max(e_i, e_j), ok=f_i and f_j and max(e_i, e_j) < 1e-2,
-                                 GBps=packed_bytes / t / 1e6, no_decode=no_decode, panel=panel)
+                                 GBps=packed_bytes / t / 1e6, no_decode=no_decode)
                         if no_decode:
                             v["ok"] = v["err"] = None  # diagnostic: computes another function
                     except Exception as e:  # noqa: BLE001  (a variant that fails to compile)
-                        v = dict(shape=shape_name, m=m, config=dataclasses.asdict(cfg), panel=panel,
+                        v = dict(shape=shape_name, m=m, config=dataclasses.asdict(cfg),
                                  error=f"{type(e).__name__}: {str(e)[:300]}")
                     res["variants"].append(v)
                     print("variant", {kk: vv for kk, vv in v.items() if kk != "config"},

@@ -23,25 +23,24 @@ from kernels.mosaic_pair import mosaic_dual_decode_gemm
 
 VARIANTS = [  # Mosaic kernel settings tried at every (shape, M)
     dict(block_n=64, block_k=128, steps=4), dict(block_n=128, block_k=64, steps=4),
-    dict(block_n=128, block_k=64, steps=6, warp_specialized=True),
-    dict(block_n=128, block_k=128, steps=4, warp_specialized=True),
-    dict(block_n=128, block_k=64, steps=3, warp_specialized=True),
+    dict(block_n=64, block_k=64, steps=6), dict(block_n=64, block_k=128, steps=4, a_in_smem=True),
 ]
 # --variants controls: where the time goes (no_decode / stream_only compute other functions)
 CONTROL_VARIANTS = [
-    dict(block_n=64, block_k=128, steps=4), dict(block_n=64, block_k=128, steps=4, _control="no_decode"),
+    dict(block_n=64, block_k=128, steps=4, decode="select"),
+    dict(block_n=64, block_k=128, steps=4, _control="no_decode"),
     dict(block_n=64, block_k=128, steps=4, _control="stream_only"),
-    dict(block_n=128, block_k=128, steps=4), dict(block_n=128, block_k=128, steps=4, _control="stream_only"),
-    dict(block_n=64, block_k=256, steps=4), dict(block_n=64, block_k=256, steps=4, _control="stream_only"),
-    dict(block_n=64, block_k=128, steps=8), dict(block_n=64, block_k=128, steps=8, _control="stream_only"),
-    dict(block_n=64, block_k=128, steps=2), dict(block_n=64, block_k=64, steps=4, _control="stream_only"),
+    dict(block_n=128, block_k=128, steps=4, _control="stream_only"),
+    dict(block_n=64, block_k=256, steps=4, _control="stream_only"),
+    dict(block_n=64, block_k=128, steps=8, _control="stream_only"),
+    dict(block_n=64, block_k=64, steps=4, _control="stream_only"),
 ]
-# --variants decode: the forms of the in-register decode (kernels.mosaic_pair.decode_bits)
+# --variants decode: one word per 16-bit op ("select") vs two per 32-bit op ("swar")
 DECODE_VARIANTS = [
-    dict(block_n=64, block_k=128, steps=4, decode=f) for f in ("select", "shift", "u32", "swar")
-] + [dict(block_n=64, block_k=128, steps=4, _control="no_decode"),
-     dict(block_n=128, block_k=64, steps=4, decode="swar"), dict(block_n=64, block_k=64, steps=6, decode="swar"),
-     dict(block_n=128, block_k=128, steps=4, warp_specialized=True, decode="swar")]
+    dict(block_n=64, block_k=128, steps=4, decode="select"), dict(block_n=64, block_k=128, steps=4, decode="swar"),
+    dict(block_n=64, block_k=128, steps=4, _control="no_decode"),
+    dict(block_n=128, block_k=64, steps=4, decode="swar"), dict(block_n=64, block_k=64, steps=6, decode="swar"),
+]
 
 
 def main():
@@ -102,8 +101,8 @@ def main():
                     for w in ws], words_t)
             for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "decode": DECODE_VARIANTS,
                       "default": []}[args.variants]:
-                if args.interpret and (v.get("warp_specialized") or v.get("decode") == "swar"):
-                    continue   # the interpreter has no register-operand wgmma
+                if args.interpret and v.get("decode") == "swar":
+                    continue   # the interpreter has no inline_mgpu
                 bn, bk = v["block_n"], v["block_k"]
                 split = 1
                 while (n // bn) * split < 200 and (k // bk) % (2 * split) == 0 and k // bk // (2 * split) >= 4:

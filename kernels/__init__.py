@@ -1,6 +1,5 @@
 """GPU decode-GEMM kernels for packed (merged) expert pairs; see kernels/decode_gemm.py."""
 from kernels.decode_gemm import (  # noqa: F401
-    GEMV_MAX_ROWS,
     IMPLS,
     PAIR_IMPLS,
     LAYER_KERNEL_MAX_TOKENS,
@@ -16,5 +15,4 @@ from kernels.decode_gemm import (  # noqa: F401
     packed_moe_ffn,
     pair_config,
     pair_kernel_wins,
-    to_panels,
 )

@@ -35,7 +35,6 @@ from puzzlemoe_jax.merge import PackedExperts
 IMPLS = ("auto", "pallas", "reference")
 PAIR_IMPLS = IMPLS + ("mosaic",)
 MIN_ROWS = 16  # smallest MMA row tile; fewer tokens are padded/masked up to it
-GEMV_MAX_ROWS = 8  # the no-MMA pair kernel keeps one f32 accumulator row per token and expert
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,16 +63,12 @@ class TileConfig:
     num_stages: int = 3
     swap_ab: bool = False  # compute O^T = W^T A^T (weights on the MMA's M side)
     evict_first: bool = False  # L2 eviction hint on the streamed weight tiles
-    gemv: bool = False    # pair kernel only: f32 multiply-adds and a K reduction, no MMA (bm rows <= 8)
 
     def __post_init__(self):
         for name in ("bm", "bn", "bk"):
             v = getattr(self, name)
-            low = 1 if (name == "bm" and self.gemv) else 16
-            if v < low or v & (v - 1) or (name == "bm" and self.gemv and v > GEMV_MAX_ROWS):
-                raise ValueError(f"{name} must be a power of two >= {low}"
-                                 + (f" and <= {GEMV_MAX_ROWS} with gemv" if name == "bm" and self.gemv else "")
-                                 + f", got {v}")
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {v}")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
@@ -234,47 +229,6 @@ def _pair_kernel(ai_ref, aj_ref, w_ref, oi_ref, oj_ref, *, K, N, cfg: TileConfig
     oj_ref[...] = acc_j.astype(oj_ref.dtype)
 
 
-def _pair_gemv_kernel(ai_ref, aj_ref, w_ref, oi_ref, oj_ref, *, K, N, cfg: TileConfig, nks,
-                      transpose_w, mask_k, mask_n):
-    """The pair kernel without MMA, for a few tokens: each decoded tile is multiplied by every
-    activation row in f32 and summed over K (weights stay in registers: no shared-memory staging
-    for an MMA operand)."""
-    s = pl.program_id(2)
-    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
-    col0 = pl.program_id(1) * bn
-    k_axis = 1 if transpose_w else 0
-
-    def rows_times(w, a_ref, k0):
-        out = []
-        for r in range(bm):
-            a = a_ref[r, pl.ds(k0, bk)].astype(jnp.float32)
-            a = a[None, :] if transpose_w else a[:, None]
-            out.append(jnp.sum(w * a, axis=k_axis))
-        return out
-
-    def body(kk, carry):
-        k0 = pl.multiple_of((s * nks + kk) * bk, bk)
-        words = _load_words(w_ref, k0, col0, bk=bk, bn=bn, K=K, N=N, transpose_w=transpose_w,
-                            mask_k=mask_k, mask_n=mask_n, ref_col0=0, evict_first=cfg.evict_first)
-        w_i, w_j = (w.astype(jnp.float32) for w in decode_tile(words))
-        new = rows_times(w_i, ai_ref, k0) + rows_times(w_j, aj_ref, k0)
-        return tuple(c + n for c, n in zip(carry, new))
-
-    accs = lax.fori_loop(0, nks, body, (jnp.zeros((bn,), jnp.float32),) * (2 * bm))
-    for r in range(bm):
-        oi_ref[r, :] = accs[r].astype(oi_ref.dtype)
-        oj_ref[r, :] = accs[bm + r].astype(oj_ref.dtype)
-
-
-def to_panels(words: jax.Array, bn: int) -> jax.Array:
-    """[K, N] words -> [N/bn, K, bn] column panels, so that each program of the pair kernel reads
-    one contiguous stream (``dual_decode_gemm(..., panels=True)``).  N must be a multiple of bn."""
-    K, N = words.shape
-    if N % bn:
-        raise ValueError(f"N={N} is not a multiple of the panel width {bn}")
-    return words.reshape(K, N // bn, bn).transpose(1, 0, 2)
-
-
 def dual_decode_gemm_reference(a_i, a_j, words, *, transpose_w: bool = False,
                                out_dtype=jnp.bfloat16):
     """Plain-jnp reference: decode the packed words, then two f32-accumulated dots."""
@@ -298,12 +252,11 @@ def pair_kernel_wins(m: int, k: int, n: int) -> bool:
 
 
 def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
-                     transpose_w: bool = False, panels: bool = False, config: TileConfig | None = None,
+                     transpose_w: bool = False, config: TileConfig | None = None,
                      impl: str = "auto", interpret: bool | None = None,
                      out_dtype=jnp.bfloat16, _no_decode: bool = False) -> tuple[jax.Array, jax.Array]:
     """``(A_i @ W_i, A_j @ W_j)`` for one packed pair ``words`` (uint16 [K, N], or [N, K] with
-    ``transpose_w``, or ``to_panels`` [N/bn, K, bn] with ``panels``, bn then being the tile
-    width).  ``a_i`` [M_i, K], ``a_j`` [M_j, K] (any M >= 0, also different).
+    ``transpose_w``).  ``a_i`` [M_i, K], ``a_j`` [M_j, K] (any M >= 0, also different).
 
     ``impl``: "pallas" forces the kernel, "reference" the jnp path, "auto" the kernel where the
     H100 sweep found it faster (``pair_kernel_wins``); "mosaic" the Mosaic-GPU swap-AB kernel
@@ -313,33 +266,23 @@ def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
     if impl not in PAIR_IMPLS:
         raise ValueError(f"impl must be one of {PAIR_IMPLS}, got {impl!r}")
     if impl == "mosaic":
-        if not transpose_w or panels or config is not None:
+        if not transpose_w or config is not None:
             raise ValueError('impl="mosaic" takes transposed words [N, K] (transpose_w=True) and its own '
                              "settings (kernels.mosaic_pair.mosaic_config), not a TileConfig")
         from kernels.mosaic_pair import mosaic_dual_decode_gemm  # noqa: PLC0415
         return mosaic_dual_decode_gemm(a_i, a_j, words, interpret=_interpret(interpret), out_dtype=out_dtype)
-    if words.ndim != (3 if panels else 2) or (panels and transpose_w):
-        raise ValueError(f"words must be [K, N] ([N, K] transposed) or [N/bn, K, bn] panels, got shape "
-                         f"{words.shape} (panels={panels}, transpose_w={transpose_w})")
+    if words.ndim != 2:
+        raise ValueError(f"words must be [K, N], got shape {words.shape}")
     words = words if words.dtype == jnp.uint16 else lax.bitcast_convert_type(words, jnp.uint16)
-    if panels:
-        K, N = words.shape[1], words.shape[0] * words.shape[2]
-    else:
-        K, N = (words.shape[1], words.shape[0]) if transpose_w else words.shape
+    K, N = (words.shape[1], words.shape[0]) if transpose_w else words.shape
     if a_i.shape[-1] != K or a_j.shape[-1] != K:
         raise ValueError(f"activations must have K={K} columns, got {a_i.shape}, {a_j.shape}")
     mi, mj = a_i.shape[0], a_j.shape[0]
     m = max(mi, mj)
     if impl == "reference" or (impl == "auto" and not pair_kernel_wins(m, K, N)):
-        if panels:
-            words = words.transpose(1, 0, 2).reshape(K, N)
         return dual_decode_gemm_reference(a_i, a_j, words, transpose_w=transpose_w,
                                           out_dtype=out_dtype)
     cfg = _fit_smem(config or pair_config(m, K, N), n_a=2, n_w=1)
-    if panels and cfg.bn != words.shape[2]:
-        raise ValueError(f"panel width {words.shape[2]} != tile width bn={cfg.bn}")
-    if cfg.gemv and m > cfg.bm:
-        raise ValueError(f"gemv handles at most bm={cfg.bm} rows per expert, got {m}")
     bm, bn, bk, S = cfg.bm, cfg.bn, cfg.bk, cfg.split_k
     m_tiles, n_tiles = pl.cdiv(max(m, 1), bm), pl.cdiv(N, bn)
     nks = pl.cdiv(pl.cdiv(K, bk), S)
@@ -349,13 +292,10 @@ def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
         a = a.astype(jnp.bfloat16)
         return jnp.pad(a, ((0, Mp - a.shape[0]), (0, Kp - K)))
 
-    flags = dict(K=K, N=N, cfg=cfg, nks=nks, transpose_w=transpose_w, mask_k=Kp != K, mask_n=Np != N)
-    kernel = (functools.partial(_pair_gemv_kernel, **flags) if cfg.gemv else
-              functools.partial(_pair_kernel, **flags, no_decode=_no_decode))
+    kernel = functools.partial(_pair_kernel, K=K, N=N, cfg=cfg, nks=nks, transpose_w=transpose_w,
+                               mask_k=Kp != K, mask_n=Np != N, no_decode=_no_decode)
     a_spec = pl.BlockSpec((bm, Kp), lambda m_, n_, s_: (m_, 0))
-    if panels:
-        w_spec = pl.BlockSpec((None, K, bn), lambda m_, n_, s_: (n_, 0, 0))
-    elif transpose_w:
+    if transpose_w:
         w_spec = pl.BlockSpec((bn, K), lambda m_, n_, s_: (n_, 0))
     else:
         w_spec = pl.BlockSpec((K, bn), lambda m_, n_, s_: (0, n_))

@@ -5,9 +5,13 @@ operand, held in registers straight after the decode (no shared-memory round tri
 operand), and the few tokens are the wgmma's N side (8..256).  The packed words are streamed
 ``[N, K]`` (K contiguous, i.e. stored transposed: ``words.T`` of the ``[K, N]`` layout) by TMA
 through a ``max_concurrent_steps``-deep shared-memory pipeline; the activations ride along in the
-same pipeline.  One CTA (one warpgroup) per ``block_n`` output columns and K split.
+same pipeline.  One CTA (one warpgroup) per ``block_n`` output columns and K split.  The decode
+works on two words per 32-bit register ("swar"): on 16-bit lanes it cost a third of the time.
 
-Hopper only (sm_90a); the tests run it in Mosaic GPU's CPU interpreter.
+Hopper only (sm_90a).  The tests run it in Mosaic GPU's CPU interpreter, which has neither
+register-operand wgmma nor ``inline_mgpu``: there the decoded tiles are staged in shared memory and
+decoded one word per op; the SWAR arithmetic is tested on every word pair in jnp
+(``decode_pairs_swar``), the register path only on the GPU (benchmarks/bench_mosaic.py).
 """
 from __future__ import annotations
 
@@ -43,8 +47,7 @@ def mosaic_config(m: int, k: int, n: int) -> dict:
 
 def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, *, block_n: int | None = None,
                             block_k: int | None = None, split_k: int | None = None, steps: int | None = None,
-                            a_in_smem: bool | None = None, warp_specialized: bool = False,
-                            interpret: bool = False, out_dtype=jnp.bfloat16,
+                            a_in_smem: bool | None = None, interpret: bool = False, out_dtype=jnp.bfloat16,
                             decode: str | None = None, _control: str | None = None) -> tuple[jax.Array, jax.Array]:
     """``(A_i @ W_i, A_j @ W_j)`` for one packed pair given as ``words_t`` uint16 ``[N, K]``.
 
@@ -53,10 +56,8 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
     Settings left ``None`` come from ``mosaic_config`` (decode "select" in interpret mode).
     ``a_in_smem``: stage the decoded tiles in shared memory for the wgmma instead of feeding them
     from registers -- the only form Mosaic GPU's CPU interpreter runs (default: when ``interpret``).
-    ``warp_specialized``: one producer warpgroup issues the TMA copies, two compute warpgroups
-    decode and multiply 64 rows each (``block_n`` must then be 128).
-    ``decode``: the form of the in-register decode (``decode_bits``, or "swar": two words per
-    32-bit register op, ``decode_pairs_swar``; GPU only, the interpreter has no ``inline_mgpu``).
+    ``decode``: "swar" (two words per 32-bit register op, ``decode_pairs_swar``; GPU only, the
+    interpreter has no ``inline_mgpu``) or "select" (``codec.decode_words``, one 16-bit word per op).
     ``_control`` (benchmark diagnostics, other functions): "no_decode" feeds the words bitcast to
     bf16 to both wgmmas; "stream_only" runs the TMA pipeline with an empty body.
     """
@@ -69,9 +70,8 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
     steps = auto["steps"] if steps is None else steps
     split_k = auto["split_k"] if split_k is None else split_k
     decode = auto["decode"] if decode is None else decode
-    if warp_specialized:
-        return _warp_specialized(a_i, a_j, words_t, block_k=block_k, split_k=split_k, steps=steps,
-                                 interpret=interpret, out_dtype=out_dtype, decode=decode)
+    if decode not in ("swar", "select"):
+        raise ValueError(f"unknown decode form {decode!r} (swar or select)")
     a_in_smem = interpret if a_in_smem is None else a_in_smem
     m = max(a_i.shape[0], a_j.shape[0])
     if m > 256:
@@ -147,30 +147,6 @@ def _finish(o, rows, dtype):
     return o.sum(0).T[:rows].astype(dtype)
 
 
-def decode_bits(w: jax.Array, form: str = "select") -> tuple[jax.Array, jax.Array]:
-    """``codec.decode_words`` written three ways (same bits, tested on every word), whose cost
-    differs in the Mosaic lowering: "select" (compare + select, 16-bit), "shift" (masks by an
-    arithmetic shift of the mask bit into the sign, no compare), "u32" (the shift form computed
-    in 32-bit lanes)."""
-    if form == "select":
-        return codec.decode_words(w)
-    wide = form == "u32"
-    if form not in ("shift", "u32"):
-        raise ValueError(f"unknown decode form {form!r}")
-    u, i = (jnp.uint32, jnp.int32) if wide else (jnp.uint16, jnp.int16)
-    top = 31 if wide else 15
-    x = w.astype(u)
-    base = (x & codec.FIELD_MASK) + codec.OFFSET            # magnitude bits, no sign (< 0x8000)
-
-    def mask(bit):                                          # all ones where the mask bit is set
-        up = lax.shift_left(x, u(top - bit))
-        return lax.bitcast_convert_type(lax.shift_right_arithmetic(lax.bitcast_convert_type(up, i), i(top)), u)
-
-    bits_i = (base | (x & 0x8000)) & mask(codec.MASK_I_BIT)
-    bits_j = (base | (lax.shift_left(x, u(1)) & 0x8000)) & mask(codec.MASK_J_BIT)
-    return bits_i.astype(jnp.uint16), bits_j.astype(jnp.uint16)
-
-
 # SWAR form: two words per 32-bit lane ("swar" below); no carry crosses the halves because each
 # half's field + offset stays below 0x4800 and the masks are built per half.
 SWAR_FIELD, SWAR_OFFSET, SWAR_SIGN, SWAR_ONES = 0x0FFF0FFF, 0x38003800, 0x80008000, 0x00010001
@@ -223,62 +199,8 @@ def _swar_decode_registers(words):
     return dec(words)
 
 
-def _decode_bf16(words, form: str = "select"):
+def _decode_bf16(words, form: str):
     if form == "swar":
         return _swar_decode_registers(words)
-    bits_i, bits_j = decode_bits(words, form)
+    bits_i, bits_j = codec.decode_words(words)
     return (lax.bitcast_convert_type(bits_i, jnp.bfloat16), lax.bitcast_convert_type(bits_j, jnp.bfloat16))
-
-
-def _warp_specialized(a_i, a_j, words_t, *, block_k, split_k, steps, interpret, out_dtype, decode):
-    """``mosaic_dual_decode_gemm`` with a TMA producer warpgroup and two compute warpgroups."""
-    N, K = words_t.shape
-    block_n, wg_rows = 128, 64
-    m = max(a_i.shape[0], a_j.shape[0])
-    if N % block_n or K % (block_k * split_k) or m > 256:
-        raise ValueError(f"warp-specialized kernel needs N % 128 == 0, K % (block_k*split_k) == 0, M <= 256; "
-                         f"got N={N}, K={K}, M={m}")
-    mp = max(8, -(-m // 8) * 8)
-    nk = K // block_k // split_k
-
-    def body(ai_gmem, aj_gmem, w_gmem, oi_gmem, oj_gmem, o_smem):
-        n, s = lax.axis_index("n"), lax.axis_index("s")
-        wg = lax.axis_index("wg")
-
-        def compute_context(eval_pipeline):
-            @functools.partial(pl.run_scoped, acc_i=plgpu.ACC((wg_rows, mp)), acc_j=plgpu.ACC((wg_rows, mp)))
-            def _acc(acc_i, acc_j):
-                eval_pipeline((acc_i, acc_j))
-                o_smem[wg, 0] = acc_i[...]
-                o_smem[wg, 1] = acc_j[...]
-                plgpu.commit_smem()
-                rows = pl.ds(n * block_n + wg * wg_rows, wg_rows)
-                plgpu.copy_smem_to_gmem(o_smem.at[wg, 0], oi_gmem.at[s, rows])
-                plgpu.copy_smem_to_gmem(o_smem.at[wg, 1], oj_gmem.at[s, rows])
-                plgpu.wait_smem_to_gmem(0)
-
-        def step(_, w_smem, ai_smem, aj_smem, carry):
-            acc_i, acc_j = carry
-            w_i, w_j = _decode_bf16(w_smem[pl.ds(wg * wg_rows, wg_rows)], decode)
-            plgpu.wgmma(acc_i, w_i, ai_smem.T)
-            plgpu.wgmma(acc_j, w_j, aj_smem.T)
-            plgpu.wgmma_wait(0)
-            return carry
-
-        plgpu.emit_pipeline_warp_specialized(
-            step, grid=(nk,), memory_registers=40,
-            in_specs=[plgpu.BlockSpec((block_n, block_k), lambda k: (n, s * nk + k)),
-                      plgpu.BlockSpec((mp, block_k), lambda k: (0, s * nk + k)),
-                      plgpu.BlockSpec((mp, block_k), lambda k: (0, s * nk + k))],
-            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps, compute_context=compute_context,
-        )(w_gmem, ai_gmem, aj_gmem)
-
-    out = jax.ShapeDtypeStruct((split_k, N, mp), jnp.float32)
-    kernel = plgpu.kernel(
-        body, out_type=(out, out), grid=(N // block_n, split_k), grid_names=("n", "s"),
-        num_threads=3, thread_name="wg",
-        scratch_types=dict(o_smem=plgpu.SMEM((2, 2, wg_rows, mp), jnp.float32)),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None)
-    o_i, o_j = kernel(_pad_rows(a_i, mp), _pad_rows(a_j, mp), words_t.astype(jnp.uint16))
-    return _finish(o_i, a_i.shape[0], out_dtype), _finish(o_j, a_j.shape[0], out_dtype)

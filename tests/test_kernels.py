@@ -63,29 +63,16 @@ PAIR_CASES = [  # (M_i, M_j, K, N, transpose_w, config or None for the tile tabl
     (7, 2, 192, 80, True, K.TileConfig(bm=16, bn=32, bk=64, swap_ab=True, split_k=2)),
     (7, 2, 256, 128, False, K.TileConfig(bm=16, bn=32, bk=64, swap_ab=True)),
     (70, 3, 256, 128, False, K.TileConfig(bm=128, bn=128, bk=64, evict_first=True)),
-    # no-MMA (gemv) variant: one row, uneven rows, split-K, masked edges, transposed words
-    (1, 1, 256, 128, False, K.TileConfig(bm=1, bn=64, bk=64, gemv=True)),
-    (3, 0, 256, 128, False, K.TileConfig(bm=4, bn=32, bk=64, gemv=True, split_k=2)),
-    (2, 1, 200, 96, False, K.TileConfig(bm=2, bn=64, bk=64, gemv=True)),
-    (2, 2, 192, 80, True, K.TileConfig(bm=2, bn=32, bk=64, gemv=True)),
-    (8, 5, 128, 64, False, K.TileConfig(bm=8, bn=64, bk=32, gemv=True)),
-]
-PANEL_CASES = [  # words as to_panels(words, bn): [N/bn, K, bn]
-    (5, 3, 256, 128, False, K.TileConfig(bm=16, bn=64, bk=64)),
-    (20, 3, 200, 128, False, K.TileConfig(bm=32, bn=32, bk=64, split_k=2)),
-    (4, 3, 256, 128, False, K.TileConfig(bm=4, bn=64, bk=64, gemv=True)),
 ]
 
 
-@pytest.mark.parametrize("mi,mj,k,n,transpose_w,cfg,panels",
-                         [c + (False,) for c in PAIR_CASES] + [c + (True,) for c in PANEL_CASES])
-def test_pair_kernel_matches_reference(mi, mj, k, n, transpose_w, cfg, panels):
+@pytest.mark.parametrize("mi,mj,k,n,transpose_w,cfg", PAIR_CASES)
+def test_pair_kernel_matches_reference(mi, mj, k, n, transpose_w, cfg):
     rng = _rng(mi * 1000 + k + n)
     words = _words(rng, (n, k) if transpose_w else (k, n))
     a_i = jnp.asarray(rng.standard_normal((mi, k)), jnp.bfloat16)
     a_j = jnp.asarray(rng.standard_normal((mj, k)), jnp.bfloat16)
-    got = K.dual_decode_gemm(a_i, a_j, K.to_panels(words, cfg.bn) if panels else words,
-                             transpose_w=transpose_w, panels=panels, config=cfg,
+    got = K.dual_decode_gemm(a_i, a_j, words, transpose_w=transpose_w, config=cfg,
                              impl="pallas", interpret=True)
     ref = K.dual_decode_gemm_reference(a_i, a_j, words, transpose_w=transpose_w,
                                        out_dtype=jnp.float32)
@@ -115,15 +102,6 @@ def test_pair_fallback_and_flags():
         K.dual_decode_gemm(a, a, words, impl="nope")
     with pytest.raises(ValueError):
         K.TileConfig(bm=24)
-    with pytest.raises(ValueError, match="<= 8 with gemv"):
-        K.TileConfig(bm=16, gemv=True)
-    with pytest.raises(ValueError, match="at most bm=2 rows"):
-        K.dual_decode_gemm(a[:3], a[:3], words, config=K.TileConfig(bm=2, gemv=True), impl="pallas")
-    with pytest.raises(ValueError, match="panel width"):
-        K.dual_decode_gemm(a[:3], a[:3], K.to_panels(words, 32), panels=True,
-                           config=K.TileConfig(bn=64), impl="pallas")
-    with pytest.raises(ValueError, match="not a multiple"):
-        K.to_panels(words, 48)
 
 
 @pytest.mark.parametrize("sizes,silu_mul,k,n,cfg", [
@@ -219,17 +197,11 @@ SDS = jax.ShapeDtypeStruct
     (9, 200, 96, False, None),                # masked edges
     (8, 4096, 14336, False, K.TileConfig(bm=16, bn=128, bk=64, swap_ab=True, num_warps=8)),
     (8, 4096, 14336, False, K.TileConfig(bm=16, bn=64, bk=128, evict_first=True)),
-    (2, 4096, 14336, False, K.TileConfig(bm=2, bn=256, bk=32, gemv=True)),
-    (1, 1408, 2048, True, K.TileConfig(bm=1, bn=32, bk=128, gemv=True)),
-    (4, 4096, 14336, "panels", K.TileConfig(bm=4, bn=64, bk=64, gemv=True)),
-    (16, 4096, 14336, "panels", K.TileConfig(bm=16, bn=64, bk=128)),
 ])
 def test_pair_kernel_lowers_to_triton_for_h100(m, k, n, transpose_w, cfg):
     a = SDS((m, k), jnp.bfloat16)
-    panels = transpose_w == "panels"
-    transpose_w = transpose_w is True
-    w = SDS((n // cfg.bn, k, cfg.bn) if panels else (n, k) if transpose_w else (k, n), jnp.uint16)
-    fn = functools.partial(K.dual_decode_gemm, transpose_w=transpose_w, panels=panels, config=cfg,
+    w = SDS((n, k) if transpose_w else (k, n), jnp.uint16)
+    fn = functools.partial(K.dual_decode_gemm, transpose_w=transpose_w, config=cfg,
                            impl="pallas", interpret=False)
     assert _lower_for_h100(fn, a, a, w) == 1
 
@@ -258,31 +230,23 @@ def test_packed_layer_lowers_to_triton_for_h100(ratio):
 # (benchmarks/bench_mosaic.py checks it against the reference there).
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mi,mj,k,n,block_n,block_k,split_k,decode", [
-    (1, 3, 256, 128, 64, 128, 1, "select"),
-    (5, 9, 512, 128, 128, 64, 2, "shift"),
-    (0, 17, 256, 64, 64, 64, 1, "u32"),
+@pytest.mark.parametrize("mi,mj,k,n,block_n,block_k,split_k", [
+    (1, 3, 256, 128, 64, 128, 1),
+    (5, 9, 512, 128, 128, 64, 2),
+    (0, 17, 256, 64, 64, 64, 1),
 ])
-def test_mosaic_pair_kernel_matches_reference_in_interpreter(mi, mj, k, n, block_n, block_k, split_k, decode):
+def test_mosaic_pair_kernel_matches_reference_in_interpreter(mi, mj, k, n, block_n, block_k, split_k):
     from kernels.mosaic_pair import mosaic_dual_decode_gemm
     rng = _rng(mi * 7 + k + n)
     words = _words(rng, (k, n))
     a_i = jnp.asarray(rng.standard_normal((mi, k)), jnp.bfloat16)
     a_j = jnp.asarray(rng.standard_normal((mj, k)), jnp.bfloat16)
     got = mosaic_dual_decode_gemm(a_i, a_j, words.T, block_n=block_n, block_k=block_k, split_k=split_k,
-                                  decode=decode, interpret=True)
+                                  interpret=True)
     ref = K.dual_decode_gemm_reference(a_i, a_j, words, out_dtype=jnp.float32)
     for g, r, name in zip(got, ref, "ij"):
         assert g.dtype == jnp.bfloat16
         _check(g, r, f"mosaic O_{name}")
-
-
-@pytest.mark.parametrize("form", ["select", "shift", "u32"])
-def test_mosaic_decode_forms_equal_codec_on_every_word(form):
-    from kernels.mosaic_pair import decode_bits
-    words = jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16)
-    for got, want in zip(decode_bits(words, form), codec.decode_words(words)):
-        assert got.dtype == jnp.uint16 and bool(jnp.array_equal(got, want)), form
 
 
 def test_mosaic_swar_decode_math_equals_codec_on_every_word_pair():
@@ -330,5 +294,5 @@ def test_mosaic_pair_kernel_rejects_bad_shapes():
     with pytest.raises(ValueError, match="at most 256 tokens"):
         big = jnp.zeros((257, 256), jnp.bfloat16)
         mosaic_dual_decode_gemm(big, big, jnp.zeros((64, 256), jnp.uint16), interpret=True)
-    with pytest.raises(ValueError, match="warp-specialized"):
-        mosaic_dual_decode_gemm(a, a, jnp.zeros((64, 256), jnp.uint16), warp_specialized=True, interpret=True)
+    with pytest.raises(ValueError, match="decode form"):
+        mosaic_dual_decode_gemm(a, a, jnp.zeros((64, 256), jnp.uint16), decode="nope", interpret=True)

@@ -42,6 +42,10 @@ DECODE_VARIANTS = [
     dict(block_n=128, block_k=64, steps=4, decode="swar"), dict(block_n=64, block_k=64, steps=6, decode="swar"),
 ]
 
+# --variants split: the grid (K splits) and pipeline depth around mosaic_config's choice
+SPLIT_VARIANTS = [dict(block_n=64, block_k=128, steps=st, split_k=sp, decode="swar")
+                  for sp in (1, 2, 4) for st in (4, 6)]
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -51,7 +55,7 @@ def main():
     ap.add_argument("--ms", default="1,4,16,32,64,128")
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test (Mosaic interpreter)")
-    ap.add_argument("--variants", default="main", choices=["main", "controls", "decode", "default"],
+    ap.add_argument("--variants", default="main", choices=["main", "controls", "decode", "default", "split"],
                     help="default: only dual_decode_gemm(impl='mosaic') with mosaic_config's settings")
     args = ap.parse_args()
     t0 = time.time()
@@ -100,14 +104,18 @@ def main():
                     K.dual_decode_gemm(a_i, a_j, w, transpose_w=True, impl="mosaic", interpret=args.interpret)
                     for w in ws], words_t)
             for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "decode": DECODE_VARIANTS,
-                      "default": []}[args.variants]:
+                      "default": [], "split": SPLIT_VARIANTS}[args.variants]:
                 if args.interpret and v.get("decode") == "swar":
                     continue   # the interpreter has no inline_mgpu
                 bn, bk = v["block_n"], v["block_k"]
-                split = 1
-                while (n // bn) * split < 200 and (k // bk) % (2 * split) == 0 and k // bk // (2 * split) >= 4:
-                    split *= 2
-                name = "mosaic_" + "_".join(f"{kk}{vv}" for kk, vv in v.items()) + f"_split{split}"
+                split = v.get("split_k")
+                if split is None:   # as mosaic_config: K splits until >= 200 CTAs
+                    split = 1
+                    while (n // bn) * split < 200 and (k // bk) % (2 * split) == 0 and k // bk // (2 * split) >= 4:
+                        split *= 2
+                if k % (bk * split):
+                    continue
+                name = "mosaic_" + "_".join(f"{kk}{vv}" for kk, vv in v.items() if kk != "split_k") + f"_split{split}"
                 cfg = dict(v, split_k=split)
                 timed(name, lambda a_i, a_j, *ws, cfg=cfg: [
                     mosaic_dual_decode_gemm(a_i, a_j, w, interpret=args.interpret, **cfg) for w in ws], words_t)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels as K
-from kernels.mosaic_pair import mosaic_dual_decode_gemm
+from kernels.mosaic_pair import k_splits, mosaic_dual_decode_gemm
 
 VARIANTS = [  # Mosaic kernel settings tried at every (shape, M)
     dict(block_n=64, block_k=128, steps=4), dict(block_n=128, block_k=64, steps=4),
@@ -108,11 +108,8 @@ def main():
                 if args.interpret and v.get("decode") == "swar":
                     continue   # the interpreter has no inline_mgpu
                 bn, bk = v["block_n"], v["block_k"]
-                split = v.get("split_k")
-                if split is None:   # as mosaic_config: K splits until >= 200 CTAs
-                    split = 1
-                    while (n // bn) * split < 200 and (k // bk) % (2 * split) == 0 and k // bk // (2 * split) >= 4:
-                        split *= 2
+                # the rule of the runs recorded with these variant lists (>= 200 CTAs; mosaic_config now uses 128)
+                split = v.get("split_k") or k_splits(k, n, bn, bk, min_ctas=200)
                 if k % (bk * split):
                     continue
                 name = "mosaic_" + "_".join(f"{kk}{vv}" for kk, vv in v.items() if kk != "split_k") + f"_split{split}"

@@ -29,6 +29,14 @@ from puzzlemoe_jax import codec
 SMEM_BYTES = 200 * 1024   # of the H100's 227 KB per block
 
 
+def k_splits(k: int, n: int, block_n: int, block_k: int, min_ctas: int = 128) -> int:
+    """K splits (a power of two) until the launch has >= ``min_ctas`` CTAs, keeping >= 4 K steps each."""
+    split = 1
+    while (n // block_n) * split < min_ctas and (k // block_k) % (2 * split) == 0 and k // block_k // (2 * split) >= 4:
+        split *= 2
+    return split
+
+
 def mosaic_config(m: int, k: int, n: int) -> dict:
     """Default settings from the H100 runs (benchmarks/RESULTS.md): 64 x 128 word tiles, a 4-deep
     pipeline (fewer stages where the activation tiles of many tokens would overflow shared
@@ -40,10 +48,8 @@ def mosaic_config(m: int, k: int, n: int) -> dict:
         steps = min(4, SMEM_BYTES // (2 * block_k * (block_n + 2 * mp)))
         if steps >= 2:
             break
-    split = 1
-    while (n // block_n) * split < 128 and (k // block_k) % (2 * split) == 0 and k // block_k // (2 * split) >= 4:
-        split *= 2
-    return dict(block_n=block_n, block_k=block_k, steps=steps, split_k=split, decode="swar")
+    return dict(block_n=block_n, block_k=block_k, steps=steps, split_k=k_splits(k, n, block_n, block_k),
+                decode="swar")
 
 
 def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, *, block_n: int | None = None,
@@ -63,7 +69,8 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
     bf16 to both wgmmas; "stream_only" runs the TMA pipeline with an empty body.
     """
     N, K = words_t.shape
-    auto = mosaic_config(max(a_i.shape[0], a_j.shape[0]), K, N)
+    m = max(a_i.shape[0], a_j.shape[0])
+    auto = mosaic_config(m, K, N)
     if interpret:
         auto["decode"] = "select"
     block_n = auto["block_n"] if block_n is None else block_n
@@ -74,7 +81,6 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
     if decode not in ("swar", "select"):
         raise ValueError(f"unknown decode form {decode!r} (swar or select)")
     a_in_smem = interpret if a_in_smem is None else a_in_smem
-    m = max(a_i.shape[0], a_j.shape[0])
     if m > 256:
         raise ValueError(f"at most 256 tokens per expert, got {m}")
     if block_n not in (64, 128) or N % block_n:

@@ -10,9 +10,8 @@ runs once (ratio 0.5: 4 pairs of 8 experts) on one layer of random experts; ever
 words are that layer's words rolled along the output axis by the layer index (distinct buffers with
 the statistics of real merged words, without 32 merges).  Both models run the same stack:
 ``puzzlemoe_jax.generate`` (jit prefill, then one jit ``while_loop`` over the decode steps);
-packed layers use the Pallas kernel (``moe.moe_ffn`` impl "auto": the kernel up to 256 tokens a
-step; ``generate`` chunks packed prefills to stay under that, e.g. 4 x 4 slots at batch 64),
-dense ones ``ragged_dot``.
+packed layers use the Pallas kernel (``moe.moe_ffn`` impl "auto"), dense ones ``ragged_dot``;
+both prefill the whole prompt in one step.
 
 Each configuration runs in its own subprocess (peak memory is per process).  Timing: wall clock
 of the prefill call and of the whole decode loop (one dispatch for all steps), each
@@ -197,6 +196,21 @@ def worker(args) -> dict:
                 pre.append(t1 - t0)
                 dec.append(t2 - t1)
                 del cache
+            if args.compare_prefill_chunk:   # the same prefill in chunks of <= N tokens a step
+                chunk = max(1, args.compare_prefill_chunk // b)
+                first_c, cache, ok_c = gen.prefill(batch, args.decode, chunk=chunk)
+                jax.block_until_ready((first_c, cache))
+                del cache
+                chunked = []
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    first_c, cache, ok_c = gen.prefill(batch, args.decode, chunk=chunk)
+                    jax.block_until_ready((first_c, cache))
+                    chunked.append(time.perf_counter() - t0)
+                    del cache
+                run.update(prefill_chunk_slots=chunk, prefill_chunked_s=statistics.median(chunked),
+                           prefill_chunked_same_first_token=bool((np.asarray(first_c) == np.asarray(first)).all()))
+                ok = ok & ok_c
             finite = bool(ok) and bool(ok2)
             assert int(steps) == args.decode, int(steps)
             p, d = statistics.median(pre), statistics.median(dec)
@@ -353,6 +367,9 @@ def main(argv=None):
                     help="first: Pallas (on the largest mesh) vs one-device reference check of a small packed model")
     ap.add_argument("--check-shape", default="small", choices=SHAPES)
     ap.add_argument("--json")
+    ap.add_argument("--compare-prefill-chunk", type=int, default=0, metavar="TOKENS",
+                    help="also time the prefill in chunks of <= TOKENS tokens a step (packed models' default "
+                         "before 2026-11-24: 256)")
     # worker mode
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker-check", action="store_true", help=argparse.SUPPRESS)
@@ -386,7 +403,7 @@ def main(argv=None):
         out["check"] = res or {"error": err}
         print("CHECK", json.dumps(out["check"]), flush=True)
     base = ["--shape", args.shape, "--batches", ",".join(map(str, args.batches)), "--prefill", str(args.prefill),
-            "--decode", str(args.decode), "--reps", str(args.reps)]
+            "--decode", str(args.decode), "--reps", str(args.reps), "--compare-prefill-chunk", str(args.compare_prefill_chunk)]
     all_layers = args.packed_layers or SHAPES[args.shape]["num_layers"]
     import jax  # noqa: PLC0415 (only the device count and bytes limit; workers use their own processes)
     n_gpus = jax.device_count()

@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--sweep", default="1,16,64", help="token counts at which to try tile variants")
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--no-ceilings", action="store_true")
+    ap.add_argument("--reference-at", default="1,64",
+                    help="token counts at which to time impl='reference' too (decode the layer + ragged_dot)")
     args = ap.parse_args()
     t0 = time.time()
     E, H, I, k = args.experts, args.hidden, args.inter, args.topk
@@ -89,8 +91,10 @@ def main():
         P = int(experts.pairs.shape[0])
         row["packed"]["gate_up_config"] = dataclasses.asdict(K.layer_config(T * k, H, I, P, fused=True))
         row["packed"]["down_config"] = dataclasses.asdict(K.layer_config(T * k, I, H, P))
-        if T in (1, 64):
+        if str(T) in args.reference_at.split(","):
             row["packed_reference_impl"] = run(impl="reference")
+            print(f"T={T:4d} impl='reference' {row['packed_reference_impl']['ms'] * 1e3:8.1f}us "
+                  f"x{row['packed_reference_impl']['speedup']:.2f}", flush=True)
         res["rows"].append(row)
         p = row["packed"]
         print(f"T={T:3d} active experts {len(active)} pairs {active_pairs}: dense {t_dense*1e3:8.1f}us "
@@ -104,6 +108,11 @@ def main():
             tries = [
                 (dict(evict_first=True), dict(evict_first=True)), (dict(bn=32), {}),
                 ({}, dict(bk=128)), ({}, dict(split_k=4)), (dict(num_stages=3), dict(num_stages=3)),
+                # taller row tiles: each extra row tile of a pair decodes its weights again
+                (dict(bm=32, num_warps=4), dict(bm=32, num_warps=4)),
+                (dict(bm=64), dict(bm=64)), (dict(bm=64, num_warps=8), dict(bm=64, num_warps=8)),
+                (dict(bm=128, num_warps=8), dict(bm=128, num_warps=8)),
+                (dict(bm=128, bn=128, num_warps=8), dict(bm=128, bn=128, num_warps=8)),
             ]
             for gu, dn in tries:
                 if time.time() - t0 > args.budget_s:
@@ -120,11 +129,12 @@ def main():
                 write_json(args.out, res)
     res["elapsed_s"] = time.time() - t0
     write_json(args.out, res)
-    print("\n  T  experts pairs   dense_us  packed_us  speedup   err      ok")
+    print("\n   T  experts pairs   dense_us  packed_us  speedup   err      ok  reference_us speedup")
     for row in res["rows"]:
-        p = row["packed"]
-        print(f"{row['T']:3d} {row['active_experts']:7d} {row['active_pairs']:5d} {row['dense_ms']*1e3:10.1f} "
-              f"{p['ms']*1e3:10.1f} {p['speedup']:8.2f} {p['err']:.1e} {p['ok']}")
+        p, r = row["packed"], row.get("packed_reference_impl", {})
+        print(f"{row['T']:4d} {row['active_experts']:7d} {row['active_pairs']:5d} {row['dense_ms']*1e3:10.1f} "
+              f"{p['ms']*1e3:10.1f} {p['speedup']:8.2f} {p['err']:.1e} {p['ok']}  "
+              f"{r.get('ms', float('nan'))*1e3:10.1f} {r.get('speedup', float('nan')):6.2f}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels as K
-from kernels.mosaic_pair import k_splits, mosaic_dual_decode_gemm
+from kernels.mosaic_pair import SMEM_BYTES, _padded_tokens, k_splits, mosaic_dual_decode_gemm
 
 VARIANTS = [  # Mosaic kernel settings tried at every (shape, M)
     dict(block_n=64, block_k=128, steps=4), dict(block_n=128, block_k=64, steps=4),
@@ -46,6 +46,17 @@ DECODE_VARIANTS = [
 SPLIT_VARIANTS = [dict(block_n=64, block_k=128, steps=st, split_k=sp, decode="swar")
                   for sp in (1, 2, 4) for st in (4, 6)]
 
+# --variants large: many tokens per expert (M >= 64): token blocks over CTAs (block_m), shallower
+# pipelines small enough for two CTAs per SM (<= ~113 KB shared memory), K splits
+LARGE_VARIANTS = [dict(block_n=64, block_k=bk, block_m=bm, steps=st, split_k=sp, decode="swar")
+                  for bm, bk, st, sp in ((128, 128, 2, 1), (128, 64, 4, 1), (128, 64, 3, 1), (64, 128, 2, 1),
+                                         (64, 64, 4, 1), (64, 64, 3, 1), (64, 64, 3, 2), (32, 64, 4, 1))]
+
+# --variants occupancy: pipeline depth / K depth at mosaic_config's token block and K splits
+# (split_k "auto"), from <= ~113 KB of shared memory (two CTAs per SM) to the 200 KB cap
+OCCUPANCY_VARIANTS = [dict(block_n=64, block_k=bk, steps=st, split_k="auto", decode="swar")
+                      for bk, st in ((128, 2), (128, 3), (128, 4), (64, 2), (64, 3), (64, 4), (64, 6))]
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -55,7 +66,7 @@ def main():
     ap.add_argument("--ms", default="1,4,16,32,64,128")
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test (Mosaic interpreter)")
-    ap.add_argument("--variants", default="main", choices=["main", "controls", "decode", "default", "split"],
+    ap.add_argument("--variants", default="main", choices=["main", "controls", "decode", "default", "split", "large", "occupancy"],
                     help="default: only dual_decode_gemm(impl='mosaic') with mosaic_config's settings")
     args = ap.parse_args()
     t0 = time.time()
@@ -99,18 +110,25 @@ def main():
                 timed("two_dots", lambda a_i, a_j, *ws: [(a_i @ ws[2 * q], a_j @ ws[2 * q + 1])
                                                          for q in range(len(ws) // 2)], dense)
                 timed("triton", lambda a_i, a_j, *ws: [K.dual_decode_gemm(a_i, a_j, w, impl="pallas") for w in ws], words)
-            if args.variants == "default":
+            if args.variants in ("default", "large", "occupancy"):
                 timed("mosaic_default", lambda a_i, a_j, *ws: [
                     K.dual_decode_gemm(a_i, a_j, w, transpose_w=True, impl="mosaic", interpret=args.interpret)
                     for w in ws], words_t)
             for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "decode": DECODE_VARIANTS,
-                      "default": [], "split": SPLIT_VARIANTS}[args.variants]:
+                      "default": [], "split": SPLIT_VARIANTS,
+                      "large": LARGE_VARIANTS, "occupancy": OCCUPANCY_VARIANTS}[args.variants]:
                 if args.interpret and v.get("decode") == "swar":
                     continue   # the interpreter has no inline_mgpu
                 bn, bk = v["block_n"], v["block_k"]
                 # the rule of the runs recorded with these variant lists (>= 200 CTAs; mosaic_config now uses 128)
                 split = v.get("split_k") or k_splits(k, n, bn, bk, min_ctas=200)
+                if split == "auto":   # mosaic_config's rule
+                    mp, bm = _padded_tokens(m)
+                    split = k_splits(k, n, bn, bk, m_blocks=mp // bm)
                 if k % (bk * split):
+                    continue
+                smem = v["steps"] * 2 * bk * (bn + 2 * _padded_tokens(m, v.get("block_m"))[1])
+                if smem > SMEM_BYTES:
                     continue
                 name = "mosaic_" + "_".join(f"{kk}{vv}" for kk, vv in v.items() if kk != "split_k") + f"_split{split}"
                 cfg = dict(v, split_k=split)

@@ -2,6 +2,8 @@
 
     python3 benchmarks/tables.py bench_kernel.json bench_moe_layer.json
     python3 benchmarks/tables.py --mosaic bench_mosaic.json
+    python3 benchmarks/tables.py --mosaic-summary run1.json run2.json ...   (later runs win per shape, M)
+    python3 benchmarks/tables.py --layer-summary run1.json run2.json ...    (later runs win per T)
 """
 import json
 import sys
@@ -91,7 +93,51 @@ def mosaic_table(res):
     return "\n".join(out)
 
 
+def merged_rows(files, key):
+    """Rows of several runs, one per ``key(row)``: a later file's row replaces an earlier one."""
+    rows = {}
+    for f in files:
+        res = json.load(open(f))
+        for r in res["rows"]:
+            rows[key(r)] = dict(r, _run=res["info"], _ceilings=res.get("ceilings"))
+    return list(rows.values())
+
+
+def mosaic_summary(files):
+    """Two dots vs Triton vs Mosaic default, one row per (shape, M), merged over runs."""
+    out = ["| shape [K x N] | M | 2 bf16 dots (µs) | Triton pair (µs) | Mosaic default (µs) | Mosaic packed read GB/s | "
+           "% of copy BW | Mosaic speed-up | Triton speed-up | run (UTC) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in merged_rows(files, lambda r: (r["shape"], r["m"])):
+        t = r["timings"]
+        d, tr, mo = (t.get(n, {}) for n in ("two_dots", "triton", "mosaic_default"))
+        ok = "" if mo.get("ok") else " FAIL"
+        out.append(f"| {r['shape']} [{r['k']}x{r['n']}] | {r['m']} | {us(d.get('ms'))} | {us(tr.get('ms'))} | "
+                   f"{us(mo.get('ms'))}{ok} | {mo.get('GBps', float('nan')):.0f} | {mo.get('frac_copy_bw', float('nan')):.0%} | "
+                   f"{mo.get('speedup', float('nan')):.2f} | {tr.get('speedup', float('nan')):.2f} | "
+                   f"{r['_run']['date_utc'][5:16]} |")
+    return "\n".join(out)
+
+
+def layer_summary(files):
+    """Uncompressed vs packed layer (and impl='reference' where timed), one row per T, merged over runs."""
+    out = ["| tokens T | active pairs | uncompressed XLA layer (µs) | packed layer (µs) | speed-up | impl='reference' (µs) | "
+           "gate_up tile (bm, warps) | rel. err | run (UTC) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(merged_rows(files, lambda r: r["T"]), key=lambda r: r["T"]):
+        p, ref = r["packed"], r.get("packed_reference_impl", {})
+        g = p.get("gate_up_config", {})
+        out.append(f"| {r['T']} | {r['active_pairs']} | {us(r['dense_ms'])} | {us(p['ms'])} | {p['speedup']:.2f} | "
+                   f"{us(ref.get('ms'))} | {g.get('bm')}, {g.get('num_warps')} | {p['err']:.1e}{'' if p['ok'] else ' FAIL'} | "
+                   f"{r['_run']['date_utc'][5:16]} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--mosaic-summary":
+        print(mosaic_summary(sys.argv[2:]))
+        sys.exit(0)
+    if sys.argv[1] == "--layer-summary":
+        print(layer_summary(sys.argv[2:]))
+        sys.exit(0)
     if sys.argv[1] == "--mosaic":
         for f in sys.argv[2:]:
             print(mosaic_table(json.load(open(f))), "\n")

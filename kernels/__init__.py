@@ -2,7 +2,6 @@
 from kernels.decode_gemm import (  # noqa: F401
     IMPLS,
     PAIR_IMPLS,
-    LAYER_KERNEL_MAX_TOKENS,
     PAIR_KERNEL_MAX_M,
     PAIR_KERNEL_MAX_M_SMALL,
     TileConfig,

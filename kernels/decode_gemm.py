@@ -112,12 +112,14 @@ def pair_config(m: int, k: int, n: int) -> TileConfig:
 def layer_config(rows: int, k: int, n: int, num_pairs: int, *, fused: bool = False) -> TileConfig:
     """Tile table for the grouped (whole-layer) kernel: ``rows`` bounds one expert's rows.
 
-    From the H100 layer sweep (Mixtral shapes): 16-row tiles up to 32 assignments, 32-row
-    tiles above (64-row tiles were 1.7x slower); ``bk=64``, 4 warps.  ``fused`` (gate+up with
-    the SwiGLU epilogue) cannot split K; the down projection splits K until >= 2 programs per SM
-    even if only one pair is active (split 8 at Mixtral's 14336 x 4096).
+    From the H100 layer sweeps (Mixtral shapes, RESULTS.md §4 and §7): 16-row tiles up to 32
+    assignments, 32-row tiles up to 2047 (64- and 128-row tiles were 1.1-2x slower there), 128-row
+    tiles with 8 warps from 2048 assignments (1.12x faster at 1024 tokens top-2: each extra row
+    tile of a pair decodes its weights again); ``bk=64``.  ``fused`` (gate+up with the SwiGLU
+    epilogue) cannot split K; the down projection splits K until >= 2 programs per SM even if
+    only one pair is active (split 8 at Mixtral's 14336 x 4096).
     """
-    bm = 16 if rows <= 32 else 32
+    bm, warps = (16, 4) if rows <= 32 else (32, 4) if rows < 2048 else (128, 8)
     bk = max(_largest_pow2_divisor(k, 64), 64)
     bn = 64
     n_tiles, nk = pl.cdiv(n, bn), pl.cdiv(k, bk)
@@ -125,7 +127,7 @@ def layer_config(rows: int, k: int, n: int, num_pairs: int, *, fused: bool = Fal
     while (not fused and n_tiles * split < 2 * NUM_SMS and nk % (2 * split) == 0
            and nk // (2 * split) >= 4):
         split *= 2
-    return TileConfig(bm=bm, bn=bn, bk=bk, split_k=split, num_warps=4, num_stages=4)
+    return TileConfig(bm=bm, bn=bn, bk=bk, split_k=split, num_warps=warps, num_stages=4)
 
 
 SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block, with room for Triton's scratch
@@ -260,8 +262,8 @@ def dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *,
 
     ``impl``: "pallas" forces the kernel, "reference" the jnp path, "auto" the kernel where the
     H100 sweep found it faster (``pair_kernel_wins``); "mosaic" the Mosaic-GPU swap-AB kernel
-    (``kernels.mosaic_pair``, Hopper; transposed words only, M <= 256), the fastest on the H100
-    for M <= 64 (benchmarks/RESULTS.md).  ``interpret=None`` runs the kernel in interpret mode off GPU.
+    (``kernels.mosaic_pair``, Hopper only; transposed words only), the fastest on the H100 and
+    H200 at Mixtral shapes up to M = 128 (benchmarks/RESULTS.md §7).  ``interpret=None`` runs the kernel in interpret mode off GPU.
     """
     if impl not in PAIR_IMPLS:
         raise ValueError(f"impl must be one of {PAIR_IMPLS}, got {impl!r}")
@@ -439,10 +441,6 @@ def grouped_dual_gemm_reference(xs, meta, words, *, silu_mul: bool = False,
 # packed MoE layer
 # --------------------------------------------------------------------------------------------
 
-# tokens per step above which ``impl="auto"`` uses the reference (decode + ragged_dot) path
-LAYER_KERNEL_MAX_TOKENS = 256
-
-
 def _slot_order(experts: PackedExperts):
     """Expert id -> slot: dense experts first (slots 0..D-1), then pair p's i at D+2p, j at D+2p+1.
 
@@ -457,6 +455,16 @@ def _slot_order(experts: PackedExperts):
     return slot_of, P, D
 
 
+def _slot_weights(experts: PackedExperts, name: str, dtype) -> jax.Array:
+    """Decoded ``[D + 2P, K, N]`` weights of one matrix in slot order (``_slot_order``): one
+    decode fusion, no ``[E, K, N]`` scatter (``PackedExperts.unpack``)."""
+    hat_i, hat_j = codec.decode(experts.packed[name])
+    pairs = jnp.stack([hat_i, hat_j], 1).reshape((-1,) + hat_i.shape[1:]).astype(dtype)
+    if experts.dense_ids.shape[0] == 0:
+        return pairs
+    return jnp.concatenate([experts.dense[name].astype(dtype), pairs])
+
+
 def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
                    experts: PackedExperts, *, interpret: bool | None = None, impl: str = "auto",
                    gate_up_config: TileConfig | None = None,
@@ -465,29 +473,36 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     ``moe.dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype))``.
 
     Two kernel launches per step (gate+up fused with the SwiGLU epilogue, then down) for the
-    merged pairs; experts left dense go through ``jax.lax.ragged_dot``.  ``impl``: "pallas"
-    forces the kernels, "reference" the decode + ragged_dot path, "auto" the kernels up to
-    ``LAYER_KERNEL_MAX_TOKENS`` tokens.  ``interpret=None``: interpret mode off GPU.
-    ``out_dtype``: of the result (default ``x.dtype``).
+    merged pairs; experts left dense go through ``jax.lax.ragged_dot``.  ``impl``: "pallas" or
+    "auto" run the kernels at any token count (on the H100 they beat both the uncompressed XLA
+    layer and the decode path from 1 to 8192 tokens, benchmarks/RESULTS.md §7), "reference"
+    decodes the layer (``_slot_weights``) and runs ``ragged_dot``.
+    ``interpret=None``: interpret mode off GPU.  ``out_dtype``: of the result (default ``x.dtype``).
     """
     from puzzlemoe_jax.moe import combine, dense_moe_ffn  # noqa: PLC0415 (moe imports us lazily)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     T, k = topk_ids.shape
     P = experts.pairs.shape[0]
-    if (impl == "reference" or P == 0 or T == 0
-            or (impl == "auto" and T > LAYER_KERNEL_MAX_TOKENS)):
+    if P == 0 or T == 0:
         return dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype), out_dtype)
     slot_of, P, D = _slot_order(experts)   # dropped experts have no slot: they contribute zero
     slots = slot_of[topk_ids.reshape(-1)]
     order = jnp.argsort(slots, stable=True)
     tokens = order // k
     sizes = jnp.bincount(slots, length=D + 2 * P).astype(jnp.int32)
+    if impl == "reference":
+        # in the activations' dtype, as dense_moe_ffn on experts.unpack(x.dtype)
+        dot = lambda a, name: lax.ragged_dot(a, _slot_weights(experts, name, x.dtype), sizes,  # noqa: E731
+                                             preferred_element_type=jnp.float32)
+        xs = x[tokens]
+        h = (jax.nn.silu(dot(xs, "w_gate")) * dot(xs, "w_up")).astype(x.dtype)
+        return combine(x, dot(h, "w_down"), tokens, order, topk_weights, jnp.sum(sizes), out_dtype)
+    xs = x[tokens].astype(jnp.bfloat16)
     starts = jnp.cumsum(sizes) - sizes
     meta = jnp.stack([starts[D::2], sizes[D::2], starts[D + 1::2], sizes[D + 1::2]], axis=1)
     R = T * k
     max_rows = R  # a group never exceeds the number of assignments
-    xs = x[tokens].astype(jnp.bfloat16)
     pk = experts.packed
     h = grouped_dual_gemm(xs, meta, (pk["w_gate"], pk["w_up"]), max_rows=max_rows, silu_mul=True,
                           out_dtype=jnp.bfloat16, config=gate_up_config, interpret=interpret)
@@ -495,7 +510,7 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     is_dense = (jnp.arange(R) < n_dense_rows)[:, None]
     if D:
         dn = {name: w.astype(jnp.bfloat16) for name, w in experts.dense.items()}
-        dot = lambda a, w: lax.ragged_dot(a, w, sizes[:D], preferred_element_type=jnp.float32)
+        dot = lambda a, w: lax.ragged_dot(a, w, sizes[:D], preferred_element_type=jnp.float32)  # noqa: E731
         h_dense = (jax.nn.silu(dot(xs, dn["w_gate"])) * dot(xs, dn["w_up"])).astype(jnp.bfloat16)
         h = jnp.where(is_dense, h_dense, h)
     y = grouped_dual_gemm(h, meta, pk["w_down"], max_rows=max_rows, silu_mul=False,

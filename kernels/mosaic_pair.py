@@ -2,10 +2,10 @@
 
 Swap-AB: the kernel computes ``O^T = W^T A^T`` so that the decoded weights are the wgmma's A
 operand, held in registers straight after the decode (no shared-memory round trip for an MMA
-operand), and the few tokens are the wgmma's N side (8..256).  The packed words are streamed
+operand), and the few tokens are the wgmma's N side (8..128 per CTA; more tokens are split over CTAs).  The packed words are streamed
 ``[N, K]`` (K contiguous, i.e. stored transposed: ``words.T`` of the ``[K, N]`` layout) by TMA
 through a ``max_concurrent_steps``-deep shared-memory pipeline; the activations ride along in the
-same pipeline.  One CTA (one warpgroup) per ``block_n`` output columns and K split.  The decode
+same pipeline.  One CTA (one warpgroup) per ``block_n`` output columns, token block and K split.  The decode
 works on two words per 32-bit register ("swar"): on 16-bit lanes it cost a third of the time.
 
 Hopper only (sm_90a).  The tests run it in Mosaic GPU's CPU interpreter, which has neither
@@ -27,38 +27,61 @@ from puzzlemoe_jax import codec
 
 
 SMEM_BYTES = 200 * 1024   # of the H100's 227 KB per block
+TWO_PER_SM_BYTES = 112 * 1024   # shared memory per CTA with which two CTAs share an SM
+NUM_SMS = 132   # H100 SXM and H200
 
 
-def k_splits(k: int, n: int, block_n: int, block_k: int, min_ctas: int = 128) -> int:
+def k_splits(k: int, n: int, block_n: int, block_k: int, min_ctas: int = 128, m_blocks: int = 1) -> int:
     """K splits (a power of two) until the launch has >= ``min_ctas`` CTAs, keeping >= 4 K steps each."""
     split = 1
-    while (n // block_n) * split < min_ctas and (k // block_k) % (2 * split) == 0 and k // block_k // (2 * split) >= 4:
+    while (n // block_n) * m_blocks * split < min_ctas and (k // block_k) % (2 * split) == 0 and k // block_k // (2 * split) >= 4:
         split *= 2
     return split
 
 
-def mosaic_config(m: int, k: int, n: int) -> dict:
-    """Default settings from the H100 runs (benchmarks/RESULTS.md): 64 x 128 word tiles, a 4-deep
-    pipeline (fewer stages where the activation tiles of many tokens would overflow shared
-    memory, 64-deep K tiles beyond that), K split until the launch has >= 128 CTAs (about one per
-    SM: Mixtral's down projection ran 4-18 % faster with 2 splits than with 4), SWAR decode."""
-    block_n = 64
+MAX_BLOCK_M = 128   # tokens per CTA: two f32 accumulators of [64, 256] would not fit the registers
+
+
+def _padded_tokens(m: int, block_m: int | None = None) -> tuple[int, int]:
+    """(padded token count, tokens per CTA): a multiple of 8 (the wgmma N step) up to
+    ``MAX_BLOCK_M``, beyond that a multiple of the token block."""
     mp = max(8, -(-m // 8) * 8)
-    for block_k in (128, 64):             # 64-deep K tiles when many tokens' activations fill the stages
-        steps = min(4, SMEM_BYTES // (2 * block_k * (block_n + 2 * mp)))
-        if steps >= 2:
-            break
-    return dict(block_n=block_n, block_k=block_k, steps=steps, split_k=k_splits(k, n, block_n, block_k),
-                decode="swar")
+    block_m = min(block_m or MAX_BLOCK_M, mp)
+    return -(-mp // block_m) * block_m, block_m
+
+
+def mosaic_config(m: int, k: int, n: int) -> dict:
+    """Default settings from the H100 runs (benchmarks/RESULTS.md §6, §7): 64-row word tiles, K
+    split until the launch has >= 128 CTAs (about one per SM), SWAR decode, more than
+    ``MAX_BLOCK_M`` tokens split over CTAs (each re-reads the words, mostly from L2).  Pipeline:
+    a launch that fits one wave at one CTA per SM gets <= 4 stages of 128-deep K tiles in 200 KB
+    (Mixtral w2); a larger one gets 2 stages small enough for two CTAs per SM, 128-deep K
+    tiles if they fit (Mixtral w1/w3: 5-12 % faster than 4 stages up to 64 tokens, 21 % at 128)."""
+    block_n = 64
+    mp, block_m = _padded_tokens(m)
+    stage = lambda bk: 2 * bk * (block_n + 2 * block_m)  # noqa: E731 (bytes of one stage)
+    block_k = 128 if k % 128 == 0 else 64
+    split = k_splits(k, n, block_n, block_k, m_blocks=mp // block_m)
+    if (n // block_n) * (mp // block_m) * split > NUM_SMS:
+        steps = 2
+        if 2 * stage(block_k) > TWO_PER_SM_BYTES:
+            block_k = 64
+    else:
+        steps = min(4, SMEM_BYTES // stage(block_k))
+        if steps < 2:
+            block_k, steps = 64, min(4, SMEM_BYTES // stage(64))
+    return dict(block_n=block_n, block_k=block_k, block_m=block_m, steps=steps, split_k=split, decode="swar")
 
 
 def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, *, block_n: int | None = None,
-                            block_k: int | None = None, split_k: int | None = None, steps: int | None = None,
+                            block_k: int | None = None, block_m: int | None = None, split_k: int | None = None,
+                            steps: int | None = None,
                             a_in_smem: bool | None = None, interpret: bool = False, out_dtype=jnp.bfloat16,
                             decode: str | None = None, _control: str | None = None) -> tuple[jax.Array, jax.Array]:
     """``(A_i @ W_i, A_j @ W_j)`` for one packed pair given as ``words_t`` uint16 ``[N, K]``.
 
-    ``a_i``, ``a_j``: [M, K] with M <= 256.  N must be a multiple of ``block_n`` (64 or 128) and
+    ``a_i``, ``a_j``: [M, K], any M (``block_m`` tokens per CTA, at most ``MAX_BLOCK_M``).  N must
+    be a multiple of ``block_n`` (64 or 128) and
     K of ``block_k * split_k``.  f32 accumulation; split-K partials are summed by XLA.
     Settings left ``None`` come from ``mosaic_config`` (decode "select" in interpret mode).
     ``a_in_smem``: stage the decoded tiles in shared memory for the wgmma instead of feeding them
@@ -75,23 +98,24 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
         auto["decode"] = "select"
     block_n = auto["block_n"] if block_n is None else block_n
     block_k = auto["block_k"] if block_k is None else block_k
+    block_m = auto["block_m"] if block_m is None else block_m
     steps = auto["steps"] if steps is None else steps
     split_k = auto["split_k"] if split_k is None else split_k
     decode = auto["decode"] if decode is None else decode
     if decode not in ("swar", "select"):
         raise ValueError(f"unknown decode form {decode!r} (swar or select)")
     a_in_smem = interpret if a_in_smem is None else a_in_smem
-    if m > 256:
-        raise ValueError(f"at most 256 tokens per expert, got {m}")
+    if block_m % 8 or not 8 <= block_m <= MAX_BLOCK_M:
+        raise ValueError(f"block_m={block_m} must be a multiple of 8 in [8, {MAX_BLOCK_M}]")
     if block_n not in (64, 128) or N % block_n:
         raise ValueError(f"N={N} must be a multiple of block_n={block_n} (64 or 128)")
     if K % (block_k * split_k):
         raise ValueError(f"K={K} must be a multiple of block_k*split_k={block_k * split_k}")
-    mp = max(8, -(-m // 8) * 8)   # wgmma N: a multiple of 8
+    mp, block_m = _padded_tokens(m, block_m)
     nk = K // block_k // split_k
 
     def body(ai_gmem, aj_gmem, w_gmem, oi_gmem, oj_gmem):
-        n, s = lax.axis_index("n"), lax.axis_index("s")
+        t, n, s = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
 
         def acc_scope(acc_i, acc_j, dec_smem=None):
             def step(_, w_smem, ai_smem, aj_smem):
@@ -113,32 +137,32 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
             plgpu.emit_pipeline(
                 step, grid=(nk,),
                 in_specs=[plgpu.BlockSpec((block_n, block_k), lambda k: (n, s * nk + k)),
-                          plgpu.BlockSpec((mp, block_k), lambda k: (0, s * nk + k)),
-                          plgpu.BlockSpec((mp, block_k), lambda k: (0, s * nk + k))],
+                          plgpu.BlockSpec((block_m, block_k), lambda k: (t, s * nk + k)),
+                          plgpu.BlockSpec((block_m, block_k), lambda k: (t, s * nk + k))],
                 max_concurrent_steps=steps,
             )(w_gmem, ai_gmem, aj_gmem)
             return acc_i[...], acc_j[...]
 
-        accs = (plgpu.ACC((block_n, mp)), plgpu.ACC((block_n, mp)))
+        accs = (plgpu.ACC((block_n, block_m)), plgpu.ACC((block_n, block_m)))
         if a_in_smem:   # register (ACC) and shared-memory scopes cannot be opened together
             acc_i, acc_j = pl.run_scoped(lambda dec: pl.run_scoped(functools.partial(acc_scope, dec_smem=dec), *accs),
                                          plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
         else:
             acc_i, acc_j = pl.run_scoped(acc_scope, *accs)
 
-        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((2, block_n, mp), jnp.float32))
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((2, block_n, block_m), jnp.float32))
         def _store(o_smem):
             o_smem[0] = acc_i
             o_smem[1] = acc_j
             plgpu.commit_smem()
-            rows = pl.ds(n * block_n, block_n)
-            plgpu.copy_smem_to_gmem(o_smem.at[0], oi_gmem.at[s, rows])
-            plgpu.copy_smem_to_gmem(o_smem.at[1], oj_gmem.at[s, rows])
+            rows, cols = pl.ds(n * block_n, block_n), pl.ds(t * block_m, block_m)
+            plgpu.copy_smem_to_gmem(o_smem.at[0], oi_gmem.at[s, rows, cols])
+            plgpu.copy_smem_to_gmem(o_smem.at[1], oj_gmem.at[s, rows, cols])
             plgpu.wait_smem_to_gmem(0)
 
     out = jax.ShapeDtypeStruct((split_k, N, mp), jnp.float32)
     kernel = plgpu.kernel(
-        body, out_type=(out, out), grid=(N // block_n, split_k), grid_names=("n", "s"),
+        body, out_type=(out, out), grid=(mp // block_m, N // block_n, split_k), grid_names=("m", "n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
     o_i, o_j = kernel(_pad_rows(a_i, mp), _pad_rows(a_j, mp), words_t.astype(jnp.uint16))

@@ -95,19 +95,6 @@ def sample_logits(logits, key, *, greedy: bool, temperature, top_p):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-# Packed layers use the fused kernel up to this many tokens per step (kernels.LAYER_KERNEL_MAX_TOKENS)
-# and otherwise decode whole layers to dense weights; XLA may schedule those decodes of all layers
-# at once (out of memory for Mixtral-8x7B at batch 64), so packed prefills run in sequence chunks.
-PREFILL_CHUNK_TOKENS = 256
-
-
-def prefill_chunk(model, batch: int, prompt_len: int) -> int:
-    """Slots per prefill step: all of them for dense models, <= 256 tokens a step for packed ones."""
-    from puzzlemoe_jax.models import PackedExpertsModule  # noqa: PLC0415
-    packed = any(isinstance(m.experts, PackedExpertsModule) for m in model.moe_layers().values())
-    return max(1, min(prompt_len, PREFILL_CHUNK_TOKENS // batch)) if packed else prompt_len
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "chunk"))
 def _prefill(graphdef, state, ids, positions, valid, key, temperature, top_p, *, max_new: int, greedy: bool,
              chunk: int):
@@ -182,7 +169,7 @@ class Generator:
                 chunk: int | None = None):
         key = jax.random.key(0) if key is None else key
         b, L = batch.ids.shape
-        chunk = prefill_chunk(self.model, b, L) if chunk is None else int(chunk)
+        chunk = L if chunk is None else int(chunk)   # slots per prefill step (default: the whole prompt)
         return _prefill(self.graphdef, self.state, batch.ids, batch.positions, batch.valid, key,
                         jnp.float32(temperature), jnp.float32(top_p), max_new=max_new_tokens, greedy=greedy,
                         chunk=chunk)

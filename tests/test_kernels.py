@@ -149,7 +149,7 @@ def test_packed_moe_ffn_matches_dense_reference(e, h, i, t, k, ratio, dtype):
     assert got.dtype == dtype
     ref = dense_moe_ffn(x, ids, tw, experts.unpack(dtype))
     _check(got, ref, "packed_moe_ffn")
-    # the decode path (slot-ordered weights + ragged_dot): the same sums in the same order
+    # the decode path (slot-ordered weights + ragged_dot in x.dtype): the reference's function, up to sum order
     ref_path = jax.jit(functools.partial(K.packed_moe_ffn, impl="reference"))(x, ids, tw, experts)
     assert ref_path.dtype == dtype
     _check(ref_path, ref, "packed_moe_ffn(impl='reference')", tol=1e-5)

@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--no-ceilings", action="store_true")
     ap.add_argument("--reference-at", default="1,64",
                     help="token counts at which to time impl='reference' too (decode the layer + ragged_dot)")
+    ap.add_argument("--mosaic", action="store_true",
+                    help="also time impl='mosaic' (grouped Mosaic-GPU kernel, words transposed once beforehand)")
     args = ap.parse_args()
     t0 = time.time()
     E, H, I, k = args.experts, args.hidden, args.inter, args.topk
@@ -59,6 +61,7 @@ def main():
     }
     experts, _ = compress_layer(weights, args.ratio)
     merged_dense = jax.block_until_ready(experts.unpack(jnp.bfloat16))  # reference weights
+    mosaic_words = jax.block_until_ready(K.mosaic_layer_words(experts)) if args.mosaic else None
     res["bytes"] = dict(dense=sum(int(w.size) * 2 for w in weights.values()), packed=experts.nbytes())
     print(res["info"], res.get("ceilings"), res["bytes"], flush=True)
 
@@ -78,9 +81,9 @@ def main():
         _, t_dense, s_dense, n_dense = cupti_time(dense_fn, (x, ids, tw, weights), iterations=args.iters)
 
         def run(cfg_gu=None, cfg_dn=None, impl="pallas"):
-            fn = jax.jit(functools.partial(K.packed_moe_ffn, impl=impl, gate_up_config=cfg_gu,
-                                           down_config=cfg_dn))
-            out, t, s, names = cupti_time(fn, (x, ids, tw, experts), iterations=args.iters)
+            fn = jax.jit(lambda x, ids, tw, ex, mw: K.packed_moe_ffn(
+                x, ids, tw, ex, impl=impl, gate_up_config=cfg_gu, down_config=cfg_dn, mosaic_words=mw))
+            out, t, s, names = cupti_time(fn, (x, ids, tw, experts, mosaic_words), iterations=args.iters)
             err, finite = rel_err(out, ref)
             return dict(ms=t, spread_ms=s, err=err, finite=finite, ok=finite and err < 1e-2,
                         speedup=t_dense / t, kernels=names)
@@ -91,6 +94,11 @@ def main():
         P = int(experts.pairs.shape[0])
         row["packed"]["gate_up_config"] = dataclasses.asdict(K.layer_config(T * k, H, I, P, fused=True))
         row["packed"]["down_config"] = dataclasses.asdict(K.layer_config(T * k, I, H, P))
+        if args.mosaic:
+            row["packed_mosaic"] = run(impl="mosaic")
+            m = row["packed_mosaic"]
+            print(f"T={T:4d} impl='mosaic' {m['ms'] * 1e3:8.1f}us x{m['speedup']:.2f} err {m['err']:.1e} ok={m['ok']}",
+                  flush=True)
         if str(T) in args.reference_at.split(","):
             row["packed_reference_impl"] = run(impl="reference")
             print(f"T={T:4d} impl='reference' {row['packed_reference_impl']['ms'] * 1e3:8.1f}us "
@@ -129,12 +137,14 @@ def main():
                 write_json(args.out, res)
     res["elapsed_s"] = time.time() - t0
     write_json(args.out, res)
-    print("\n   T  experts pairs   dense_us  packed_us  speedup   err      ok  reference_us speedup")
+    print("\n   T  experts pairs   dense_us  packed_us  speedup   err      ok  mosaic_us speedup ok  reference_us speedup")
     for row in res["rows"]:
-        p, r = row["packed"], row.get("packed_reference_impl", {})
+        p, m, r = row["packed"], row.get("packed_mosaic", {}), row.get("packed_reference_impl", {})
+        nan = float("nan")
         print(f"{row['T']:4d} {row['active_experts']:7d} {row['active_pairs']:5d} {row['dense_ms']*1e3:10.1f} "
               f"{p['ms']*1e3:10.1f} {p['speedup']:8.2f} {p['err']:.1e} {p['ok']}  "
-              f"{r.get('ms', float('nan'))*1e3:10.1f} {r.get('speedup', float('nan')):6.2f}")
+              f"{m.get('ms', nan)*1e3:9.1f} {m.get('speedup', nan):6.2f} {m.get('ok')}  "
+              f"{r.get('ms', nan)*1e3:10.1f} {r.get('speedup', nan):6.2f}")
 
 
 if __name__ == "__main__":

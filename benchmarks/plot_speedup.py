@@ -44,6 +44,10 @@ def main(src, dst, layer=None, mosaic=None):
         rows = sorted(merged_rows(files, lambda r: r["T"]), key=lambda r: r["T"])
         ax = axes[0][1]
         ax.plot([r["T"] for r in rows], [r["packed"]["speedup"] for r in rows], "o-", label="packed layer (fused Triton kernels)")
+        mos_rows = [r for r in rows if "packed_mosaic" in r]
+        if mos_rows:
+            ax.plot([r["T"] for r in mos_rows], [r["packed_mosaic"]["speedup"] for r in mos_rows], "s--",
+                    label="packed layer (grouped Mosaic kernel, impl='mosaic')")
         ax.axhline(1.8, color="gray", ls="--", lw=1, label="1.8x target")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xscale("log", base=2)

@@ -120,14 +120,16 @@ def mosaic_summary(files):
 
 def layer_summary(files):
     """Uncompressed vs packed layer (and impl='reference' where timed), one row per T, merged over runs."""
-    out = ["| tokens T | active pairs | uncompressed XLA layer (µs) | packed layer (µs) | speed-up | impl='reference' (µs) | "
-           "gate_up tile (bm, warps) | rel. err | run (UTC) |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| tokens T | active pairs | uncompressed XLA layer (µs) | packed, Triton (µs) | speed-up | "
+           "packed, Mosaic (µs) | speed-up | impl='reference' (µs) | Triton gate_up tile (bm, warps) | rel. err Triton / Mosaic | run (UTC) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(merged_rows(files, lambda r: r["T"]), key=lambda r: r["T"]):
-        p, ref = r["packed"], r.get("packed_reference_impl", {})
+        p, mo, ref = r["packed"], r.get("packed_mosaic", {}), r.get("packed_reference_impl", {})
         g = p.get("gate_up_config", {})
+        err = lambda t: "n/a" if "err" not in t else f"{t['err']:.1e}{'' if t['ok'] else ' FAIL'}"  # noqa: E731
         out.append(f"| {r['T']} | {r['active_pairs']} | {us(r['dense_ms'])} | {us(p['ms'])} | {p['speedup']:.2f} | "
-                   f"{us(ref.get('ms'))} | {g.get('bm')}, {g.get('num_warps')} | {p['err']:.1e}{'' if p['ok'] else ' FAIL'} | "
-                   f"{r['_run']['date_utc'][5:16]} |")
+                   f"{us(mo.get('ms'))} | {mo.get('speedup', float('nan')):.2f} | {us(ref.get('ms'))} | "
+                   f"{g.get('bm')}, {g.get('num_warps')} | {err(p)} / {err(mo)} | {r['_run']['date_utc'][5:16]} |")
     return "\n".join(out)
 
 

@@ -11,6 +11,7 @@ from kernels.decode_gemm import (  # noqa: F401
     grouped_dual_gemm,
     grouped_dual_gemm_reference,
     layer_config,
+    mosaic_layer_words,
     packed_moe_ffn,
     pair_config,
     pair_kernel_wins,

@@ -465,10 +465,42 @@ def _slot_weights(experts: PackedExperts, name: str, dtype) -> jax.Array:
     return jnp.concatenate([experts.dense[name].astype(dtype), pairs])
 
 
+def mosaic_layer_words(experts: PackedExperts) -> dict[str, jax.Array]:
+    """The layer's words in the Mosaic grouped kernel's layout (``packed_moe_ffn(impl="mosaic")``):
+    ``gate_up`` uint16 [P, 2I, H] (gate's then up's transposed words) and ``down`` [P, H, I].
+    A full copy of the packed weights: build it once, when the layer is loaded."""
+    pk = experts.packed
+    t = lambda w: jnp.swapaxes(w, 1, 2)  # noqa: E731
+    return {"gate_up": jnp.concatenate([t(pk["w_gate"]), t(pk["w_up"])], axis=1), "down": t(pk["w_down"])}
+
+
+def _mosaic_pairs(xs, sizes, D, experts: PackedExperts, words, interpret):
+    """Down-projected outputs [R, H] f32 of the rows of ``xs`` [R, H] (grouped by slot) that belong to
+    merged pairs, with the Mosaic grouped kernel (two launches); other rows are 0."""
+    from kernels.mosaic_pair import grouped_block_m, grouped_layout, mosaic_grouped_dual_gemm  # noqa: PLC0415
+    R = xs.shape[0]
+    P = experts.pairs.shape[0]
+    words = words or mosaic_layer_words(experts)
+    inter = words["gate_up"].shape[1] // 2
+    bm = grouped_block_m(R, experts.num_experts)
+    pad_start, tiles, padded_rows = grouped_layout(sizes, D, bm, R)
+    starts = jnp.cumsum(sizes) - sizes
+    slot = jnp.repeat(jnp.arange(D + 2 * P, dtype=jnp.int32), sizes, total_repeat_length=R)
+    in_pair = (jnp.arange(R) < jnp.sum(sizes)) & (slot >= D)
+    pos = jnp.where(in_pair, pad_start[slot] + jnp.arange(R) - starts[slot], padded_rows - 1)  # spare row
+    xs_pad = jnp.zeros((padded_rows, xs.shape[1]), jnp.bfloat16).at[pos].set(
+        jnp.where(in_pair[:, None], xs, 0).astype(jnp.bfloat16))
+    gemm = functools.partial(mosaic_grouped_dual_gemm, tiles=tiles, block_m=bm, interpret=interpret)
+    gu = gemm(xs_pad, words_t=words["gate_up"])
+    h = (jax.nn.silu(gu[:, :inter]) * gu[:, inter:]).astype(jnp.bfloat16)
+    return jnp.where(in_pair[:, None], gemm(h, words_t=words["down"])[pos], 0.0)
+
+
 def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
                    experts: PackedExperts, *, interpret: bool | None = None, impl: str = "auto",
                    gate_up_config: TileConfig | None = None,
-                   down_config: TileConfig | None = None, out_dtype=None) -> jax.Array:
+                   down_config: TileConfig | None = None, out_dtype=None,
+                   mosaic_words: dict[str, jax.Array] | None = None) -> jax.Array:
     """Routed-expert FFN of a packed layer with the fused kernels: same function as
     ``moe.dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype))``.
 
@@ -476,12 +508,14 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     merged pairs; experts left dense go through ``jax.lax.ragged_dot``.  ``impl``: "pallas" or
     "auto" run the kernels at any token count (on the H100 they beat both the uncompressed XLA
     layer and the decode path from 1 to 8192 tokens, benchmarks/RESULTS.md §7), "reference"
-    decodes the layer (``_slot_weights``) and runs ``ragged_dot``.
+    decodes the layer (``_slot_weights``) and runs ``ragged_dot``; "mosaic" runs the pairs through the
+    Mosaic-GPU grouped kernel (Hopper; ``mosaic_words`` = ``mosaic_layer_words(experts)``, built once,
+    else built per call) with the SwiGLU between its two launches in XLA.
     ``interpret=None``: interpret mode off GPU.  ``out_dtype``: of the result (default ``x.dtype``).
     """
     from puzzlemoe_jax.moe import combine, dense_moe_ffn  # noqa: PLC0415 (moe imports us lazily)
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in PAIR_IMPLS:
+        raise ValueError(f"impl must be one of {PAIR_IMPLS}, got {impl!r}")
     T, k = topk_ids.shape
     P = experts.pairs.shape[0]
     if P == 0 or T == 0:
@@ -499,22 +533,20 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
         h = (jax.nn.silu(dot(xs, "w_gate")) * dot(xs, "w_up")).astype(x.dtype)
         return combine(x, dot(h, "w_down"), tokens, order, topk_weights, jnp.sum(sizes), out_dtype)
     xs = x[tokens].astype(jnp.bfloat16)
-    starts = jnp.cumsum(sizes) - sizes
-    meta = jnp.stack([starts[D::2], sizes[D::2], starts[D + 1::2], sizes[D + 1::2]], axis=1)
-    R = T * k
-    max_rows = R  # a group never exceeds the number of assignments
-    pk = experts.packed
-    h = grouped_dual_gemm(xs, meta, (pk["w_gate"], pk["w_up"]), max_rows=max_rows, silu_mul=True,
-                          out_dtype=jnp.bfloat16, config=gate_up_config, interpret=interpret)
-    n_dense_rows = jnp.sum(sizes[:D]) if D else jnp.int32(0)
-    is_dense = (jnp.arange(R) < n_dense_rows)[:, None]
-    if D:
+    if impl == "mosaic":
+        y = _mosaic_pairs(xs, sizes, D, experts, mosaic_words, _interpret(interpret))
+    else:
+        starts = jnp.cumsum(sizes) - sizes
+        meta = jnp.stack([starts[D::2], sizes[D::2], starts[D + 1::2], sizes[D + 1::2]], axis=1)
+        max_rows = T * k  # a group never exceeds the number of assignments
+        pk = experts.packed
+        h = grouped_dual_gemm(xs, meta, (pk["w_gate"], pk["w_up"]), max_rows=max_rows, silu_mul=True,
+                              out_dtype=jnp.bfloat16, config=gate_up_config, interpret=interpret)
+        y = grouped_dual_gemm(h, meta, pk["w_down"], max_rows=max_rows, silu_mul=False,
+                              out_dtype=jnp.float32, config=down_config, interpret=interpret)
+    if D:   # experts left dense: the first rows, through ragged_dot
         dn = {name: w.astype(jnp.bfloat16) for name, w in experts.dense.items()}
         dot = lambda a, w: lax.ragged_dot(a, w, sizes[:D], preferred_element_type=jnp.float32)  # noqa: E731
         h_dense = (jax.nn.silu(dot(xs, dn["w_gate"])) * dot(xs, dn["w_up"])).astype(jnp.bfloat16)
-        h = jnp.where(is_dense, h_dense, h)
-    y = grouped_dual_gemm(h, meta, pk["w_down"], max_rows=max_rows, silu_mul=False,
-                          out_dtype=jnp.float32, config=down_config, interpret=interpret)
-    if D:
-        y = jnp.where(is_dense, dot(h, dn["w_down"]), y)
+        y = jnp.where((jnp.arange(T * k) < jnp.sum(sizes[:D]))[:, None], dot(h_dense, dn["w_down"]), y)
     return combine(x, y, tokens, order, topk_weights, jnp.sum(sizes), out_dtype)

@@ -50,19 +50,21 @@ def _padded_tokens(m: int, block_m: int | None = None) -> tuple[int, int]:
     return -(-mp // block_m) * block_m, block_m
 
 
-def mosaic_config(m: int, k: int, n: int) -> dict:
+def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None) -> dict:
     """Default settings from the H100 runs (benchmarks/RESULTS.md §6, §7): 64-row word tiles, K
     split until the launch has >= 128 CTAs (about one per SM), SWAR decode, more than
     ``MAX_BLOCK_M`` tokens split over CTAs (each re-reads the words, mostly from L2).  Pipeline:
     a launch that fits one wave at one CTA per SM gets <= 4 stages of 128-deep K tiles in 200 KB
     (Mixtral w2); a larger one gets 2 stages small enough for two CTAs per SM, 128-deep K
-    tiles if they fit (Mixtral w1/w3: 5-12 % faster than 4 stages up to 64 tokens, 21 % at 128)."""
+    tiles if they fit (Mixtral w1/w3: 5-12 % faster than 4 stages up to 64 tokens, 21 % at 128).
+    ``m_blocks``: token blocks of the launch when not ``m``'s (the grouped kernel: its live tiles)."""
     block_n = 64
     mp, block_m = _padded_tokens(m)
+    m_blocks = mp // block_m if m_blocks is None else m_blocks
     stage = lambda bk: 2 * bk * (block_n + 2 * block_m)  # noqa: E731 (bytes of one stage)
     block_k = 128 if k % 128 == 0 else 64
-    split = k_splits(k, n, block_n, block_k, m_blocks=mp // block_m)
-    if (n // block_n) * (mp // block_m) * split > NUM_SMS:
+    split = k_splits(k, n, block_n, block_k, m_blocks=m_blocks)
+    if (n // block_n) * m_blocks * split > NUM_SMS:
         steps = 2
         if 2 * stage(block_k) > TWO_PER_SM_BYTES:
             block_k = 64
@@ -114,59 +116,150 @@ def mosaic_dual_decode_gemm(a_i: jax.Array, a_j: jax.Array, words_t: jax.Array, 
     mp, block_m = _padded_tokens(m, block_m)
     nk = K // block_k // split_k
 
+    tile = functools.partial(_pair_tile, block_n=block_n, block_k=block_k, block_m=block_m, steps=steps, nk=nk,
+                             decode=decode, a_in_smem=a_in_smem, control=_control)
+
     def body(ai_gmem, aj_gmem, w_gmem, oi_gmem, oj_gmem):
-        t, n, s = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("s")
-
-        def acc_scope(acc_i, acc_j, dec_smem=None):
-            def step(_, w_smem, ai_smem, aj_smem):
-                if _control == "stream_only":
-                    return
-                if _control == "no_decode":
-                    w_i = w_j = lax.bitcast_convert_type(w_smem[...], jnp.bfloat16)
-                else:
-                    w_i, w_j = _decode_bf16(w_smem[...], decode)
-                if dec_smem is not None:
-                    dec_smem[0] = w_i
-                    dec_smem[1] = w_j
-                    plgpu.commit_smem()
-                    w_i, w_j = dec_smem.at[0], dec_smem.at[1]
-                plgpu.wgmma(acc_i, w_i, ai_smem.T)
-                plgpu.wgmma(acc_j, w_j, aj_smem.T)
-                plgpu.wgmma_wait(0)
-
-            plgpu.emit_pipeline(
-                step, grid=(nk,),
-                in_specs=[plgpu.BlockSpec((block_n, block_k), lambda k: (n, s * nk + k)),
-                          plgpu.BlockSpec((block_m, block_k), lambda k: (t, s * nk + k)),
-                          plgpu.BlockSpec((block_m, block_k), lambda k: (t, s * nk + k))],
-                max_concurrent_steps=steps,
-            )(w_gmem, ai_gmem, aj_gmem)
-            return acc_i[...], acc_j[...]
-
-        accs = (plgpu.ACC((block_n, block_m)), plgpu.ACC((block_n, block_m)))
-        if a_in_smem:   # register (ACC) and shared-memory scopes cannot be opened together
-            acc_i, acc_j = pl.run_scoped(lambda dec: pl.run_scoped(functools.partial(acc_scope, dec_smem=dec), *accs),
-                                         plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
-        else:
-            acc_i, acc_j = pl.run_scoped(acc_scope, *accs)
-
-        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((2, block_n, block_m), jnp.float32))
-        def _store(o_smem):
-            o_smem[0] = acc_i
-            o_smem[1] = acc_j
-            plgpu.commit_smem()
-            rows, cols = pl.ds(n * block_n, block_n), pl.ds(t * block_m, block_m)
-            plgpu.copy_smem_to_gmem(o_smem.at[0], oi_gmem.at[s, rows, cols])
-            plgpu.copy_smem_to_gmem(o_smem.at[1], oj_gmem.at[s, rows, cols])
-            plgpu.wait_smem_to_gmem(0)
+        t = lax.axis_index("m")
+        tile(w_gmem, ai_gmem, aj_gmem, t, t, oi_gmem, oj_gmem)
 
     out = jax.ShapeDtypeStruct((split_k, N, mp), jnp.float32)
-    kernel = plgpu.kernel(
-        body, out_type=(out, out), grid=(mp // block_m, N // block_n, split_k), grid_names=("m", "n", "s"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None)
+    kernel = _kernel(body, (out, out), (mp // block_m, N // block_n, split_k), interpret)
     o_i, o_j = kernel(_pad_rows(a_i, mp), _pad_rows(a_j, mp), words_t.astype(jnp.uint16))
     return _finish(o_i, a_i.shape[0], out_dtype), _finish(o_j, a_j.shape[0], out_dtype)
+
+
+def _kernel(body, out_type, grid, interpret):
+    return plgpu.kernel(
+        body, out_type=out_type, grid=grid, grid_names=("m", "n", "s"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None)
+
+
+def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, block_k, block_m, steps, nk,
+               decode, a_in_smem, control=None):
+    """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
+    ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
+    (rows of ``block_m``), store the f32 ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
+    ``bj*block_m`` of ``oj_gmem[s]``."""
+    n, s = lax.axis_index("n"), lax.axis_index("s")
+
+    def acc_scope(acc_i, acc_j, dec_smem=None):
+        def step(_, w_smem, ai_smem, aj_smem):
+            if control == "stream_only":
+                return
+            if control == "no_decode":
+                w_i = w_j = lax.bitcast_convert_type(w_smem[...], jnp.bfloat16)
+            else:
+                w_i, w_j = _decode_bf16(w_smem[...], decode)
+            if dec_smem is not None:
+                dec_smem[0] = w_i
+                dec_smem[1] = w_j
+                plgpu.commit_smem()
+                w_i, w_j = dec_smem.at[0], dec_smem.at[1]
+            plgpu.wgmma(acc_i, w_i, ai_smem.T)
+            plgpu.wgmma(acc_j, w_j, aj_smem.T)
+            plgpu.wgmma_wait(0)
+
+        plgpu.emit_pipeline(
+            step, grid=(nk,),
+            in_specs=[plgpu.BlockSpec((block_n, block_k), lambda k: (n, s * nk + k)),
+                      plgpu.BlockSpec((block_m, block_k), lambda k: (bi, s * nk + k)),
+                      plgpu.BlockSpec((block_m, block_k), lambda k: (bj, s * nk + k))],
+            max_concurrent_steps=steps,
+        )(w_gmem, ai_gmem, aj_gmem)
+        return acc_i[...], acc_j[...]
+
+    accs = (plgpu.ACC((block_n, block_m)), plgpu.ACC((block_n, block_m)))
+    if a_in_smem:   # register (ACC) and shared-memory scopes cannot be opened together
+        acc_i, acc_j = pl.run_scoped(lambda dec: pl.run_scoped(functools.partial(acc_scope, dec_smem=dec), *accs),
+                                     plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
+    else:
+        acc_i, acc_j = pl.run_scoped(acc_scope, *accs)
+
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((2, block_n, block_m), jnp.float32))
+    def _store(o_smem):
+        o_smem[0] = acc_i
+        o_smem[1] = acc_j
+        plgpu.commit_smem()
+        rows = pl.ds(n * block_n, block_n)
+        plgpu.copy_smem_to_gmem(o_smem.at[0], oi_gmem.at[s, rows, pl.ds(bi * block_m, block_m)])
+        plgpu.copy_smem_to_gmem(o_smem.at[1], oj_gmem.at[s, rows, pl.ds(bj * block_m, block_m)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def grouped_block_m(rows: int, num_experts: int) -> int:
+    """Token block of the grouped kernel for ``rows`` routed rows over ``num_experts``: twice the mean
+    rows per expert (most pairs then take one tile: with 1.5x, T = 64 top-2 ran 6 % slower than
+    the Triton layer), a multiple of 8 in [8, ``MAX_BLOCK_M``]."""
+    return min(MAX_BLOCK_M, max(8, -(-(2 * rows) // (num_experts * 8)) * 8))
+
+
+def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
+    """Block-aligned row layout of a layer's pair slots for ``mosaic_grouped_dual_gemm``.
+
+    ``sizes`` int32 [D + 2P]: rows per slot (dense experts first, then pair p's i and j at D+2p,
+    D+2p+1, as ``decode_gemm._slot_order``); ``rows`` a static bound on their sum.  Each pair slot
+    gets its rows rounded up to ``block_m``; one spare block at the end belongs to nobody.
+    Returns ``(pad_start [D+2P], tiles [T, 4], padded_rows)``: the padded row where each pair slot
+    starts (dense slots: 0, unused), and per tile (pair, block of i, block of j, live), where a pair
+    side with no rows left in the tile reads and writes the spare block; ``T`` = ``rows /
+    block_m + P`` bounds the live tiles, the rest have live = 0.
+    """
+    D = num_dense
+    P = (sizes.shape[0] - D) // 2
+    blocks = jnp.where(jnp.arange(sizes.shape[0]) >= D, -(-sizes // block_m), 0)
+    pad_start = (jnp.cumsum(blocks) - blocks) * block_m
+    padded_rows = (-(-rows // block_m) + 2 * P + 1) * block_m   # sum of blocks <= rows/bm + 2P, + spare
+    spare = padded_rows // block_m - 1
+    n_i, n_j = blocks[D::2], blocks[D + 1::2]
+    per_pair = jnp.maximum(n_i, n_j)
+    T = -(-rows // block_m) + P
+    pair = jnp.repeat(jnp.arange(P, dtype=jnp.int32), per_pair, total_repeat_length=T)
+    t = jnp.arange(T, dtype=jnp.int32) - (jnp.cumsum(per_pair) - per_pair)[pair]
+    live = jnp.arange(T) < per_pair.sum()
+    b_i = jnp.where(t < n_i[pair], pad_start[D::2][pair] // block_m + t, spare)
+    b_j = jnp.where(t < n_j[pair], pad_start[D + 1::2][pair] // block_m + t, spare)
+    tiles = jnp.stack([pair, b_i, b_j, live.astype(jnp.int32)], 1).astype(jnp.int32)
+    return pad_start, tiles, padded_rows
+
+
+def mosaic_grouped_dual_gemm(xs: jax.Array, tiles: jax.Array, words_t: jax.Array, *, block_m: int,
+                             live_tiles: int | None = None, interpret: bool = False, **settings) -> jax.Array:
+    """All pairs of a layer in one launch: ``xs`` [R_pad, K] in ``grouped_layout``'s row layout,
+    ``tiles`` its tile table, ``words_t`` uint16 [P, N, K] (transposed words).  Returns f32
+    [R_pad, N]: row r = xs[r] @ W of the pair side owning r's block; rows of the spare block and of
+    blocks no live tile covers are **not written** (garbage: select them away by index).
+    ``live_tiles``: expected live tiles, for the grid rule (default P); ``settings`` as
+    ``mosaic_dual_decode_gemm``'s (``block_n``, ``block_k``, ``split_k``, ``steps``, ``decode``, ``a_in_smem``).
+    """
+    P, N, K = words_t.shape
+    auto = mosaic_config(block_m, K, N, m_blocks=live_tiles or P)
+    cfg = {**auto, "decode": "select" if interpret else auto["decode"], "a_in_smem": interpret,
+           **{k: v for k, v in settings.items() if v is not None}}
+    block_n, block_k, split_k = cfg["block_n"], cfg["block_k"], cfg["split_k"]
+    if block_m % 8 or not 8 <= block_m <= MAX_BLOCK_M or xs.shape[0] % block_m:
+        raise ValueError(f"block_m={block_m} must be a multiple of 8 in [8, {MAX_BLOCK_M}] dividing the "
+                         f"{xs.shape[0]} rows")
+    if block_n not in (64, 128) or N % block_n or K % (block_k * split_k):
+        raise ValueError(f"[N, K]=[{N}, {K}] must be multiples of block_n={block_n} and block_k*split_k="
+                         f"{block_k * split_k}")
+    nk = K // block_k // split_k
+    tile = functools.partial(_pair_tile, block_n=block_n, block_k=block_k, block_m=block_m, steps=cfg["steps"],
+                             nk=nk, decode=cfg["decode"], a_in_smem=cfg["a_in_smem"])
+
+    def body(tiles_gmem, x_gmem, w_gmem, o_gmem):
+        t = lax.axis_index("m")
+        p, b_i, b_j, live = (tiles_gmem[t, c] for c in range(4))   # scalar loads from GMEM
+
+        @pl.when(live > 0)
+        def _():
+            tile(w_gmem.at[p], x_gmem, x_gmem, b_i, b_j, o_gmem, o_gmem)
+
+    out = jax.ShapeDtypeStruct((split_k, N, xs.shape[0]), jnp.float32)
+    o = _kernel(body, out, (tiles.shape[0], N // block_n, split_k), interpret)(
+        tiles.astype(jnp.int32), xs.astype(jnp.bfloat16), words_t.astype(jnp.uint16))
+    return o.sum(0).T
 
 
 def _pad_rows(a, rows):

@@ -306,3 +306,71 @@ def test_mosaic_pair_kernel_rejects_bad_shapes():
         mosaic_dual_decode_gemm(a, a, jnp.zeros((64, 256), jnp.uint16), block_m=12, interpret=True)
     with pytest.raises(ValueError, match="decode form"):
         mosaic_dual_decode_gemm(a, a, jnp.zeros((64, 256), jnp.uint16), decode="nope", interpret=True)
+
+
+@pytest.mark.parametrize("sizes,num_dense,block_m", [
+    ([3, 0, 5, 1, 0, 0], 0, 8),
+    ([2, 7, 9, 17, 0, 8, 1], 1, 8),        # one dense slot first, sizes across block edges
+    ([0, 0, 40, 3, 129, 130], 0, 16),
+    ([0, 0, 0, 0], 0, 128),                # no rows at all: no live tile
+])
+def test_grouped_layout_covers_every_pair_row_once(sizes, num_dense, block_m):
+    """Every row of every pair slot lies in exactly one live tile's block of its own side; blocks
+    are aligned, owned by one slot, inside the padded rows; dead sides use the spare block."""
+    from kernels.mosaic_pair import grouped_layout
+    sizes = np.asarray(sizes, np.int32)
+    rows = int(sizes.sum()) + 5            # a static bound above the real count
+    pad_start, tiles, padded = grouped_layout(jnp.asarray(sizes), num_dense, block_m, rows)
+    pad_start, tiles = np.asarray(pad_start), np.asarray(tiles)
+    P = (len(sizes) - num_dense) // 2
+    spare = padded // block_m - 1
+    assert padded % block_m == 0 and tiles.shape == (-(-rows // block_m) + P, 4)
+    covered = {}
+    for p, b_i, b_j, live in tiles:
+        if not live:
+            continue
+        for side, b in ((0, b_i), (1, b_j)):
+            if b == spare:
+                continue
+            slot = num_dense + 2 * p + side
+            r0 = b * block_m - pad_start[slot]
+            assert pad_start[slot] % block_m == 0 and 0 <= r0 < sizes[slot], (p, side, b)
+            assert (slot, r0) not in covered
+            covered[(slot, r0)] = True
+    want = {(num_dense + q, r0) for q in range(2 * P) for r0 in range(0, sizes[num_dense + q], block_m)}
+    assert set(covered) == want
+    ends = [pad_start[s] + -(-sizes[s] // block_m) * block_m for s in range(num_dense, len(sizes))]
+    assert max(ends, default=0) <= spare * block_m       # the spare block is nobody's
+
+
+@pytest.mark.parametrize("t,ratio,drop", [(1, 0.5, False), (9, 0.5, False), (7, 0.25, True)])
+def test_packed_moe_ffn_mosaic_matches_dense_reference(t, ratio, drop):
+    """impl="mosaic" (grouped Mosaic kernel in its interpreter, SwiGLU in XLA) on random routing,
+    with dense and dropped experts beside the pairs."""
+    rng = _rng(31 + t)
+    e, h, i, k = 8, 128, 192, 2
+    experts = _layer(rng, e, h, i, ratio)
+    if drop:   # keep 2 of the 4 dense experts, drop the others (routed to anyway)
+        keep = np.asarray(experts.dense_ids)[:2]
+        experts = dataclasses.replace(experts, dense_ids=jnp.asarray(keep),
+                                      dense={n: v[:2] for n, v in experts.dense.items()},
+                                      dropped_ids=jnp.asarray(np.asarray(experts.dense_ids)[2:]))
+    x = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
+    ids = jnp.asarray(np.argsort(-rng.standard_normal((t, e)), 1)[:, :k], jnp.int32)
+    tw = jnp.asarray(rng.random((t, k)), jnp.float32)
+    ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.bfloat16))
+    words = K.mosaic_layer_words(experts)
+    got = jax.jit(functools.partial(K.packed_moe_ffn, impl="mosaic", interpret=True))(
+        x, ids, tw, experts, mosaic_words=words)
+    _check(got, ref, "packed_moe_ffn(impl='mosaic')")
+
+
+def test_mosaic_grouped_kernel_rejects_bad_shapes():
+    from kernels.mosaic_pair import mosaic_grouped_dual_gemm
+    tiles = jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(ValueError, match="block_m=12 must be a multiple of 8"):
+        mosaic_grouped_dual_gemm(jnp.zeros((48, 256), jnp.bfloat16), tiles, jnp.zeros((1, 64, 256), jnp.uint16),
+                                 block_m=12, interpret=True)
+    with pytest.raises(ValueError, match="multiples of block_n"):
+        mosaic_grouped_dual_gemm(jnp.zeros((16, 256), jnp.bfloat16), tiles, jnp.zeros((1, 96, 256), jnp.uint16),
+                                 block_m=8, interpret=True)

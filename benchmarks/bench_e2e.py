@@ -10,7 +10,8 @@ runs once (ratio 0.5: 4 pairs of 8 experts) on one layer of random experts; ever
 words are that layer's words rolled along the output axis by the layer index (distinct buffers with
 the statistics of real merged words, without 32 merges).  Both models run the same stack:
 ``puzzlemoe_jax.generate`` (jit prefill, then one jit ``while_loop`` over the decode steps);
-packed layers use the Pallas kernel (``moe.moe_ffn`` impl "auto"), dense ones ``ragged_dot``;
+packed layers use the Pallas-Triton kernels (``moe.moe_ffn`` impl "auto"; ``--packed-impl mosaic``: the
+grouped Mosaic-GPU kernel, ``CausalLM.use_mosaic``), dense ones ``ragged_dot``;
 both prefill the whole prompt in one step.
 
 Each configuration runs in its own subprocess (peak memory is per process).  Timing: wall clock
@@ -127,6 +128,11 @@ def build_model(shape: str, layers: int, packed: bool, impl: str = "auto", seed:
     del words0
     state = nnx.from_flat_state(flat)
     model = nnx.merge(graphdef, state)
+    del state, flat   # (use_mosaic frees each layer's [K, N] words as it replaces them)
+    if packed and impl == "mosaic":
+        if mesh is not None and mesh.size > 1:
+            raise ValueError("--packed-impl mosaic runs on one device (mesh 1x1)")
+        model.use_mosaic()
     return shard_model(model, mesh) if mesh is not None else model
 
 
@@ -284,7 +290,8 @@ def _gib(x):
 
 
 def _name(r) -> str:
-    return ("packed 50 %" if r["packed"] else "uncompressed") + (f" @{r['mesh']}" if r.get("mesh", "1x1") != "1x1" else "")
+    return ((f"packed 50 % ({r['impl']})" if r.get("impl", "auto") != "auto" else "packed 50 %") if r["packed"]
+            else "uncompressed") + (f" @{r['mesh']}" if r.get("mesh", "1x1") != "1x1" else "")
 
 
 def _per_gpu(r) -> str:
@@ -375,6 +382,8 @@ def main(argv=None):
     ap.add_argument("--worker-check", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--packed-impl", default="auto", choices=("auto", "mosaic"),
+                    help="packed layers: auto (Pallas-Triton kernels) or mosaic (grouped Mosaic-GPU kernel, 1x1 only)")
     ap.add_argument("--impl", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--mesh", default="1x1", help=argparse.SUPPRESS)
     ap.add_argument("--min-left-s", type=float, default=45.0, help=argparse.SUPPRESS)
@@ -436,7 +445,7 @@ def main(argv=None):
     def run_job(job, share, gpu):
         mesh, c, layers, packed = job
         argv = base + ["--worker", "--layers", str(layers), "--mesh", mesh, "--budget-s", str(share - 15)] + (
-            ["--packed"] if packed else [])
+            ["--packed", "--impl", args.packed_impl] if packed else [])
         job_env = dict(env)
         if gpu is not None:
             job_env["CUDA_VISIBLE_DEVICES"] = str(gpu)

@@ -406,7 +406,8 @@ def save_pretrained(model: CausalLM, out_dir, hf_config: Mapping[str, Any], puzz
 
 
 def load_pretrained(path, *, impl: str = "auto") -> CausalLM:
-    """Load a directory written by ``python -m convert`` (or ``save_pretrained``) as a CausalLM."""
+    """Load a directory written by ``python -m convert`` (or ``save_pretrained``) as a CausalLM.
+    ``impl="mosaic"`` also re-lays the packed words out for the grouped Mosaic kernel (``CausalLM.use_mosaic``)."""
     path = Path(path)
     try:
         hf = json.loads((path / "config.json").read_text())
@@ -447,7 +448,11 @@ def load_pretrained(path, *, impl: str = "auto") -> CausalLM:
             node = node.setdefault(k, {})
         node[key[-1]] = a
     nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if impl == "mosaic":
+        del state, pure, flat   # the [K, N] words must be freed layer by layer as use_mosaic replaces them
+        model.use_mosaic()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------

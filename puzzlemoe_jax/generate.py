@@ -244,8 +244,9 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", default="", help="stop token ids, comma-separated")
-    ap.add_argument("--impl", choices=("auto", "pallas", "reference"), default="auto",
-                    help="packed-expert implementation (auto: Pallas kernel on GPU)")
+    ap.add_argument("--impl", choices=("auto", "pallas", "reference", "mosaic"), default="auto",
+                    help="packed-expert implementation (auto: Pallas-Triton kernels on GPU; mosaic: the grouped "
+                         "Mosaic-GPU kernel, Hopper)")
     ap.add_argument("--output-ids", action="store_true", help="print the generated ids (comma-separated) last")
     args = ap.parse_args(argv)
     if args.greedy and (args.temperature is not None or args.top_p is not None):

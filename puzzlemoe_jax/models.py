@@ -283,8 +283,36 @@ class PackedExpertsModule(nnx.Module):
             setattr(self, "packed_" + n, Buffer(jnp.asarray(packed.packed[n], jnp.uint16)))
             setattr(self, "dense_" + n, nnx.Param(jnp.asarray(packed.dense[n], dtype)))
 
+    layout = "kn"   # "mosaic" after use_mosaic_layout
+
+    def use_mosaic_layout(self) -> None:
+        """Hold the pair words as the grouped Mosaic kernel reads them (``kernels.mosaic_layer_words``:
+        ``mosaic_gate_up`` [P, 2I, H], ``mosaic_down`` [P, H, I]) instead of ``packed_*`` [P, K, N]:
+        the same bytes, transposed once.  ``weights()`` then gives the ``[K, N]`` words as transposes
+        (computed only where a non-Mosaic path uses them)."""
+        if self.layout == "mosaic":
+            return
+        from kernels import mosaic_layer_words  # noqa: PLC0415 (the kernel package imports Pallas)
+        words = mosaic_layer_words(self.weights())
+        self.mosaic_gate_up, self.mosaic_down = Buffer(words["gate_up"]), Buffer(words["down"])
+        for n in MATRICES:
+            delattr(self, "packed_" + n)
+        self.layout = "mosaic"
+
+    def mosaic_words(self) -> dict[str, jax.Array] | None:
+        if self.layout != "mosaic":
+            return None
+        return {"gate_up": self.mosaic_gate_up[...], "down": self.mosaic_down[...]}
+
     def weights(self) -> PackedExperts:
-        return PackedExperts(self.pairs[...], {n: getattr(self, "packed_" + n)[...] for n in MATRICES},
+        if self.layout == "mosaic":
+            gu, down = self.mosaic_gate_up[...], self.mosaic_down[...]
+            i = gu.shape[1] // 2
+            t = lambda w: jnp.swapaxes(w, 1, 2)  # noqa: E731
+            packed = {"w_gate": t(gu[:, :i]), "w_up": t(gu[:, i:]), "w_down": t(down)}
+        else:
+            packed = {n: getattr(self, "packed_" + n)[...] for n in MATRICES}
+        return PackedExperts(self.pairs[...], packed,
                              self.dense_ids[...], {n: getattr(self, "dense_" + n)[...] for n in MATRICES},
                              self.num_experts, self.dropped_ids[...])
 
@@ -301,7 +329,7 @@ def route(logits, top_k, norm_topk_prob):
 class MoE(nnx.Module):
     """Router + routed experts (dense or packed, via ``moe.moe_ffn``) + optional shared expert.
 
-    ``impl`` is passed to ``moe_ffn`` for packed experts ("auto", "pallas" or "reference");
+    ``impl`` is passed to ``moe_ffn`` for packed experts ("auto", "pallas", "reference" or "mosaic");
     ``mesh`` (set by ``sharding.shard_model``) makes the routed experts run expert parallel.
     With ``capture`` set, each call sows its input and routing (``nnx.Intermediate`` "routed"),
     which ``puzzlemoe_jax.calibrate`` collects.
@@ -332,7 +360,8 @@ class MoE(nnx.Module):
             w = w * self.scale
         if not self.routing_fp32:
             w = w.astype(x.dtype)
-        y = moe_ffn(x, ids, w, experts, impl=self.impl, mesh=self.mesh)
+        words = self.experts.mosaic_words() if isinstance(self.experts, PackedExpertsModule) else None
+        y = moe_ffn(x, ids, w, experts, impl=self.impl, mesh=self.mesh, mosaic_words=words)
         if self.shared is not None:
             s = self.shared(x)
             y = y + (jax.nn.sigmoid(self.shared_gate(x)) * s if self.shared_gate is not None else s)
@@ -442,6 +471,15 @@ class CausalLM(nnx.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         for moe in self.moe_layers().values():
             moe.impl = impl
+
+    def use_mosaic(self) -> None:
+        """Serve the packed layers with the grouped Mosaic-GPU kernel (Hopper, one device): words
+        re-laid out in place (``PackedExpertsModule.use_mosaic_layout``), ``impl="mosaic"``.  Call
+        before building a ``Generator`` (it splits the model's state once)."""
+        for moe in self.moe_layers().values():
+            if isinstance(moe.experts, PackedExpertsModule):
+                moe.experts.use_mosaic_layout()
+        self.set_impl("mosaic")
 
     def set_experts(self, layer: int, experts: PackedExperts | Mapping[str, jax.Array]) -> None:
         """Replace layer ``layer``'s routed experts with dense ``{name: [E,K,N]}`` or packed ones."""

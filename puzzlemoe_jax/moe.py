@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from puzzlemoe_jax.merge import PackedExperts
 
-IMPLS = ("auto", "pallas", "reference")
+IMPLS = ("auto", "pallas", "reference", "mosaic")
 
 
 def group_by_expert(topk_ids: jax.Array, num_experts: int):
@@ -53,11 +53,13 @@ def dense_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
 
 def moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
             experts: PackedExperts | Mapping[str, jax.Array], impl: str = "auto", mesh=None,
-            out_dtype=None) -> jax.Array:
+            out_dtype=None, mosaic_words: Mapping[str, jax.Array] | None = None) -> jax.Array:
     """Routed-expert output for dense weights (dict) or a ``PackedExperts`` layer.
 
     ``impl`` (packed only): "pallas" forces the fused GPU kernel, "reference" decodes to dense
-    weights with plain jnp, "auto" uses the kernel on GPU and the reference elsewhere.
+    weights with plain jnp, "auto" uses the kernel on GPU and the reference elsewhere, "mosaic"
+    the grouped Mosaic-GPU kernel (Hopper, one device; ``mosaic_words`` as
+    ``kernels.mosaic_layer_words``, built per call if not given).
     ``mesh`` (a ``sharding.make_mesh`` mesh of > 1 device): expert parallel under ``shard_map``
     (``sharding.sharded_moe_ffn``), each device running this function on its own experts.
     ``out_dtype``: of the result (default ``x.dtype``); experts accumulate in f32 either way.
@@ -65,11 +67,14 @@ def moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if mesh is not None and mesh.size > 1:
+        if impl == "mosaic":
+            raise ValueError('impl="mosaic" runs on one device; on a mesh use "auto" or "pallas"')
         from puzzlemoe_jax.sharding import sharded_moe_ffn  # noqa: PLC0415 (sharding imports us)
         return sharded_moe_ffn(x, topk_ids, topk_weights, experts, mesh, impl=impl)
     if not isinstance(experts, PackedExperts):
         return dense_moe_ffn(x, topk_ids, topk_weights, experts, out_dtype)
-    if impl == "pallas" or (impl == "auto" and jax.default_backend() == "gpu"):
+    if impl in ("pallas", "mosaic") or (impl == "auto" and jax.default_backend() == "gpu"):
         from kernels import packed_moe_ffn  # noqa: PLC0415 (the kernel package imports Pallas)
-        return packed_moe_ffn(x, topk_ids, topk_weights, experts, out_dtype=out_dtype)
+        return packed_moe_ffn(x, topk_ids, topk_weights, experts, out_dtype=out_dtype,
+                              impl="mosaic" if impl == "mosaic" else "pallas", mosaic_words=mosaic_words)
     return dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype), out_dtype)

@@ -238,3 +238,16 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert e.value.code == 2
     assert G.main(["--model", str(tmp_path), "--prompt-ids", "1"]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_load_pretrained_mosaic_relays_the_words_and_keeps_them(mixtral_packed):
+    """impl="mosaic" at load: every packed layer holds the Mosaic layout, the [K, N] words it gives
+    the other paths are the checkpoint's, and the routed layers are set to impl "mosaic"."""
+    model = load_pretrained(F.converted("mixtral", ratio=0.5), impl="mosaic")
+    for i, moe in model.moe_layers().items():
+        want = mixtral_packed.moe_layers()[i].experts.weights()
+        got = moe.experts.weights()
+        assert moe.impl == "mosaic" and moe.experts.layout == "mosaic"
+        assert not hasattr(moe.experts, "packed_w_up")
+        for n in ("w_gate", "w_up", "w_down"):
+            assert bool(jnp.array_equal(got.packed[n], want.packed[n])), (i, n)

@@ -374,3 +374,29 @@ def test_mosaic_grouped_kernel_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiples of block_n"):
         mosaic_grouped_dual_gemm(jnp.zeros((16, 256), jnp.bfloat16), tiles, jnp.zeros((1, 96, 256), jnp.uint16),
                                  block_m=8, interpret=True)
+
+
+def test_model_use_mosaic_matches_reference_impl():
+    """CausalLM.use_mosaic: the packed words re-laid out in place (same bytes), the forward pass
+    through the grouped Mosaic kernel (interpreter) equals the reference path; the [K, N] words
+    are still available to the other paths."""
+    from puzzlemoe_jax.models import CausalLM, ModelConfig, PackedExpertsModule, forward
+    cfg = ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=128, num_layers=1, num_heads=4,
+                      num_kv_heads=2, head_dim=32, intermediate_size=192, moe_intermediate_size=192,
+                      num_experts=8, top_k=2, moe_layers=(0,), norm_topk_prob=True)
+    model = CausalLM(cfg, dtype=jnp.bfloat16, impl="reference")
+    experts = _layer(_rng(41), 8, 128, 192, 0.25)          # 2 pairs + 4 dense experts
+    model.set_experts(0, experts)
+    ids = jnp.asarray(_rng(42).integers(0, 64, (2, 9)), jnp.int32)
+    ref = forward(model, ids)
+    module = model.moe_layers()[0].experts
+    before = module.weights().nbytes()
+    model.use_mosaic()
+    assert isinstance(module, PackedExpertsModule) and module.layout == "mosaic"
+    assert model.moe_layers()[0].impl == "mosaic"
+    assert not hasattr(module, "packed_w_gate") and module.weights().nbytes() == before
+    for n in ("w_gate", "w_up", "w_down"):
+        assert bool(jnp.array_equal(module.weights().packed[n], experts.packed[n]))
+    _check(forward(model, ids), ref, "use_mosaic forward")
+    with pytest.raises(ValueError, match="one of"):
+        model.set_impl("nope")

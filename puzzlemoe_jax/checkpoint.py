@@ -380,8 +380,15 @@ def _np(a) -> np.ndarray:
 
 
 def flat_params(model: CausalLM) -> dict[str, np.ndarray]:
-    """Model state as ``{"layers.0.attn.q_proj.kernel": array}`` (our checkpoint names)."""
-    return {".".join(map(str, path)): _np(v[...]) for path, v in nnx.to_flat_state(nnx.state(model))}
+    """Model state as ``{"layers.0.attn.q_proj.kernel": array}`` (our checkpoint names); layers in
+    the Mosaic layout (``CausalLM.use_mosaic``) give their ``packed_*`` [P, K, N] words, as stored."""
+    flat = {".".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(model))}
+    for path in [p for p in flat if p.endswith(".mosaic_gate_up")]:
+        prefix = path[: -len("mosaic_gate_up")]
+        del flat[prefix + "mosaic_gate_up"], flat[prefix + "mosaic_down"]
+        module = model.moe_layers()[int(prefix.split(".")[1])].experts
+        flat.update({prefix + "packed_" + n: w for n, w in module.weights().packed.items()})
+    return {k: _np(v[...]) for k, v in flat.items()}
 
 
 def compressed_layers_of(model: CausalLM) -> dict[str, dict[str, int]]:

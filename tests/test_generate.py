@@ -251,3 +251,16 @@ def test_load_pretrained_mosaic_relays_the_words_and_keeps_them(mixtral_packed):
         assert not hasattr(moe.experts, "packed_w_up")
         for n in ("w_gate", "w_up", "w_down"):
             assert bool(jnp.array_equal(got.packed[n], want.packed[n])), (i, n)
+
+
+def test_save_pretrained_of_a_mosaic_model_writes_the_stored_layout(tmp_path, mixtral_packed):
+    from puzzlemoe_jax import save_pretrained
+    src = F.converted("mixtral", ratio=0.5)
+    model = load_pretrained(src, impl="mosaic")
+    hf = json.loads((src / "config.json").read_text())
+    back = load_pretrained(save_pretrained(model, tmp_path / "out", hf))
+    for i, moe in back.moe_layers().items():
+        want = mixtral_packed.moe_layers()[i].experts.weights()
+        assert moe.experts.layout == "kn"
+        for n in ("w_gate", "w_up", "w_down"):
+            assert bool(jnp.array_equal(moe.experts.weights().packed[n], want.packed[n])), (i, n)

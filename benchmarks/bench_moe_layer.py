@@ -29,6 +29,10 @@ from puzzlemoe_jax.moe import dense_moe_ffn
 TOKENS = [1, 2, 4, 8, 16, 32, 64]
 
 
+# --mosaic-sweep: (gate+up, down) overrides of mosaic_config for the grouped kernel's two launches
+MOSAIC_TRIES = [({"steps": st}, {"steps": sd, "split_k": sp}) for st in (2, 3) for sd, sp in ((2, 1), (3, 1), (4, 1), (4, 2))]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_moe_layer.json")
@@ -46,6 +50,8 @@ def main():
                     help="token counts at which to time impl='reference' too (decode the layer + ragged_dot)")
     ap.add_argument("--mosaic", action="store_true",
                     help="also time impl='mosaic' (grouped Mosaic-GPU kernel, words transposed once beforehand)")
+    ap.add_argument("--mosaic-sweep", default="",
+                    help="token counts at which to try pipeline depth / K split variants of the grouped Mosaic kernel")
     args = ap.parse_args()
     t0 = time.time()
     E, H, I, k = args.experts, args.hidden, args.inter, args.topk
@@ -80,9 +86,10 @@ def main():
         ref = dense_fn(x, ids, tw, merged_dense)
         _, t_dense, s_dense, n_dense = cupti_time(dense_fn, (x, ids, tw, weights), iterations=args.iters)
 
-        def run(cfg_gu=None, cfg_dn=None, impl="pallas"):
+        def run(cfg_gu=None, cfg_dn=None, impl="pallas", mosaic_settings=(None, None)):
             fn = jax.jit(lambda x, ids, tw, ex, mw: K.packed_moe_ffn(
-                x, ids, tw, ex, impl=impl, gate_up_config=cfg_gu, down_config=cfg_dn, mosaic_words=mw))
+                x, ids, tw, ex, impl=impl, gate_up_config=cfg_gu, down_config=cfg_dn, mosaic_words=mw,
+                mosaic_settings=mosaic_settings))
             out, t, s, names = cupti_time(fn, (x, ids, tw, experts, mosaic_words), iterations=args.iters)
             err, finite = rel_err(out, ref)
             return dict(ms=t, spread_ms=s, err=err, finite=finite, ok=finite and err < 1e-2,
@@ -99,6 +106,16 @@ def main():
             m = row["packed_mosaic"]
             print(f"T={T:4d} impl='mosaic' {m['ms'] * 1e3:8.1f}us x{m['speedup']:.2f} err {m['err']:.1e} ok={m['ok']}",
                   flush=True)
+        if args.mosaic and str(T) in args.mosaic_sweep.split(","):
+            for gu, dn in MOSAIC_TRIES:
+                try:
+                    v = run(impl="mosaic", mosaic_settings=(gu, dn))
+                except Exception as e:  # noqa: BLE001 (a variant that does not compile is recorded)
+                    v = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                v.update(T=T, gate_up=gu, down=dn)
+                v.pop("kernels", None)
+                res.setdefault("mosaic_variants", []).append(v)
+                print("mosaic variant", T, gu, dn, {kk: v.get(kk) for kk in ("ms", "speedup", "ok", "error")}, flush=True)
         if str(T) in args.reference_at.split(","):
             row["packed_reference_impl"] = run(impl="reference")
             print(f"T={T:4d} impl='reference' {row['packed_reference_impl']['ms'] * 1e3:8.1f}us "

@@ -474,7 +474,7 @@ def mosaic_layer_words(experts: PackedExperts) -> dict[str, jax.Array]:
     return {"gate_up": jnp.concatenate([t(pk["w_gate"]), t(pk["w_up"])], axis=1), "down": t(pk["w_down"])}
 
 
-def _mosaic_pairs(xs, sizes, D, experts: PackedExperts, words, interpret):
+def _mosaic_pairs(xs, sizes, D, experts: PackedExperts, words, interpret, settings=(None, None)):
     """Down-projected outputs [R, H] f32 of the rows of ``xs`` [R, H] (grouped by slot) that belong to
     merged pairs, with the Mosaic grouped kernel (two launches); other rows are 0."""
     from kernels.mosaic_pair import grouped_block_m, grouped_layout, mosaic_grouped_dual_gemm  # noqa: PLC0415
@@ -491,16 +491,17 @@ def _mosaic_pairs(xs, sizes, D, experts: PackedExperts, words, interpret):
     xs_pad = jnp.zeros((padded_rows, xs.shape[1]), jnp.bfloat16).at[pos].set(
         jnp.where(in_pair[:, None], xs, 0).astype(jnp.bfloat16))
     gemm = functools.partial(mosaic_grouped_dual_gemm, tiles=tiles, block_m=bm, interpret=interpret)
-    gu = gemm(xs_pad, words_t=words["gate_up"])
+    gu = gemm(xs_pad, words_t=words["gate_up"], **(settings[0] or {}))
     h = (jax.nn.silu(gu[:, :inter]) * gu[:, inter:]).astype(jnp.bfloat16)
-    return jnp.where(in_pair[:, None], gemm(h, words_t=words["down"])[pos], 0.0)
+    return jnp.where(in_pair[:, None], gemm(h, words_t=words["down"], **(settings[1] or {}))[pos], 0.0)
 
 
 def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
                    experts: PackedExperts, *, interpret: bool | None = None, impl: str = "auto",
                    gate_up_config: TileConfig | None = None,
                    down_config: TileConfig | None = None, out_dtype=None,
-                   mosaic_words: dict[str, jax.Array] | None = None) -> jax.Array:
+                   mosaic_words: dict[str, jax.Array] | None = None,
+                   mosaic_settings: tuple[dict | None, dict | None] = (None, None)) -> jax.Array:
     """Routed-expert FFN of a packed layer with the fused kernels: same function as
     ``moe.dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype))``.
 
@@ -510,7 +511,8 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     layer and the decode path from 1 to 8192 tokens, benchmarks/RESULTS.md §7), "reference"
     decodes the layer (``_slot_weights``) and runs ``ragged_dot``; "mosaic" runs the pairs through the
     Mosaic-GPU grouped kernel (Hopper; ``mosaic_words`` = ``mosaic_layer_words(experts)``, built once,
-    else built per call) with the SwiGLU between its two launches in XLA.
+    else built per call) with the SwiGLU between its two launches in XLA; ``mosaic_settings``: overrides
+    of ``mosaic_config`` for the (gate+up, down) launches (benchmarks).
     ``interpret=None``: interpret mode off GPU.  ``out_dtype``: of the result (default ``x.dtype``).
     """
     from puzzlemoe_jax.moe import combine, dense_moe_ffn  # noqa: PLC0415 (moe imports us lazily)
@@ -534,7 +536,7 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
         return combine(x, dot(h, "w_down"), tokens, order, topk_weights, jnp.sum(sizes), out_dtype)
     xs = x[tokens].astype(jnp.bfloat16)
     if impl == "mosaic":
-        y = _mosaic_pairs(xs, sizes, D, experts, mosaic_words, _interpret(interpret))
+        y = _mosaic_pairs(xs, sizes, D, experts, mosaic_words, _interpret(interpret), mosaic_settings)
     else:
         starts = jnp.cumsum(sizes) - sizes
         meta = jnp.stack([starts[D::2], sizes[D::2], starts[D + 1::2], sizes[D + 1::2]], axis=1)

@@ -343,8 +343,12 @@ def test_grouped_layout_covers_every_pair_row_once(sizes, num_dense, block_m):
     assert max(ends, default=0) <= spare * block_m       # the spare block is nobody's
 
 
-@pytest.mark.parametrize("t,ratio,drop", [(1, 0.5, False), (9, 0.5, False), (7, 0.25, True)])
-def test_packed_moe_ffn_mosaic_matches_dense_reference(t, ratio, drop):
+@pytest.mark.parametrize("t,ratio,drop,settings", [
+    (1, 0.5, False, (None, None)),
+    (9, 0.5, False, ({"steps": 3}, {"steps": 3, "block_k": 64})),   # overrides of mosaic_config
+    (7, 0.25, True, (None, None)),
+])
+def test_packed_moe_ffn_mosaic_matches_dense_reference(t, ratio, drop, settings):
     """impl="mosaic" (grouped Mosaic kernel in its interpreter, SwiGLU in XLA) on random routing,
     with dense and dropped experts beside the pairs."""
     rng = _rng(31 + t)
@@ -360,7 +364,7 @@ def test_packed_moe_ffn_mosaic_matches_dense_reference(t, ratio, drop):
     tw = jnp.asarray(rng.random((t, k)), jnp.float32)
     ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.bfloat16))
     words = K.mosaic_layer_words(experts)
-    got = jax.jit(functools.partial(K.packed_moe_ffn, impl="mosaic", interpret=True))(
+    got = jax.jit(functools.partial(K.packed_moe_ffn, impl="mosaic", interpret=True, mosaic_settings=settings))(
         x, ids, tw, experts, mosaic_words=words)
     _check(got, ref, "packed_moe_ffn(impl='mosaic')")
 

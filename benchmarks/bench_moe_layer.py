@@ -30,7 +30,9 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64]
 
 
 # --mosaic-sweep: (gate+up, down) overrides of mosaic_config for the grouped kernel's two launches
-MOSAIC_TRIES = [({"steps": st}, {"steps": sd, "split_k": sp}) for st in (2, 3) for sd, sp in ((2, 1), (3, 1), (4, 1), (4, 2))]
+# (gate+up, down) overrides of the grouped Mosaic launches: the SwiGLU in XLA (the form before the
+# fused epilogue), a deeper gate+up pipeline, shorter K steps, a deeper down pipeline
+MOSAIC_TRIES = [({"swiglu": False}, {}), ({"steps": 3}, {}), ({"block_k": 64}, {}), ({}, {"steps": 4})]
 
 
 def main():
@@ -84,13 +86,15 @@ def main():
         pairs = np.asarray(experts.pairs)
         active_pairs = sum(1 for p in pairs if p[0] in active or p[1] in active)
         ref = dense_fn(x, ids, tw, merged_dense)
-        _, t_dense, s_dense, n_dense = cupti_time(dense_fn, (x, ids, tw, weights), iterations=args.iters)
+        _, t_dense, s_dense, n_dense = cupti_time(dense_fn, (x, ids, tw, weights), iterations=args.iters,
+                                                  by_kernel=True)
 
         def run(cfg_gu=None, cfg_dn=None, impl="pallas", mosaic_settings=(None, None)):
             fn = jax.jit(lambda x, ids, tw, ex, mw: K.packed_moe_ffn(
                 x, ids, tw, ex, impl=impl, gate_up_config=cfg_gu, down_config=cfg_dn, mosaic_words=mw,
                 mosaic_settings=mosaic_settings))
-            out, t, s, names = cupti_time(fn, (x, ids, tw, experts, mosaic_words), iterations=args.iters)
+            out, t, s, names = cupti_time(fn, (x, ids, tw, experts, mosaic_words), iterations=args.iters,
+                                          by_kernel=True)
             err, finite = rel_err(out, ref)
             return dict(ms=t, spread_ms=s, err=err, finite=finite, ok=finite and err < 1e-2,
                         speedup=t_dense / t, kernels=names)
@@ -106,6 +110,8 @@ def main():
             m = row["packed_mosaic"]
             print(f"T={T:4d} impl='mosaic' {m['ms'] * 1e3:8.1f}us x{m['speedup']:.2f} err {m['err']:.1e} ok={m['ok']}",
                   flush=True)
+            print("   per kernel (us):", {n: round(ms * 1e3, 1) for n, ms in sorted(m["kernels"].items(),
+                                                                              key=lambda kv: -kv[1])}, flush=True)
         if args.mosaic and str(T) in args.mosaic_sweep.split(","):
             for gu, dn in MOSAIC_TRIES:
                 try:

@@ -1,5 +1,6 @@
 """GPU check of the packed layer paths against an f32 reference (no timing): for each token count,
-the relative error of impl "mosaic", "pallas" and the bf16 XLA layer on the merged weights, each
+the relative error of impl "mosaic" (SwiGLU in the kernel up to 32-row token blocks, and forced
+into XLA), "pallas" and the bf16 XLA layer on the merged weights, each
 against ``dense_moe_ffn`` in f32 (HIGHEST precision) on the same merged weights, and how many bf16
 outputs the Mosaic path and the bf16 XLA layer disagree on.
 
@@ -44,6 +45,8 @@ def main():
             ref = dense_moe_ffn(x.astype(jnp.float32), ids, tw, {n: v.astype(jnp.float32) for n, v in merged.items()})
         outs = {
             "mosaic": jax.jit(lambda *a: K.packed_moe_ffn(*a[:4], impl="mosaic", mosaic_words=a[4]))(x, ids, tw, experts, words),
+            "mosaic_swiglu_in_xla": jax.jit(lambda *a: K.packed_moe_ffn(
+                *a[:4], impl="mosaic", mosaic_words=a[4], mosaic_settings=({"swiglu": False}, None)))(x, ids, tw, experts, words),
             "pallas": jax.jit(lambda *a: K.packed_moe_ffn(*a, impl="pallas"))(x, ids, tw, experts),
             "xla_bf16": jax.jit(dense_moe_ffn)(x, ids, tw, merged),
         }

@@ -19,17 +19,19 @@ import numpy as np  # noqa: E402
 L2_BYTES = 50 * 2 ** 20   # H100 SXM L2
 
 
-def cupti_time(fn, args, *, iterations: int = 30, per_call: int = 1):
+def cupti_time(fn, args, *, iterations: int = 30, per_call: int = 1, by_kernel: bool = False):
     """Median device time in ms of ONE call (fn runs ``per_call`` rotated calls per launch).
 
     Returns (outputs of the first iteration, median ms, spread (p90-p10) ms, kernel names).
     All kernels a call launches are summed (CUPTI), so padding/split-K reductions count.
+    ``by_kernel``: instead of the names, {kernel name: median ms per call} (where the time goes).
     """
     if os.environ.get("BENCH_FAKE_TIMER"):  # CPU smoke test of the scripts: wall clock, no CUPTI
         out = jax.block_until_ready(fn(*args))
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        return out, (time.perf_counter() - t) * 1e3 / per_call, 0.0, ["wall"]
+        ms = (time.perf_counter() - t) * 1e3 / per_call
+        return out, ms, 0.0, {"wall": ms} if by_kernel else ["wall"]
     from jax.experimental.mosaic.gpu import profiler  # noqa: PLC0415
     out, timings = profiler.measure(fn, iterations=iterations, aggregate=False)(*args)
     if timings is None:
@@ -37,6 +39,9 @@ def cupti_time(fn, args, *, iterations: int = 30, per_call: int = 1):
     per_iter = sorted(sum(ms for _, ms in it) / per_call for it in timings)
     q = lambda f: per_iter[min(len(per_iter) - 1, int(f * len(per_iter)))]
     names = sorted({name for name, _ in timings[0]})
+    if by_kernel:
+        per_name = lambda it, n: sum(ms for name, ms in it if name == n) / per_call  # noqa: E731
+        names = {n: statistics.median(per_name(it, n) for it in timings) for n in names}
     return out, statistics.median(per_iter), q(0.9) - q(0.1), names
 
 

@@ -444,14 +444,18 @@ def grouped_dual_gemm_reference(xs, meta, words, *, silu_mul: bool = False,
 def _slot_order(experts: PackedExperts):
     """Expert id -> slot: dense experts first (slots 0..D-1), then pair p's i at D+2p, j at D+2p+1.
 
-    The map has ``num_experts + 1`` entries; ids of experts this layer does not hold (dropped, or
-    held by another device, passed as ``num_experts``) map to slot D+2P, which is in no group.
+    Returns ``(slot_of, P, D)``; ``slot_of(ids)`` maps ids of experts this layer does not hold
+    (dropped, or held by another device) to slot D+2P, which is in no group.  A compare against the
+    D+2P held ids (one small fusion; no scatters, which cost a kernel each on the GPU).
     """
     P, D = experts.pairs.shape[0], experts.dense_ids.shape[0]
-    slot_of = jnp.full((experts.num_experts + 1,), D + 2 * P, jnp.int32)
-    slot_of = slot_of.at[experts.dense_ids].set(jnp.arange(D, dtype=jnp.int32))
-    slot_of = slot_of.at[experts.pairs[:, 0]].set(D + 2 * jnp.arange(P, dtype=jnp.int32))
-    slot_of = slot_of.at[experts.pairs[:, 1]].set(D + 2 * jnp.arange(P, dtype=jnp.int32) + 1)
+    held = experts.pairs.reshape(-1).astype(jnp.int32)
+    if D:   # (no zero-sized concatenate: XLA:CPU crashed on one under shard_map)
+        held = jnp.concatenate([experts.dense_ids.astype(jnp.int32), held])
+
+    def slot_of(ids):
+        eq = ids[..., None] == held
+        return jnp.where(eq.any(-1), jnp.argmax(eq, -1), D + 2 * P).astype(jnp.int32)
     return slot_of, P, D
 
 
@@ -474,26 +478,38 @@ def mosaic_layer_words(experts: PackedExperts) -> dict[str, jax.Array]:
     return {"gate_up": jnp.concatenate([t(pk["w_gate"]), t(pk["w_up"])], axis=1), "down": t(pk["w_down"])}
 
 
-def _mosaic_pairs(xs, sizes, D, experts: PackedExperts, words, interpret, settings=(None, None)):
-    """Down-projected outputs [R, H] f32 of the rows of ``xs`` [R, H] (grouped by slot) that belong to
-    merged pairs, with the Mosaic grouped kernel (two launches); other rows are 0."""
-    from kernels.mosaic_pair import grouped_block_m, grouped_layout, mosaic_grouped_dual_gemm  # noqa: PLC0415
-    R = xs.shape[0]
+def _mosaic_pairs(x, tokens, slots, sizes, D, experts: PackedExperts, words, interpret, settings=(None, None)):
+    """Down-projected outputs [R, H] f32 of the R = T*k routed rows in slot order (``tokens``: their
+    token in ``x``, ``slots``: their slot) that belong to merged pairs, with the Mosaic grouped kernel
+    (two launches); other rows are 0.  The padded layout is gathered from ``x`` (no scatter)."""
+    from kernels.mosaic_pair import (  # noqa: PLC0415
+        SWIGLU_MAX_BLOCK_M, grouped_block_m, grouped_layout, mosaic_grouped_dual_gemm)
+    R = tokens.shape[0]
     P = experts.pairs.shape[0]
     words = words or mosaic_layer_words(experts)
     inter = words["gate_up"].shape[1] // 2
     bm = grouped_block_m(R, experts.num_experts)
     pad_start, tiles, padded_rows = grouped_layout(sizes, D, bm, R)
     starts = jnp.cumsum(sizes) - sizes
-    slot = jnp.repeat(jnp.arange(D + 2 * P, dtype=jnp.int32), sizes, total_repeat_length=R)
-    in_pair = (jnp.arange(R) < jnp.sum(sizes)) & (slot >= D)
-    pos = jnp.where(in_pair, pad_start[slot] + jnp.arange(R) - starts[slot], padded_rows - 1)  # spare row
-    xs_pad = jnp.zeros((padded_rows, xs.shape[1]), jnp.bfloat16).at[pos].set(
-        jnp.where(in_pair[:, None], xs, 0).astype(jnp.bfloat16))
+    # padded row q -> the last pair slot starting at or before it; a real row if inside its size
+    q = jnp.arange(padded_rows)
+    slot_q = D - 1 + jnp.sum(q[:, None] >= pad_start[D:], axis=1)
+    off = q - pad_start[slot_q]
+    src = jnp.minimum(starts[slot_q] + off, R - 1)
+    xs_pad = jnp.where((off < sizes[slot_q])[:, None], x[tokens[src]], 0).astype(jnp.bfloat16)
+    # routed row r -> its padded row (rows of dense or unheld experts: the spare row, then zeroed)
+    in_pair = (slots >= D) & (slots < D + 2 * P)
+    slot_r = jnp.minimum(slots, D + 2 * P - 1)
+    pos = jnp.where(in_pair, pad_start[slot_r] + jnp.arange(R) - starts[slot_r], padded_rows - 1)
     gemm = functools.partial(mosaic_grouped_dual_gemm, tiles=tiles, block_m=bm, interpret=interpret)
-    gu = gemm(xs_pad, words_t=words["gate_up"], **(settings[0] or {}))
-    h = (jax.nn.silu(gu[:, :inter]) * gu[:, inter:]).astype(jnp.bfloat16)
-    return jnp.where(in_pair[:, None], gemm(h, words_t=words["down"], **(settings[1] or {}))[pos], 0.0)
+    gu_settings = {"swiglu": bm <= SWIGLU_MAX_BLOCK_M, **(settings[0] or {})}
+    if gu_settings["swiglu"]:   # SwiGLU in the kernel's epilogue
+        h = gemm(xs_pad, words_t=words["gate_up"], **gu_settings).T
+    else:
+        gu_t = gemm(xs_pad, words_t=words["gate_up"], **gu_settings)
+        h = (jax.nn.silu(gu_t[:inter]) * gu_t[inter:]).astype(jnp.bfloat16).T
+    y_t = gemm(h, words_t=words["down"], **(settings[1] or {}))
+    return jnp.where(in_pair[:, None], y_t[:, pos].T, 0.0)
 
 
 def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
@@ -511,11 +527,13 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     layer and the decode path from 1 to 8192 tokens, benchmarks/RESULTS.md §7), "reference"
     decodes the layer (``_slot_weights``) and runs ``ragged_dot``; "mosaic" runs the pairs through the
     Mosaic-GPU grouped kernel (Hopper; ``mosaic_words`` = ``mosaic_layer_words(experts)``, built once,
-    else built per call) with the SwiGLU between its two launches in XLA; ``mosaic_settings``: overrides
-    of ``mosaic_config`` for the (gate+up, down) launches (benchmarks).
+    else built per call), the SwiGLU in the gate+up launch's epilogue (token blocks up to
+    ``mosaic_pair.SWIGLU_MAX_BLOCK_M`` rows; in XLA between the launches above); ``mosaic_settings``:
+    overrides of ``mosaic_config`` for the (gate+up, down) launches (benchmarks; gate+up's may set
+    ``swiglu``).
     ``interpret=None``: interpret mode off GPU.  ``out_dtype``: of the result (default ``x.dtype``).
     """
-    from puzzlemoe_jax.moe import combine, dense_moe_ffn  # noqa: PLC0415 (moe imports us lazily)
+    from puzzlemoe_jax.moe import combine, count_ids, dense_moe_ffn  # noqa: PLC0415 (moe imports us lazily)
     if impl not in PAIR_IMPLS:
         raise ValueError(f"impl must be one of {PAIR_IMPLS}, got {impl!r}")
     T, k = topk_ids.shape
@@ -523,10 +541,10 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     if P == 0 or T == 0:
         return dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype), out_dtype)
     slot_of, P, D = _slot_order(experts)   # dropped experts have no slot: they contribute zero
-    slots = slot_of[topk_ids.reshape(-1)]
+    slots = slot_of(topk_ids.reshape(-1))
     order = jnp.argsort(slots, stable=True)
     tokens = order // k
-    sizes = jnp.bincount(slots, length=D + 2 * P).astype(jnp.int32)
+    sizes = count_ids(slots, D + 2 * P)
     if impl == "reference":
         # in the activations' dtype, as dense_moe_ffn on experts.unpack(x.dtype)
         dot = lambda a, name: lax.ragged_dot(a, _slot_weights(experts, name, x.dtype), sizes,  # noqa: E731
@@ -536,7 +554,8 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
         return combine(x, dot(h, "w_down"), tokens, order, topk_weights, jnp.sum(sizes), out_dtype)
     xs = x[tokens].astype(jnp.bfloat16)
     if impl == "mosaic":
-        y = _mosaic_pairs(xs, sizes, D, experts, mosaic_words, _interpret(interpret), mosaic_settings)
+        y = _mosaic_pairs(x, tokens, slots[order], sizes, D, experts, mosaic_words, _interpret(interpret),
+                          mosaic_settings)
     else:
         starts = jnp.cumsum(sizes) - sizes
         meta = jnp.stack([starts[D::2], sizes[D::2], starts[D + 1::2], sizes[D + 1::2]], axis=1)

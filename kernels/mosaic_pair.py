@@ -50,20 +50,23 @@ def _padded_tokens(m: int, block_m: int | None = None) -> tuple[int, int]:
     return -(-mp // block_m) * block_m, block_m
 
 
-def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None) -> dict:
+def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tiles: int = 1) -> dict:
     """Default settings from the H100 runs (benchmarks/RESULTS.md §6, §7): 64-row word tiles, K
     split until the launch has >= 128 CTAs (about one per SM), SWAR decode, more than
     ``MAX_BLOCK_M`` tokens split over CTAs (each re-reads the words, mostly from L2).  Pipeline:
     a launch that fits one wave at one CTA per SM gets <= 4 stages of 128-deep K tiles in 200 KB
     (Mixtral w2); a larger one gets 2 stages small enough for two CTAs per SM, 128-deep K
     tiles if they fit (Mixtral w1/w3: 5-12 % faster than 4 stages up to 64 tokens, 21 % at 128).
-    ``m_blocks``: token blocks of the launch when not ``m``'s (the grouped kernel: its live tiles)."""
+    ``m_blocks``: token blocks of the launch when not ``m``'s (the grouped kernel: its live tiles).
+    ``word_tiles``: word tiles per CTA and K step (2: the SwiGLU launch streams gate and up rows; its
+    ``n`` output columns are ``n / 2`` CTA columns, and it never splits K)."""
     block_n = 64
     mp, block_m = _padded_tokens(m)
     m_blocks = mp // block_m if m_blocks is None else m_blocks
-    stage = lambda bk: 2 * bk * (block_n + 2 * block_m)  # noqa: E731 (bytes of one stage)
+    stage = lambda bk: 2 * bk * (word_tiles * block_n + 2 * block_m)  # noqa: E731 (bytes of one stage)
     block_k = 128 if k % 128 == 0 else 64
-    split = k_splits(k, n, block_n, block_k, m_blocks=m_blocks)
+    n //= word_tiles
+    split = 1 if word_tiles > 1 else k_splits(k, n, block_n, block_k, m_blocks=m_blocks)
     if (n // block_n) * m_blocks * split > NUM_SMS:
         steps = 2
         if 2 * stage(block_k) > TWO_PER_SM_BYTES:
@@ -136,48 +139,65 @@ def _kernel(body, out_type, grid, interpret):
         interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
+def _silu(x):
+    return x / (1.0 + jnp.exp(-x))
+
+
 def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, block_k, block_m, steps, nk,
-               decode, a_in_smem, control=None):
+               decode, a_in_smem, control=None, up_blocks=None):
     """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
     ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
     (rows of ``block_m``), store the f32 ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
-    ``bj*block_m`` of ``oj_gmem[s]``."""
+    ``bj*block_m`` of ``oj_gmem[s]``.
+    ``up_blocks`` (the SwiGLU form, no K split): also stream the up rows ``up_blocks`` column tiles
+    further down in the same pipeline and store bf16 ``silu(gate) * up`` instead, so the gate+up
+    output never leaves the CTA in f32."""
     n, s = lax.axis_index("n"), lax.axis_index("s")
+    row_blocks = (0,) if up_blocks is None else (0, up_blocks)
 
-    def acc_scope(acc_i, acc_j, dec_smem=None):
-        def step(_, w_smem, ai_smem, aj_smem):
+    def acc_scope(*accs, dec_smem=None):
+        def step(_, *refs):
+            ai_smem, aj_smem = refs[-2:]
             if control == "stream_only":
                 return
-            if control == "no_decode":
-                w_i = w_j = lax.bitcast_convert_type(w_smem[...], jnp.bfloat16)
-            else:
-                w_i, w_j = _decode_bf16(w_smem[...], decode)
-            if dec_smem is not None:
-                dec_smem[0] = w_i
-                dec_smem[1] = w_j
-                plgpu.commit_smem()
-                w_i, w_j = dec_smem.at[0], dec_smem.at[1]
-            plgpu.wgmma(acc_i, w_i, ai_smem.T)
-            plgpu.wgmma(acc_j, w_j, aj_smem.T)
+            for w_smem, acc_i, acc_j in zip(refs[:-2], accs[0::2], accs[1::2]):
+                if control == "no_decode":
+                    w_i = w_j = lax.bitcast_convert_type(w_smem[...], jnp.bfloat16)
+                else:
+                    w_i, w_j = _decode_bf16(w_smem[...], decode)
+                if dec_smem is not None:
+                    dec_smem[0] = w_i
+                    dec_smem[1] = w_j
+                    plgpu.commit_smem()
+                    w_i, w_j = dec_smem.at[0], dec_smem.at[1]
+                plgpu.wgmma(acc_i, w_i, ai_smem.T)
+                plgpu.wgmma(acc_j, w_j, aj_smem.T)
+                if dec_smem is not None:   # the staging buffer is reused by the next word tile
+                    plgpu.wgmma_wait(0)
             plgpu.wgmma_wait(0)
 
+        word_specs = [plgpu.BlockSpec((block_n, block_k), lambda k, r=r: (n + r, s * nk + k)) for r in row_blocks]
         plgpu.emit_pipeline(
             step, grid=(nk,),
-            in_specs=[plgpu.BlockSpec((block_n, block_k), lambda k: (n, s * nk + k)),
+            in_specs=[*word_specs,
                       plgpu.BlockSpec((block_m, block_k), lambda k: (bi, s * nk + k)),
                       plgpu.BlockSpec((block_m, block_k), lambda k: (bj, s * nk + k))],
             max_concurrent_steps=steps,
-        )(w_gmem, ai_gmem, aj_gmem)
-        return acc_i[...], acc_j[...]
+        )(*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem)
+        return tuple(acc[...] for acc in accs)
 
-    accs = (plgpu.ACC((block_n, block_m)), plgpu.ACC((block_n, block_m)))
+    accs = [plgpu.ACC((block_n, block_m)) for _ in range(2 * len(row_blocks))]
     if a_in_smem:   # register (ACC) and shared-memory scopes cannot be opened together
-        acc_i, acc_j = pl.run_scoped(lambda dec: pl.run_scoped(functools.partial(acc_scope, dec_smem=dec), *accs),
-                                     plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
+        outs = pl.run_scoped(lambda dec: pl.run_scoped(functools.partial(acc_scope, dec_smem=dec), *accs),
+                             plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
     else:
-        acc_i, acc_j = pl.run_scoped(acc_scope, *accs)
+        outs = pl.run_scoped(acc_scope, *accs)
+    if up_blocks is None:
+        acc_i, acc_j = outs
+    else:   # (gate_i, gate_j, up_i, up_j)
+        acc_i, acc_j = ((_silu(g) * u).astype(jnp.bfloat16) for g, u in zip(outs[:2], outs[2:]))
 
-    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((2, block_n, block_m), jnp.float32))
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((2, block_n, block_m), acc_i.dtype))
     def _store(o_smem):
         o_smem[0] = acc_i
         o_smem[1] = acc_j
@@ -224,29 +244,42 @@ def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
     return pad_start, tiles, padded_rows
 
 
+SWIGLU_MAX_BLOCK_M = 32   # the SwiGLU form holds four [64, block_m] f32 accumulators in registers
+
+
 def mosaic_grouped_dual_gemm(xs: jax.Array, tiles: jax.Array, words_t: jax.Array, *, block_m: int,
-                             live_tiles: int | None = None, interpret: bool = False, **settings) -> jax.Array:
+                             live_tiles: int | None = None, swiglu: bool = False, interpret: bool = False,
+                             **settings) -> jax.Array:
     """All pairs of a layer in one launch: ``xs`` [R_pad, K] in ``grouped_layout``'s row layout,
-    ``tiles`` its tile table, ``words_t`` uint16 [P, N, K] (transposed words).  Returns f32
-    [R_pad, N]: row r = xs[r] @ W of the pair side owning r's block; rows of the spare block and of
-    blocks no live tile covers are **not written** (garbage: select them away by index).
+    ``tiles`` its tile table, ``words_t`` uint16 [P, N, K] (transposed words).  Returns the
+    transposed result, as the swap-AB kernel writes it: f32 [N, R_pad], column r = W^T xs[r] of the
+    pair side owning r's block; columns of the spare block and of blocks no live tile covers are
+    **not written** (garbage: select them away by index).
+    ``swiglu``: ``words_t`` is gate's then up's words ([P, 2I, K], ``mosaic_layer_words``) and the
+    result is bf16 [I, R_pad], ``silu(W_gate^T xs) * (W_up^T xs)``, computed in the CTA (block_m <=
+    ``SWIGLU_MAX_BLOCK_M``, no K split).
     ``live_tiles``: expected live tiles, for the grid rule (default P); ``settings`` as
     ``mosaic_dual_decode_gemm``'s (``block_n``, ``block_k``, ``split_k``, ``steps``, ``decode``, ``a_in_smem``).
     """
     P, N, K = words_t.shape
-    auto = mosaic_config(block_m, K, N, m_blocks=live_tiles or P)
+    auto = mosaic_config(block_m, K, N, m_blocks=live_tiles or P, word_tiles=2 if swiglu else 1)
     cfg = {**auto, "decode": "select" if interpret else auto["decode"], "a_in_smem": interpret,
            **{k: v for k, v in settings.items() if v is not None}}
     block_n, block_k, split_k = cfg["block_n"], cfg["block_k"], cfg["split_k"]
     if block_m % 8 or not 8 <= block_m <= MAX_BLOCK_M or xs.shape[0] % block_m:
         raise ValueError(f"block_m={block_m} must be a multiple of 8 in [8, {MAX_BLOCK_M}] dividing the "
                          f"{xs.shape[0]} rows")
-    if block_n not in (64, 128) or N % block_n or K % (block_k * split_k):
-        raise ValueError(f"[N, K]=[{N}, {K}] must be multiples of block_n={block_n} and block_k*split_k="
-                         f"{block_k * split_k}")
+    n_out = N // 2 if swiglu else N
+    if block_n not in (64, 128) or n_out % block_n or K % (block_k * split_k):
+        raise ValueError(f"[N, K]=[{n_out}{' x 2' if swiglu else ''}, {K}] must be multiples of block_n={block_n} "
+                         f"and block_k*split_k={block_k * split_k}")
+    if swiglu and (split_k != 1 or block_m > SWIGLU_MAX_BLOCK_M):
+        raise ValueError(f"swiglu=True takes split_k=1 and block_m <= {SWIGLU_MAX_BLOCK_M}, got split_k={split_k}, "
+                         f"block_m={block_m}")
     nk = K // block_k // split_k
     tile = functools.partial(_pair_tile, block_n=block_n, block_k=block_k, block_m=block_m, steps=cfg["steps"],
-                             nk=nk, decode=cfg["decode"], a_in_smem=cfg["a_in_smem"])
+                             nk=nk, decode=cfg["decode"], a_in_smem=cfg["a_in_smem"],
+                             up_blocks=n_out // block_n if swiglu else None)
 
     def body(tiles_gmem, x_gmem, w_gmem, o_gmem):
         t = lax.axis_index("m")
@@ -256,10 +289,10 @@ def mosaic_grouped_dual_gemm(xs: jax.Array, tiles: jax.Array, words_t: jax.Array
         def _():
             tile(w_gmem.at[p], x_gmem, x_gmem, b_i, b_j, o_gmem, o_gmem)
 
-    out = jax.ShapeDtypeStruct((split_k, N, xs.shape[0]), jnp.float32)
-    o = _kernel(body, out, (tiles.shape[0], N // block_n, split_k), interpret)(
+    out = jax.ShapeDtypeStruct((split_k, n_out, xs.shape[0]), jnp.bfloat16 if swiglu else jnp.float32)
+    o = _kernel(body, out, (tiles.shape[0], n_out // block_n, split_k), interpret)(
         tiles.astype(jnp.int32), xs.astype(jnp.bfloat16), words_t.astype(jnp.uint16))
-    return o.sum(0).T
+    return o[0] if split_k == 1 else o.sum(0)
 
 
 def _pad_rows(a, rows):

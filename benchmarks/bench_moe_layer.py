@@ -31,8 +31,10 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64]
 
 # --mosaic-sweep: (gate+up, down) overrides of mosaic_config for the grouped kernel's two launches
 # (gate+up, down) overrides of the grouped Mosaic launches: the SwiGLU in XLA (the form before the
-# fused epilogue), a deeper gate+up pipeline, shorter K steps, a deeper down pipeline
-MOSAIC_TRIES = [({"swiglu": False}, {}), ({"steps": 3}, {}), ({"block_k": 64}, {}), ({}, {"steps": 4})]
+# fused epilogue), a deeper gate+up pipeline, shorter K steps, a deeper down pipeline, 64-row token
+# blocks (the SwiGLU form's largest; the default is twice the mean rows per expert, up to 128)
+MOSAIC_TRIES = [({"swiglu": False}, {}), ({"steps": 3}, {}), ({"block_k": 64}, {}), ({}, {"steps": 4}),
+                ({"block_m": 64}, {})]
 
 
 def main():

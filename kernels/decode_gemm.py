@@ -488,7 +488,8 @@ def _mosaic_pairs(x, tokens, slots, sizes, D, experts: PackedExperts, words, int
     P = experts.pairs.shape[0]
     words = words or mosaic_layer_words(experts)
     inter = words["gate_up"].shape[1] // 2
-    bm = grouped_block_m(R, experts.num_experts)
+    gu_settings = dict(settings[0] or {})
+    bm = gu_settings.pop("block_m", None) or grouped_block_m(R, experts.num_experts)
     pad_start, tiles, padded_rows = grouped_layout(sizes, D, bm, R)
     starts = jnp.cumsum(sizes) - sizes
     # padded row q -> the last pair slot starting at or before it; a real row if inside its size
@@ -502,7 +503,7 @@ def _mosaic_pairs(x, tokens, slots, sizes, D, experts: PackedExperts, words, int
     slot_r = jnp.minimum(slots, D + 2 * P - 1)
     pos = jnp.where(in_pair, pad_start[slot_r] + jnp.arange(R) - starts[slot_r], padded_rows - 1)
     gemm = functools.partial(mosaic_grouped_dual_gemm, tiles=tiles, block_m=bm, interpret=interpret)
-    gu_settings = {"swiglu": bm <= SWIGLU_MAX_BLOCK_M, **(settings[0] or {})}
+    gu_settings = {"swiglu": bm <= SWIGLU_MAX_BLOCK_M, **gu_settings}
     if gu_settings["swiglu"]:   # SwiGLU in the kernel's epilogue
         h = gemm(xs_pad, words_t=words["gate_up"], **gu_settings).T
     else:
@@ -529,8 +530,8 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     Mosaic-GPU grouped kernel (Hopper; ``mosaic_words`` = ``mosaic_layer_words(experts)``, built once,
     else built per call), the SwiGLU in the gate+up launch's epilogue (token blocks up to
     ``mosaic_pair.SWIGLU_MAX_BLOCK_M`` rows; in XLA between the launches above); ``mosaic_settings``:
-    overrides of ``mosaic_config`` for the (gate+up, down) launches (benchmarks; gate+up's may set
-    ``swiglu``).
+    overrides of ``mosaic_config`` for the (gate+up, down) launches (benchmarks; gate+up's may also
+    set ``swiglu`` and the layout's token block ``block_m``).
     ``interpret=None``: interpret mode off GPU.  ``out_dtype``: of the result (default ``x.dtype``).
     """
     from puzzlemoe_jax.moe import combine, count_ids, dense_moe_ffn  # noqa: PLC0415 (moe imports us lazily)

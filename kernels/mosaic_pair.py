@@ -244,7 +244,9 @@ def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
     return pad_start, tiles, padded_rows
 
 
-SWIGLU_MAX_BLOCK_M = 32   # the SwiGLU form holds four [64, block_m] f32 accumulators in registers
+# the SwiGLU form holds four [64, block_m] f32 accumulators in registers; at 64 it still beat the
+# SwiGLU in XLA (H100: T = 96 and 128 tokens, benchmarks/RESULTS.md §8)
+SWIGLU_MAX_BLOCK_M = 64
 
 
 def mosaic_grouped_dual_gemm(xs: jax.Array, tiles: jax.Array, words_t: jax.Array, *, block_m: int,

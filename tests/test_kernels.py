@@ -348,6 +348,7 @@ def test_grouped_layout_covers_every_pair_row_once(sizes, num_dense, block_m):
     (9, 0.5, False, ({"steps": 3}, {"steps": 3, "block_k": 64})),   # overrides of mosaic_config
     (7, 0.25, True, (None, None)),
     (9, 0.5, False, ({"swiglu": False}, None)),   # SwiGLU in XLA between the launches (large token blocks)
+    (9, 0.5, False, ({"block_m": 16}, None)),     # a token block other than grouped_block_m's
 ])
 def test_packed_moe_ffn_mosaic_matches_dense_reference(t, ratio, drop, settings):
     """impl="mosaic" (grouped Mosaic kernel in its interpreter, SwiGLU in the gate+up epilogue or in

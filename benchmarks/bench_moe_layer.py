@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import time
 
 from common import bandwidth_ceilings, cupti_time, device_info, rel_err, write_json
@@ -29,12 +30,11 @@ from puzzlemoe_jax.moe import dense_moe_ffn
 TOKENS = [1, 2, 4, 8, 16, 32, 64]
 
 
-# --mosaic-sweep: (gate+up, down) overrides of mosaic_config for the grouped kernel's two launches
-# (gate+up, down) overrides of the grouped Mosaic launches: the SwiGLU in XLA (the form before the
-# fused epilogue), a deeper gate+up pipeline, shorter K steps, a deeper down pipeline, 64-row token
-# blocks (the SwiGLU form's largest; the default is twice the mean rows per expert, up to 128)
-MOSAIC_TRIES = [({"swiglu": False}, {}), ({"steps": 3}, {}), ({"block_k": 64}, {}), ({}, {"steps": 4}),
-                ({"block_m": 64}, {})]
+# --mosaic-sweep: (gate+up, down) overrides of the grouped Mosaic launches: the SwiGLU in XLA (the
+# form before the fused epilogue), gate+up written in bf16 (where the SwiGLU is in XLA: token blocks
+# over 64 rows), a deeper down pipeline, 64-row token blocks (the SwiGLU form's largest; the default
+# is twice the mean rows per expert, up to 128)
+MOSAIC_TRIES = [({"swiglu": False}, {}), ({"out_dtype": "bfloat16"}, {}), ({}, {"steps": 4}), ({"block_m": 64}, {})]
 
 
 def main():
@@ -54,13 +54,20 @@ def main():
                     help="token counts at which to time impl='reference' too (decode the layer + ragged_dot)")
     ap.add_argument("--mosaic", action="store_true",
                     help="also time impl='mosaic' (grouped Mosaic-GPU kernel, words transposed once beforehand)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="routing and activations seed (default: the clock; fix it to compare runs on equal routing)")
+    ap.add_argument("--skew", type=float, default=0.0,
+                    help="router bias from +skew (expert 0) to -skew (the last expert) added to the random logits: "
+                         "uneven expert loads, as real routers give (0: all experts equally likely)")
     ap.add_argument("--mosaic-sweep", default="",
                     help="token counts at which to try pipeline depth / K split variants of the grouped Mosaic kernel")
+    ap.add_argument("--mosaic-tries", default=None,
+                    help="JSON list of [gate_up, down] override pairs for --mosaic-sweep (default: MOSAIC_TRIES)")
     args = ap.parse_args()
     t0 = time.time()
     E, H, I, k = args.experts, args.hidden, args.inter, args.topk
     res = {"info": device_info(), "command": " ".join(__import__("sys").argv),
-           "shape": dict(E=E, H=H, I=I, topk=k, ratio=args.ratio), "rows": [], "variants": []}
+           "shape": dict(E=E, H=H, I=I, topk=k, ratio=args.ratio, skew=args.skew), "rows": [], "variants": []}
     if not args.no_ceilings:
         res["ceilings"] = bandwidth_ceilings()
     keys = jax.random.split(jax.random.key(0), 3)
@@ -76,10 +83,11 @@ def main():
     print(res["info"], res.get("ceilings"), res["bytes"], flush=True)
 
     dense_fn = jax.jit(dense_moe_ffn)
-    rng = np.random.default_rng(int(time.time()))
+    res["seed"] = int(time.time()) if args.seed is None else args.seed
+    rng = np.random.default_rng(res["seed"])
     for T in [int(t) for t in args.tokens.split(",")]:
         x = jnp.asarray(rng.standard_normal((T, H)), jnp.bfloat16)
-        logits = rng.standard_normal((T, E))
+        logits = rng.standard_normal((T, E)) + args.skew * np.linspace(1, -1, E)
         ids_np = np.argsort(-logits, 1)[:, :k]
         ids = jnp.asarray(ids_np, jnp.int32)
         sel = np.take_along_axis(logits, ids_np, 1)
@@ -102,6 +110,7 @@ def main():
                         speedup=t_dense / t, kernels=names)
 
         row = dict(T=T, active_experts=len(active), active_pairs=active_pairs,
+                   expert_rows=np.bincount(ids_np.ravel(), minlength=E).tolist(),
                    dense_ms=t_dense, dense_spread_ms=s_dense, dense_kernels=n_dense,
                    packed=run())
         P = int(experts.pairs.shape[0])
@@ -115,7 +124,7 @@ def main():
             print("   per kernel (us):", {n: round(ms * 1e3, 1) for n, ms in sorted(m["kernels"].items(),
                                                                               key=lambda kv: -kv[1])}, flush=True)
         if args.mosaic and str(T) in args.mosaic_sweep.split(","):
-            for gu, dn in MOSAIC_TRIES:
+            for gu, dn in (json.loads(args.mosaic_tries) if args.mosaic_tries else MOSAIC_TRIES):
                 try:
                     v = run(impl="mosaic", mosaic_settings=(gu, dn))
                 except Exception as e:  # noqa: BLE001 (a variant that does not compile is recorded)

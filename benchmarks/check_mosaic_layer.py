@@ -1,6 +1,7 @@
 """GPU check of the packed layer paths against an f32 reference (no timing): for each token count,
-the relative error of impl "mosaic" (SwiGLU in the kernel up to 32-row token blocks, and forced
-into XLA), "pallas" and the bf16 XLA layer on the merged weights, each
+the relative error of impl "mosaic" (defaults, and each of ``MOSAIC_VARIANTS``: SwiGLU forced
+into XLA, 64- and 128-row token blocks whose down launch reads h^T as it comes, gate+up written in
+bf16), "pallas" and the bf16 XLA layer on the merged weights, each
 against ``dense_moe_ffn`` in f32 (HIGHEST precision) on the same merged weights, and how many bf16
 outputs the Mosaic path and the bf16 XLA layer disagree on.
 
@@ -17,6 +18,10 @@ import kernels as K
 from common import device_info, rel_err
 from puzzlemoe_jax.merge import compress_layer
 from puzzlemoe_jax.moe import dense_moe_ffn
+
+MOSAIC_VARIANTS = {"mosaic_swiglu_in_xla": {"swiglu": False}, "mosaic_block_m_64": {"block_m": 64},
+                   "mosaic_block_m_128": {"block_m": 128},
+                   "mosaic_bf16_gate_up": {"block_m": 128, "out_dtype": "bfloat16"}}
 
 
 def main():
@@ -43,10 +48,11 @@ def main():
         tw = jnp.asarray(rng.random((T, k)), jnp.float32)
         with jax.default_matmul_precision("highest"):
             ref = dense_moe_ffn(x.astype(jnp.float32), ids, tw, {n: v.astype(jnp.float32) for n, v in merged.items()})
+        mosaic = lambda gu: jax.jit(lambda *a: K.packed_moe_ffn(  # noqa: E731
+            *a[:4], impl="mosaic", mosaic_words=a[4], mosaic_settings=(gu, None)))(x, ids, tw, experts, words)
         outs = {
-            "mosaic": jax.jit(lambda *a: K.packed_moe_ffn(*a[:4], impl="mosaic", mosaic_words=a[4]))(x, ids, tw, experts, words),
-            "mosaic_swiglu_in_xla": jax.jit(lambda *a: K.packed_moe_ffn(
-                *a[:4], impl="mosaic", mosaic_words=a[4], mosaic_settings=({"swiglu": False}, None)))(x, ids, tw, experts, words),
+            "mosaic": mosaic(None),
+            **{name: mosaic(gu) for name, gu in MOSAIC_VARIANTS.items()},
             "pallas": jax.jit(lambda *a: K.packed_moe_ffn(*a, impl="pallas"))(x, ids, tw, experts),
             "xla_bf16": jax.jit(dense_moe_ffn)(x, ids, tw, merged),
         }

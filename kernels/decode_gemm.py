@@ -479,9 +479,10 @@ def mosaic_layer_words(experts: PackedExperts) -> dict[str, jax.Array]:
 
 
 def _mosaic_pairs(x, tokens, slots, sizes, D, experts: PackedExperts, words, interpret, settings=(None, None)):
-    """Down-projected outputs [R, H] f32 of the R = T*k routed rows in slot order (``tokens``: their
-    token in ``x``, ``slots``: their slot) that belong to merged pairs, with the Mosaic grouped kernel
-    (two launches); other rows are 0.  The padded layout is gathered from ``x`` (no scatter)."""
+    """The merged pairs' down-projected outputs with the Mosaic grouped kernel (two launches), for the
+    R = T*k routed rows in slot order (``tokens``: their token in ``x``, ``slots``: their slot).
+    Returns ``(y [R_pad, H] f32, row [R])``: row r's output is ``y[row[r]]`` if r belongs to a pair
+    (other rows point anywhere).  The padded layout is gathered from ``x`` (no scatter)."""
     from kernels.mosaic_pair import (  # noqa: PLC0415
         SWIGLU_MAX_BLOCK_M, grouped_block_m, grouped_layout, mosaic_grouped_dual_gemm)
     R = tokens.shape[0]
@@ -489,7 +490,7 @@ def _mosaic_pairs(x, tokens, slots, sizes, D, experts: PackedExperts, words, int
     words = words or mosaic_layer_words(experts)
     inter = words["gate_up"].shape[1] // 2
     gu_settings = dict(settings[0] or {})
-    bm = gu_settings.pop("block_m", None) or grouped_block_m(R, experts.num_experts)
+    bm = gu_settings.pop("block_m", None) or grouped_block_m(R, experts.num_experts, x.shape[0])
     pad_start, tiles, padded_rows = grouped_layout(sizes, D, bm, R)
     starts = jnp.cumsum(sizes) - sizes
     # padded row q -> the last pair slot starting at or before it; a real row if inside its size
@@ -498,19 +499,19 @@ def _mosaic_pairs(x, tokens, slots, sizes, D, experts: PackedExperts, words, int
     off = q - pad_start[slot_q]
     src = jnp.minimum(starts[slot_q] + off, R - 1)
     xs_pad = jnp.where((off < sizes[slot_q])[:, None], x[tokens[src]], 0).astype(jnp.bfloat16)
-    # routed row r -> its padded row (rows of dense or unheld experts: the spare row, then zeroed)
-    in_pair = (slots >= D) & (slots < D + 2 * P)
-    slot_r = jnp.minimum(slots, D + 2 * P - 1)
-    pos = jnp.where(in_pair, pad_start[slot_r] + jnp.arange(R) - starts[slot_r], padded_rows - 1)
+    slot_r = jnp.clip(slots, D, D + 2 * P - 1)
+    row = jnp.clip(pad_start[slot_r] + jnp.arange(R) - starts[slot_r], 0, padded_rows - 1)
     gemm = functools.partial(mosaic_grouped_dual_gemm, tiles=tiles, block_m=bm, interpret=interpret)
     gu_settings = {"swiglu": bm <= SWIGLU_MAX_BLOCK_M, **gu_settings}
     if gu_settings["swiglu"]:   # SwiGLU in the kernel's epilogue
-        h = gemm(xs_pad, words_t=words["gate_up"], **gu_settings).T
+        h_t = gemm(xs_pad, words_t=words["gate_up"], **gu_settings)
     else:
-        gu_t = gemm(xs_pad, words_t=words["gate_up"], **gu_settings)
-        h = (jax.nn.silu(gu_t[:inter]) * gu_t[inter:]).astype(jnp.bfloat16).T
-    y_t = gemm(h, words_t=words["down"], **(settings[1] or {}))
-    return jnp.where(in_pair[:, None], y_t[:, pos].T, 0.0)
+        gu_t = gemm(xs_pad, words_t=words["gate_up"], **gu_settings).astype(jnp.float32)
+        h_t = (jax.nn.silu(gu_t[:inter]) * gu_t[inter:]).astype(jnp.bfloat16)
+    # h^T [I, R_pad] as it comes when its token blocks fill whole swizzle rows, else transposed
+    h_in = dict(xs=h_t, xs_transposed=True) if bm % 64 == 0 else dict(xs=h_t.T)
+    y_t = gemm(words_t=words["down"], **h_in, **(settings[1] or {}))
+    return y_t.T, row
 
 
 def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
@@ -534,29 +535,34 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     set ``swiglu`` and the layout's token block ``block_m``).
     ``interpret=None``: interpret mode off GPU.  ``out_dtype``: of the result (default ``x.dtype``).
     """
-    from puzzlemoe_jax.moe import combine, count_ids, dense_moe_ffn  # noqa: PLC0415 (moe imports us lazily)
+    from puzzlemoe_jax.moe import combine, count_ids, dense_moe_ffn, sorted_position  # noqa: PLC0415 (moe imports us lazily)
     if impl not in PAIR_IMPLS:
         raise ValueError(f"impl must be one of {PAIR_IMPLS}, got {impl!r}")
     T, k = topk_ids.shape
     P = experts.pairs.shape[0]
     if P == 0 or T == 0:
         return dense_moe_ffn(x, topk_ids, topk_weights, experts.unpack(x.dtype), out_dtype)
+    out_dtype = out_dtype or x.dtype
     slot_of, P, D = _slot_order(experts)   # dropped experts have no slot: they contribute zero
     slots = slot_of(topk_ids.reshape(-1))
     order = jnp.argsort(slots, stable=True)
     tokens = order // k
     sizes = count_ids(slots, D + 2 * P)
+    pos = sorted_position(order)
+    n_dense, n_held = jnp.sum(sizes[:D]), jnp.sum(sizes)
     if impl == "reference":
         # in the activations' dtype, as dense_moe_ffn on experts.unpack(x.dtype)
         dot = lambda a, name: lax.ragged_dot(a, _slot_weights(experts, name, x.dtype), sizes,  # noqa: E731
                                              preferred_element_type=jnp.float32)
         xs = x[tokens]
         h = (jax.nn.silu(dot(xs, "w_gate")) * dot(xs, "w_up")).astype(x.dtype)
-        return combine(x, dot(h, "w_down"), tokens, order, topk_weights, jnp.sum(sizes), out_dtype)
+        return combine([(dot(h, "w_down"), pos, pos < n_held)], topk_weights, out_dtype)
     xs = x[tokens].astype(jnp.bfloat16)
+    in_pair = (pos >= n_dense) & (pos < n_held)
     if impl == "mosaic":
-        y = _mosaic_pairs(x, tokens, slots[order], sizes, D, experts, mosaic_words, _interpret(interpret),
-                          mosaic_settings)
+        y, row = _mosaic_pairs(x, tokens, slots[order], sizes, D, experts, mosaic_words, _interpret(interpret),
+                               mosaic_settings)
+        parts = [(y, row[pos], in_pair)]
     else:
         starts = jnp.cumsum(sizes) - sizes
         meta = jnp.stack([starts[D::2], sizes[D::2], starts[D + 1::2], sizes[D + 1::2]], axis=1)
@@ -566,9 +572,10 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
                               out_dtype=jnp.bfloat16, config=gate_up_config, interpret=interpret)
         y = grouped_dual_gemm(h, meta, pk["w_down"], max_rows=max_rows, silu_mul=False,
                               out_dtype=jnp.float32, config=down_config, interpret=interpret)
+        parts = [(y, pos, in_pair)]
     if D:   # experts left dense: the first rows, through ragged_dot
         dn = {name: w.astype(jnp.bfloat16) for name, w in experts.dense.items()}
         dot = lambda a, w: lax.ragged_dot(a, w, sizes[:D], preferred_element_type=jnp.float32)  # noqa: E731
         h_dense = (jax.nn.silu(dot(xs, dn["w_gate"])) * dot(xs, dn["w_up"])).astype(jnp.bfloat16)
-        y = jnp.where((jnp.arange(T * k) < jnp.sum(sizes[:D]))[:, None], dot(h_dense, dn["w_down"]), y)
-    return combine(x, y, tokens, order, topk_weights, jnp.sum(sizes), out_dtype)
+        parts.append((dot(h_dense, dn["w_down"]), pos, pos < n_dense))
+    return combine(parts, topk_weights, out_dtype)

@@ -16,6 +16,7 @@ decoded one word per op; the SWAR arithmetic is tested on every word pair in jnp
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -144,14 +145,17 @@ def _silu(x):
 
 
 def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, block_k, block_m, steps, nk,
-               decode, a_in_smem, control=None, up_blocks=None):
+               decode, a_in_smem, control=None, up_blocks=None, a_transposed=False):
     """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
     ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
     (rows of ``block_m``), store the f32 ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
     ``bj*block_m`` of ``oj_gmem[s]``.
     ``up_blocks`` (the SwiGLU form, no K split): also stream the up rows ``up_blocks`` column tiles
     further down in the same pipeline and store bf16 ``silu(gate) * up`` instead, so the gate+up
-    output never leaves the CTA in f32."""
+    output never leaves the CTA in f32.
+    ``a_transposed``: the activations are given as ``[K, rows]`` (the previous launch's ``O^T``), their
+    token blocks are column blocks, fed to the wgmma as an MN-major operand (no transpose in between).
+    The results are stored in ``oi_gmem``'s dtype."""
     n, s = lax.axis_index("n"), lax.axis_index("s")
     row_blocks = (0,) if up_blocks is None else (0, up_blocks)
 
@@ -170,18 +174,20 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
                     dec_smem[1] = w_j
                     plgpu.commit_smem()
                     w_i, w_j = dec_smem.at[0], dec_smem.at[1]
-                plgpu.wgmma(acc_i, w_i, ai_smem.T)
-                plgpu.wgmma(acc_j, w_j, aj_smem.T)
+                plgpu.wgmma(acc_i, w_i, ai_smem if a_transposed else ai_smem.T)
+                plgpu.wgmma(acc_j, w_j, aj_smem if a_transposed else aj_smem.T)
                 if dec_smem is not None:   # the staging buffer is reused by the next word tile
                     plgpu.wgmma_wait(0)
             plgpu.wgmma_wait(0)
 
         word_specs = [plgpu.BlockSpec((block_n, block_k), lambda k, r=r: (n + r, s * nk + k)) for r in row_blocks]
+        if a_transposed:
+            a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (s * nk + k, b)) for b in (bi, bj)]
+        else:
+            a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, s * nk + k)) for b in (bi, bj)]
         plgpu.emit_pipeline(
             step, grid=(nk,),
-            in_specs=[*word_specs,
-                      plgpu.BlockSpec((block_m, block_k), lambda k: (bi, s * nk + k)),
-                      plgpu.BlockSpec((block_m, block_k), lambda k: (bj, s * nk + k))],
+            in_specs=[*word_specs, *a_specs],
             max_concurrent_steps=steps,
         )(*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem)
         return tuple(acc[...] for acc in accs)
@@ -193,7 +199,7 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     else:
         outs = pl.run_scoped(acc_scope, *accs)
     if up_blocks is None:
-        acc_i, acc_j = outs
+        acc_i, acc_j = (acc.astype(oi_gmem.dtype) for acc in outs)
     else:   # (gate_i, gate_j, up_i, up_j)
         acc_i, acc_j = ((_silu(g) * u).astype(jnp.bfloat16) for g, u in zip(outs[:2], outs[2:]))
 
@@ -208,11 +214,30 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
         plgpu.wait_smem_to_gmem(0)
 
 
-def grouped_block_m(rows: int, num_experts: int) -> int:
-    """Token block of the grouped kernel for ``rows`` routed rows over ``num_experts``: twice the mean
-    rows per expert (most pairs then take one tile: with 1.5x, T = 64 top-2 ran 6 % slower than
-    the Triton layer), a multiple of 8 in [8, ``MAX_BLOCK_M``]."""
-    return min(MAX_BLOCK_M, max(8, -(-(2 * rows) // (num_experts * 8)) * 8))
+# the SwiGLU form holds four [64, block_m] f32 accumulators in registers; at 64 it still beat the
+# SwiGLU in XLA (H100: T = 96 and 128 tokens, benchmarks/RESULTS.md §8)
+SWIGLU_MAX_BLOCK_M = 64
+
+
+def grouped_block_m(rows: int, num_experts: int, tokens: int | None = None) -> int:
+    """Token block of the grouped kernel for ``rows`` routed rows over ``num_experts``.
+
+    An expert with more rows than the block costs its pair a second tile, which streams the pair's
+    words again (H100, T = 64 tokens: +22 %), and routers are uneven, so the block holds 3x the mean
+    rows per expert, in multiples of 16 (24- and 40-row blocks ran slower than 32 and 48), as long as
+    the SwiGLU epilogue takes it (``SWIGLU_MAX_BLOCK_M``); where 3x does not fit there, 2x the mean
+    or at least that maximum, up to ``MAX_BLOCK_M``.  No expert gets more than ``tokens`` rows (a
+    token picks distinct experts), so the block is never larger than that (rounded up to 8: at
+    T <= 8, 8-row blocks were 2-3 % faster than 16).  benchmarks/RESULTS.md §8."""
+    def up(v, m):
+        return -(-math.ceil(v) // m) * m
+    mean = rows / num_experts
+    block = max(16, up(3 * mean, 16))
+    if block > SWIGLU_MAX_BLOCK_M:
+        block = max(SWIGLU_MAX_BLOCK_M, up(2 * mean, 16))
+    if tokens is not None:
+        block = min(block, max(8, up(tokens, 8)))
+    return min(MAX_BLOCK_M, block)
 
 
 def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
@@ -244,22 +269,20 @@ def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
     return pad_start, tiles, padded_rows
 
 
-# the SwiGLU form holds four [64, block_m] f32 accumulators in registers; at 64 it still beat the
-# SwiGLU in XLA (H100: T = 96 and 128 tokens, benchmarks/RESULTS.md §8)
-SWIGLU_MAX_BLOCK_M = 64
-
-
 def mosaic_grouped_dual_gemm(xs: jax.Array, tiles: jax.Array, words_t: jax.Array, *, block_m: int,
-                             live_tiles: int | None = None, swiglu: bool = False, interpret: bool = False,
-                             **settings) -> jax.Array:
+                             live_tiles: int | None = None, swiglu: bool = False, xs_transposed: bool = False,
+                             out_dtype=jnp.float32, interpret: bool = False, **settings) -> jax.Array:
     """All pairs of a layer in one launch: ``xs`` [R_pad, K] in ``grouped_layout``'s row layout,
     ``tiles`` its tile table, ``words_t`` uint16 [P, N, K] (transposed words).  Returns the
-    transposed result, as the swap-AB kernel writes it: f32 [N, R_pad], column r = W^T xs[r] of the
+    transposed result, as the swap-AB kernel writes it: [N, R_pad] in ``out_dtype``, column r = W^T xs[r] of the
     pair side owning r's block; columns of the spare block and of blocks no live tile covers are
     **not written** (garbage: select them away by index).
     ``swiglu``: ``words_t`` is gate's then up's words ([P, 2I, K], ``mosaic_layer_words``) and the
     result is bf16 [I, R_pad], ``silu(W_gate^T xs) * (W_up^T xs)``, computed in the CTA (block_m <=
     ``SWIGLU_MAX_BLOCK_M``, no K split).
+    ``xs_transposed``: ``xs`` is given as [K, R_pad] (a previous launch's result, as it comes;
+    ``block_m`` a multiple of 64, a whole 128-byte swizzle row).  ``out_dtype``: of the result
+    without ``swiglu`` (f32, or bf16 to halve the bytes the next op reads; rounded after a K split's sum).
     ``live_tiles``: expected live tiles, for the grid rule (default P); ``settings`` as
     ``mosaic_dual_decode_gemm``'s (``block_n``, ``block_k``, ``split_k``, ``steps``, ``decode``, ``a_in_smem``).
     """
@@ -268,9 +291,14 @@ def mosaic_grouped_dual_gemm(xs: jax.Array, tiles: jax.Array, words_t: jax.Array
     cfg = {**auto, "decode": "select" if interpret else auto["decode"], "a_in_smem": interpret,
            **{k: v for k, v in settings.items() if v is not None}}
     block_n, block_k, split_k = cfg["block_n"], cfg["block_k"], cfg["split_k"]
-    if block_m % 8 or not 8 <= block_m <= MAX_BLOCK_M or xs.shape[0] % block_m:
+    rows = xs.shape[1] if xs_transposed else xs.shape[0]
+    if block_m % 8 or not 8 <= block_m <= MAX_BLOCK_M or rows % block_m:
         raise ValueError(f"block_m={block_m} must be a multiple of 8 in [8, {MAX_BLOCK_M}] dividing the "
-                         f"{xs.shape[0]} rows")
+                         f"{rows} rows")
+    if xs_transposed and block_m % 64:
+        raise ValueError(f"xs_transposed=True takes block_m a multiple of 64, got {block_m}")
+    if xs.shape[0 if xs_transposed else 1] != K:
+        raise ValueError(f"xs {xs.shape} (transposed: {xs_transposed}) does not match the words' K = {K}")
     n_out = N // 2 if swiglu else N
     if block_n not in (64, 128) or n_out % block_n or K % (block_k * split_k):
         raise ValueError(f"[N, K]=[{n_out}{' x 2' if swiglu else ''}, {K}] must be multiples of block_n={block_n} "
@@ -281,7 +309,7 @@ def mosaic_grouped_dual_gemm(xs: jax.Array, tiles: jax.Array, words_t: jax.Array
     nk = K // block_k // split_k
     tile = functools.partial(_pair_tile, block_n=block_n, block_k=block_k, block_m=block_m, steps=cfg["steps"],
                              nk=nk, decode=cfg["decode"], a_in_smem=cfg["a_in_smem"],
-                             up_blocks=n_out // block_n if swiglu else None)
+                             up_blocks=n_out // block_n if swiglu else None, a_transposed=xs_transposed)
 
     def body(tiles_gmem, x_gmem, w_gmem, o_gmem):
         t = lax.axis_index("m")
@@ -291,10 +319,11 @@ def mosaic_grouped_dual_gemm(xs: jax.Array, tiles: jax.Array, words_t: jax.Array
         def _():
             tile(w_gmem.at[p], x_gmem, x_gmem, b_i, b_j, o_gmem, o_gmem)
 
-    out = jax.ShapeDtypeStruct((split_k, n_out, xs.shape[0]), jnp.bfloat16 if swiglu else jnp.float32)
+    kernel_dtype = jnp.bfloat16 if swiglu else out_dtype if split_k == 1 else jnp.float32
+    out = jax.ShapeDtypeStruct((split_k, n_out, rows), kernel_dtype)
     o = _kernel(body, out, (tiles.shape[0], n_out // block_n, split_k), interpret)(
         tiles.astype(jnp.int32), xs.astype(jnp.bfloat16), words_t.astype(jnp.uint16))
-    return o[0] if split_k == 1 else o.sum(0)
+    return o[0] if split_k == 1 else o.sum(0).astype(out_dtype)
 
 
 def _pad_rows(a, rows):

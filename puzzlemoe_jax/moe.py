@@ -34,14 +34,20 @@ def count_ids(ids: jax.Array, n: int) -> jax.Array:
     return jnp.sum(ids.reshape(-1)[:, None] == jnp.arange(n, dtype=ids.dtype), axis=0, dtype=jnp.int32)
 
 
-def combine(x: jax.Array, y: jax.Array, tokens: jax.Array, order: jax.Array, topk_weights: jax.Array,
-            num_rows: jax.Array, out_dtype=None) -> jax.Array:
-    """Weight the grouped expert outputs ``y`` [T*k, H] (first ``num_rows`` rows computed, the rest
-    unwritten or garbage) and add them back to their tokens: [T, H] in ``out_dtype`` (default
-    ``x.dtype``)."""
-    held = (jnp.arange(y.shape[0]) < num_rows)[:, None]
-    y = jnp.where(held, y * topk_weights.reshape(-1)[order][:, None].astype(jnp.float32), 0.0)
-    return jnp.zeros(x.shape, jnp.float32).at[tokens].add(y).astype(out_dtype or x.dtype)
+def sorted_position(order: jax.Array) -> jax.Array:
+    """Where each assignment landed in the sorted order (the inverse permutation of ``order``)."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def combine(parts, topk_weights: jax.Array, out_dtype) -> jax.Array:
+    """``sum_k topk_weights[t, k] * out[t*k + k]``: [T, H] in ``out_dtype``.  ``parts``: ``(y, row,
+    valid)`` triples; assignment a's expert output is ``y[row[a]]`` of the part whose ``valid[a]``
+    holds (at most one; none: zero, whatever the unselected rows hold).  Gathers each token's rows
+    (a scatter-add of the rows into the tokens costs atomics on the GPU)."""
+    T, k = topk_weights.shape
+    out = sum(jnp.where(valid[:, None], y[row].astype(jnp.float32), 0.0) for y, row, valid in parts)
+    out = out * topk_weights.reshape(-1, 1).astype(jnp.float32)
+    return out.reshape(T, k, -1).sum(1).astype(out_dtype)
 
 
 def dense_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
@@ -53,7 +59,8 @@ def dense_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     xs = x[tokens].astype(w_gate.dtype)
     dot = lambda a, w: jax.lax.ragged_dot(a, w, sizes, preferred_element_type=jnp.float32)
     h = (jax.nn.silu(dot(xs, w_gate)) * dot(xs, w_up)).astype(w_down.dtype)
-    return combine(x, dot(h, w_down), tokens, order, topk_weights, jnp.sum(sizes), out_dtype)
+    pos = sorted_position(order)
+    return combine([(dot(h, w_down), pos, pos < jnp.sum(sizes))], topk_weights, out_dtype or x.dtype)
 
 
 def moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,

@@ -343,12 +343,31 @@ def test_grouped_layout_covers_every_pair_row_once(sizes, num_dense, block_m):
     assert max(ends, default=0) <= spare * block_m       # the spare block is nobody's
 
 
+def test_grouped_block_m_holds_three_times_the_mean_within_the_swiglu_epilogue():
+    """The token block: 3x the mean rows per expert in multiples of 16 while that fits the SwiGLU
+    epilogue, else 2x the mean (at least that epilogue's maximum), never above MAX_BLOCK_M nor above
+    the token count (no expert gets more rows than there are tokens)."""
+    from kernels.mosaic_pair import MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, grouped_block_m
+    got = {t: grouped_block_m(2 * t, 8, t) for t in (1, 4, 8, 12, 16, 32, 48, 64, 96, 128, 160, 256, 4096)}
+    assert got == {1: 8, 4: 8, 8: 8, 12: 16, 16: 16, 32: 32, 48: 48, 64: 48, 96: 64, 128: 64, 160: 80, 256: 128,
+                   4096: 128}
+    for rows in range(1, 2000, 7):
+        for e in (8, 60, 64):
+            bm = grouped_block_m(rows, e)
+            assert bm % 16 == 0 and 16 <= bm <= MAX_BLOCK_M
+            assert bm >= min(3 * rows / e, SWIGLU_MAX_BLOCK_M) or bm == MAX_BLOCK_M
+            assert grouped_block_m(rows, e, tokens=rows) == min(bm, -(-rows // 8) * 8)
+
+
 @pytest.mark.parametrize("t,ratio,drop,settings", [
     (1, 0.5, False, (None, None)),
     (9, 0.5, False, ({"steps": 3}, {"steps": 3, "block_k": 64})),   # overrides of mosaic_config
     (7, 0.25, True, (None, None)),
     (9, 0.5, False, ({"swiglu": False}, None)),   # SwiGLU in XLA between the launches (large token blocks)
-    (9, 0.5, False, ({"block_m": 16}, None)),     # a token block other than grouped_block_m's
+    (9, 0.5, False, ({"block_m": 8}, None)),      # a token block other than grouped_block_m's
+    (9, 0.5, False, ({"block_m": 64}, None)),     # SwiGLU epilogue, down reads h^T as it comes
+    (9, 0.25, True, ({"block_m": 128}, None)),    # SwiGLU in XLA on the transposed result, h^T as it comes
+    (9, 0.5, False, ({"block_m": 128, "out_dtype": jnp.bfloat16}, None)),   # gate+up written in bf16
 ])
 def test_packed_moe_ffn_mosaic_matches_dense_reference(t, ratio, drop, settings):
     """impl="mosaic" (grouped Mosaic kernel in its interpreter, SwiGLU in the gate+up epilogue or in
@@ -380,6 +399,12 @@ def test_mosaic_grouped_kernel_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiples of block_n"):
         mosaic_grouped_dual_gemm(jnp.zeros((16, 256), jnp.bfloat16), tiles, jnp.zeros((1, 96, 256), jnp.uint16),
                                  block_m=8, interpret=True)
+    with pytest.raises(ValueError, match="xs_transposed=True takes block_m a multiple of 64"):
+        mosaic_grouped_dual_gemm(jnp.zeros((256, 32), jnp.bfloat16), tiles, jnp.zeros((1, 64, 256), jnp.uint16),
+                                 block_m=32, xs_transposed=True, interpret=True)
+    with pytest.raises(ValueError, match="does not match the words' K = 256"):
+        mosaic_grouped_dual_gemm(jnp.zeros((64, 128), jnp.bfloat16), tiles, jnp.zeros((1, 64, 256), jnp.uint16),
+                                 block_m=64, interpret=True)
 
 
 def test_model_use_mosaic_matches_reference_impl():

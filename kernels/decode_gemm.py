@@ -532,7 +532,7 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,
     else built per call), the SwiGLU in the gate+up launch's epilogue (token blocks up to
     ``mosaic_pair.SWIGLU_MAX_BLOCK_M`` rows; in XLA between the launches above); ``mosaic_settings``:
     overrides of ``mosaic_config`` for the (gate+up, down) launches (benchmarks; gate+up's may also
-    set ``swiglu`` and the layout's token block ``block_m``).
+    set ``swiglu``, ``out_dtype`` and the layout's token block ``block_m``).
     ``interpret=None``: interpret mode off GPU.  ``out_dtype``: of the result (default ``x.dtype``).
     """
     from puzzlemoe_jax.moe import combine, count_ids, dense_moe_ffn, sorted_position  # noqa: PLC0415 (moe imports us lazily)

@@ -30,10 +30,11 @@ def main():
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--inter", type=int, default=14336)
+    ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--out", default="check_mosaic_layer.json")
     args = ap.parse_args()
-    E, H, I, k = args.experts, args.hidden, args.inter, 2
+    E, H, I, k = args.experts, args.hidden, args.inter, args.topk
     keys = jax.random.split(jax.random.key(1), 3)
     w = {n: (0.02 * jax.random.normal(kk, s, jnp.float32)).astype(jnp.bfloat16)
          for n, kk, s in (("w_gate", keys[0], (E, H, I)), ("w_up", keys[1], (E, H, I)), ("w_down", keys[2], (E, I, H)))}

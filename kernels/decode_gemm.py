@@ -497,8 +497,11 @@ def _mosaic_pairs(x, tokens, slots, sizes, D, experts: PackedExperts, words, int
     q = jnp.arange(padded_rows)
     slot_q = D - 1 + jnp.sum(q[:, None] >= pad_start[D:], axis=1)
     off = q - pad_start[slot_q]
-    src = jnp.minimum(starts[slot_q] + off, R - 1)
-    xs_pad = jnp.where((off < sizes[slot_q])[:, None], x[tokens[src]], 0).astype(jnp.bfloat16)
+    src_token = tokens[jnp.minimum(starts[slot_q] + off, R - 1)]
+    # materialize the small index arrays: fused into the gather, XLA recomputed the [rows, 2P]
+    # comparison for every element of xs_pad (175 µs of a 380 µs DeepSeek-V2-Lite step, RESULTS §8g)
+    src_token, real = lax.optimization_barrier((src_token, off < sizes[slot_q]))
+    xs_pad = jnp.where(real[:, None], x[src_token], 0).astype(jnp.bfloat16)
     slot_r = jnp.clip(slots, D, D + 2 * P - 1)
     row = jnp.clip(pad_start[slot_r] + jnp.arange(R) - starts[slot_r], 0, padded_rows - 1)
     gemm = functools.partial(mosaic_grouped_dual_gemm, tiles=tiles, block_m=bm, interpret=interpret)

@@ -45,7 +45,9 @@ def combine(parts, topk_weights: jax.Array, out_dtype) -> jax.Array:
     holds (at most one; none: zero, whatever the unselected rows hold).  Gathers each token's rows
     (a scatter-add of the rows into the tokens costs atomics on the GPU)."""
     T, k = topk_weights.shape
-    out = sum(jnp.where(valid[:, None], y[row].astype(jnp.float32), 0.0) for y, row, valid in parts)
+    # computed indices stay materialized (fused into the gather, XLA may recompute them per element)
+    index = jax.lax.optimization_barrier([(row, valid) for _, row, valid in parts])
+    out = sum(jnp.where(valid[:, None], y[row].astype(jnp.float32), 0.0) for (y, _, _), (row, valid) in zip(parts, index))
     out = out * topk_weights.reshape(-1, 1).astype(jnp.float32)
     return out.reshape(T, k, -1).sum(1).astype(out_dtype)
 

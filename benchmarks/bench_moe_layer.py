@@ -33,7 +33,7 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64]
 # --mosaic-sweep: (gate+up, down) overrides of the grouped Mosaic launches: the SwiGLU in XLA (the
 # form before the fused epilogue), gate+up written in bf16 (where the SwiGLU is in XLA: token blocks
 # over 64 rows), a deeper down pipeline, 64-row token blocks (the SwiGLU form's largest; the default
-# is twice the mean rows per expert, up to 128)
+# is mosaic_pair.grouped_block_m's)
 MOSAIC_TRIES = [({"swiglu": False}, {}), ({"out_dtype": "bfloat16"}, {}), ({}, {"steps": 4}), ({"block_m": 64}, {})]
 
 

@@ -148,7 +148,7 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
                decode, a_in_smem, control=None, up_blocks=None, a_transposed=False):
     """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
     ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
-    (rows of ``block_m``), store the f32 ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
+    (rows of ``block_m``), store the ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
     ``bj*block_m`` of ``oj_gmem[s]``.
     ``up_blocks`` (the SwiGLU form, no K split): also stream the up rows ``up_blocks`` column tiles
     further down in the same pipeline and store bf16 ``silu(gate) * up`` instead, so the gate+up

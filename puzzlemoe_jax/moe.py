@@ -47,7 +47,8 @@ def combine(parts, topk_weights: jax.Array, out_dtype) -> jax.Array:
     T, k = topk_weights.shape
     # computed indices stay materialized (fused into the gather, XLA may recompute them per element)
     index = jax.lax.optimization_barrier([(row, valid) for _, row, valid in parts])
-    out = sum(jnp.where(valid[:, None], y[row].astype(jnp.float32), 0.0) for (y, _, _), (row, valid) in zip(parts, index))
+    ys = [y for y, _, _ in parts]
+    out = sum(jnp.where(valid[:, None], y[row].astype(jnp.float32), 0.0) for y, (row, valid) in zip(ys, index))
     out = out * topk_weights.reshape(-1, 1).astype(jnp.float32)
     return out.reshape(T, k, -1).sum(1).astype(out_dtype)
 

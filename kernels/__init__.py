@@ -1,18 +1,13 @@
-"""GPU decode-GEMM kernels for packed (merged) expert pairs; see kernels/decode_gemm.py."""
-from kernels.decode_gemm import (  # noqa: F401
+"""Pallas GPU kernels for packed expert pairs, their jnp references and the implementation switch.
+
+Imports only jax and ``puzzlemoe_jax.codec``; the Triton and Mosaic backends load when first used.
+"""
+from kernels.api import (  # noqa: F401
+    IMPL_CHOICES,
+    IMPL_HELP,
     IMPLS,
-    PAIR_IMPLS,
-    PAIR_KERNEL_MAX_M,
-    PAIR_KERNEL_MAX_M_SMALL,
-    TileConfig,
-    decode_tile,
-    dual_decode_gemm,
-    dual_decode_gemm_reference,
-    grouped_dual_gemm,
-    grouped_dual_gemm_reference,
-    layer_config,
-    mosaic_layer_words,
+    ImplError,
     packed_moe_ffn,
-    pair_config,
-    pair_kernel_wins,
+    pair_gemm,
+    resolve_impl,
 )

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from puzzlemoe_jax import evaluate, moe
+from kernels import routing
+from puzzlemoe_jax import evaluate
 from puzzlemoe_jax.models import CausalLM, DenseExperts
 
 
@@ -33,7 +34,7 @@ def routed_inputs(model: CausalLM, ids):
 def _layer_sums(x, ids, w_gate, w_up):
     """(assignment counts [E], sum x^2 [E, H], sum h^2 [E, I]) for one batch of routed tokens."""
     e = w_gate.shape[0]
-    order, tokens, sizes = moe.group_by_expert(ids, e)
+    _, tokens, sizes, _ = routing.group_by_slot(ids.reshape(-1), ids.shape[-1], e)
     xs = x[tokens].astype(jnp.float32)
     expert = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=xs.shape[0])
     dot = lambda a, w: jax.lax.ragged_dot(a, w.astype(jnp.float32), sizes, preferred_element_type=jnp.float32)

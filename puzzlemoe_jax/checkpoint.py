@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from kernels import resolve_impl
 from puzzlemoe_jax import codec
 from puzzlemoe_jax.merge import MATRICES, MergeConfig, compress_layer, pairs_for_ratio
 from puzzlemoe_jax.models import ARCHS, CausalLM, ConfigError, ModelConfig, PackedExpertsModule
@@ -412,9 +413,9 @@ def save_pretrained(model: CausalLM, out_dir, hf_config: Mapping[str, Any], puzz
         return w.finish({**hf_config, "puzzlemoe": section})
 
 
-def load_pretrained(path, *, impl: str = "auto") -> CausalLM:
+def load_pretrained(path, *, impl: str = "auto", interpret: bool = False) -> CausalLM:
     """Load a directory written by ``python -m convert`` (or ``save_pretrained``) as a CausalLM.
-    ``impl="mosaic"`` also re-lays the packed words out for the grouped Mosaic kernel (``CausalLM.use_mosaic``)."""
+    ``impl``/``interpret``: as ``CausalLM.set_impl`` ("mosaic" also re-lays the packed words out)."""
     path = Path(path)
     try:
         hf = json.loads((path / "config.json").read_text())
@@ -432,7 +433,7 @@ def load_pretrained(path, *, impl: str = "auto") -> CausalLM:
     packed = {int(k): int(v) for k, v in section.get("packed_pairs", {}).items()}
     dropped = {int(k): int(v) for k, v in section.get("dropped_experts", {}).items()}
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, packed_pairs=packed, dropped_experts=dropped,
-                                               impl=impl))
+                                               impl=impl, interpret=interpret))
     graphdef, state = nnx.split(abstract)
     ckpt = SafetensorsDir(path)
     flat = {}
@@ -456,7 +457,7 @@ def load_pretrained(path, *, impl: str = "auto") -> CausalLM:
         node[key[-1]] = a
     nnx.replace_by_pure_dict(state, pure)
     model = nnx.merge(graphdef, state)
-    if impl == "mosaic":
+    if resolve_impl(impl, interpret=interpret) == "mosaic":
         del state, pure, flat   # the [K, N] words must be freed layer by layer as use_mosaic replaces them
         model.use_mosaic()
     return model

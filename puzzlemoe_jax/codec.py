@@ -73,9 +73,8 @@ def decode_words(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return bits_i.astype(jnp.uint16), bits_j.astype(jnp.uint16)
 
 
-@jax.jit
 def decode(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Packed uint16 words (any shape) -> (W_i, W_j) in bf16."""
+    """Packed uint16 words (any shape) -> (W_i, W_j) in bf16; plain jnp, so kernels decode with it too."""
     bits_i, bits_j = decode_words(packed)
     to_bf16 = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.bfloat16)
     return to_bf16(bits_i), to_bf16(bits_j)

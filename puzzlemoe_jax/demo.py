@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from kernels import IMPL_CHOICES, IMPL_HELP, ImplError, resolve_impl
 from puzzlemoe_jax import evaluate, report
 from puzzlemoe_jax.checkpoint import convert_checkpoint, load_pretrained
 
@@ -30,7 +31,12 @@ def main(argv=None) -> None:
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=32)
+    ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
     args = ap.parse_args(argv)
+    try:
+        resolve_impl(args.impl)
+    except ImplError as e:
+        raise SystemExit(f"error: {e}") from None
     if not (args.model / "config.json").exists():
         raise SystemExit(f"error: {args.model} has no config.json: the demo needs the repository checkout's "
                          "models/ (pip install -e . from a clone), or pass --model DIR")
@@ -47,7 +53,7 @@ def main(argv=None) -> None:
             if ratio:
                 print(report.format_table(row for r in rep.layers if r.stats
                                           for row in report.pair_rows(r.stats, r.layer)))
-            model = load_pretrained(Path(tmp) / name, impl="reference")
+            model = load_pretrained(Path(tmp) / name, impl=args.impl)
             scores[name] = evaluate.evaluate(model, tokens, args.seq_len, max_windows=args.max_windows,
                                              bytes_per_token=1.0)
     before, after = scores["original"], scores["puzzlemoe"]

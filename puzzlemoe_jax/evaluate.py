@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from kernels import IMPL_CHOICES, IMPL_HELP
 from puzzlemoe_jax.text import BYTE_VOCAB, TextCodec
 
 
@@ -88,8 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, required=True)
     ap.add_argument("--max-windows", type=int)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--impl", default="auto", choices=["auto", "pallas", "reference"],
-                    help="packed-experts implementation (see puzzlemoe_jax.moe.moe_ffn)")
+    ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
     ap.add_argument("--json", help="also write the result as JSON here")
     args = ap.parse_args(argv)
     from puzzlemoe_jax.checkpoint import CheckpointError, load_pretrained  # noqa: PLC0415

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels import IMPL_CHOICES, IMPL_HELP, ImplError
 from puzzlemoe_jax.text import TextCodec
 
 PAD_ID = 0
@@ -244,9 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", default="", help="stop token ids, comma-separated")
-    ap.add_argument("--impl", choices=("auto", "pallas", "reference", "mosaic"), default="auto",
-                    help="packed-expert implementation (auto: Pallas-Triton kernels on GPU; mosaic: the grouped "
-                         "Mosaic-GPU kernel, Hopper)")
+    ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
     ap.add_argument("--output-ids", action="store_true", help="print the generated ids (comma-separated) last")
     args = ap.parse_args(argv)
     if args.greedy and (args.temperature is not None or args.top_p is not None):
@@ -269,7 +268,7 @@ def main(argv=None) -> int:
                        temperature=1.0 if args.temperature is None else args.temperature,
                        top_p=1.0 if args.top_p is None else args.top_p,
                        stop_tokens=_ids(args.stop, "--stop"), seed=args.seed)[0]
-    except (GenerateError, CheckpointError, FloatingPointError) as e:
+    except (GenerateError, CheckpointError, ImplError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if text is not None:

@@ -36,7 +36,8 @@ def _log_probs(model, ids):
 
 @register_model("puzzlemoe")
 class PuzzleMoELM(LM):
-    """``loglikelihood``, ``loglikelihood_rolling`` and greedy ``generate_until`` for lm_eval."""
+    """``loglikelihood``, ``loglikelihood_rolling`` and greedy ``generate_until`` for lm_eval;
+    ``impl`` as ``kernels.IMPLS`` (refused where it cannot run)."""
 
     def __init__(self, pretrained: str, batch_size: int | str = 8, max_length: int = 2048,
                  impl: str = "auto", **_ignored):

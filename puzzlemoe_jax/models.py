@@ -20,7 +20,10 @@ import numpy as np
 from flax import nnx
 
 from puzzlemoe_jax.merge import MATRICES, PackedExperts
-from puzzlemoe_jax.moe import IMPLS, moe_ffn
+from kernels import resolve_impl
+from kernels.mosaic_ffn import from_mosaic_words, to_mosaic_words
+from puzzlemoe_jax.moe import moe_ffn
+from puzzlemoe_jax.sharding import sharded_moe_ffn
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek")
 
@@ -263,10 +266,13 @@ class PackedExpertsModule(nnx.Module):
 
     ``packed_*`` are uint16 ``[P, K, N]`` words for the pairs ``pairs`` ``[P, 2]``; ``dense_*``
     hold the ``E - 2P - D`` unmerged experts ``dense_ids`` in the model dtype; ``dropped_ids``
-    (``D``, the dropping baseline) are experts the router never selects.
+    (``D``, the dropping baseline) are experts the router never selects.  With ``mosaic=True`` the
+    words are held as the grouped Mosaic kernel reads them instead (``mosaic_gate_up`` [P, 2I, H],
+    ``mosaic_down`` [P, H, I]: the same bytes, transposed; ``kernels.mosaic_ffn.to_mosaic_words``).
     """
 
-    def __init__(self, e, hidden, inter, num_pairs, num_dropped=0, *, dtype, packed: PackedExperts | None = None):
+    def __init__(self, e, hidden, inter, num_pairs, num_dropped=0, *, dtype, packed: PackedExperts | None = None,
+                 mosaic: bool = False):
         shapes = {"w_gate": (hidden, inter), "w_up": (hidden, inter), "w_down": (inter, hidden)}
         self.num_experts = e
         if packed is None:   # placeholder arrays of the right shapes, filled by load_pretrained
@@ -279,39 +285,23 @@ class PackedExpertsModule(nnx.Module):
         self.pairs = Buffer(jnp.asarray(packed.pairs, jnp.int32))
         self.dense_ids = Buffer(jnp.asarray(packed.dense_ids, jnp.int32))
         self.dropped_ids = Buffer(jnp.asarray(packed.dropped_ids, jnp.int32))
+        self.mosaic = mosaic
+        if mosaic:
+            words = to_mosaic_words({n: jnp.asarray(w, jnp.uint16) for n, w in packed.packed.items()})
+            self.mosaic_gate_up, self.mosaic_down = Buffer(words["gate_up"]), Buffer(words["down"])
         for n in MATRICES:
-            setattr(self, "packed_" + n, Buffer(jnp.asarray(packed.packed[n], jnp.uint16)))
+            if not mosaic:
+                setattr(self, "packed_" + n, Buffer(jnp.asarray(packed.packed[n], jnp.uint16)))
             setattr(self, "dense_" + n, nnx.Param(jnp.asarray(packed.dense[n], dtype)))
 
-    layout = "kn"   # "mosaic" after use_mosaic_layout
-
-    def use_mosaic_layout(self) -> None:
-        """Hold the pair words as the grouped Mosaic kernel reads them (``kernels.mosaic_layer_words``:
-        ``mosaic_gate_up`` [P, 2I, H], ``mosaic_down`` [P, H, I]) instead of ``packed_*`` [P, K, N]:
-        the same bytes, transposed once.  ``weights()`` then gives the ``[K, N]`` words as transposes
-        (computed only where a non-Mosaic path uses them)."""
-        if self.layout == "mosaic":
-            return
-        from kernels import mosaic_layer_words  # noqa: PLC0415 (the kernel package imports Pallas)
-        words = mosaic_layer_words(self.weights())
-        self.mosaic_gate_up, self.mosaic_down = Buffer(words["gate_up"]), Buffer(words["down"])
-        for n in MATRICES:
-            delattr(self, "packed_" + n)
-        self.layout = "mosaic"
-
     def mosaic_words(self) -> dict[str, jax.Array] | None:
-        if self.layout != "mosaic":
-            return None
-        return {"gate_up": self.mosaic_gate_up[...], "down": self.mosaic_down[...]}
+        """The words in the Mosaic layout, or None when held as ``[P, K, N]``."""
+        return {"gate_up": self.mosaic_gate_up[...], "down": self.mosaic_down[...]} if self.mosaic else None
 
     def weights(self) -> PackedExperts:
-        if self.layout == "mosaic":
-            gu, down = self.mosaic_gate_up[...], self.mosaic_down[...]
-            i = gu.shape[1] // 2
-            t = lambda w: jnp.swapaxes(w, 1, 2)  # noqa: E731
-            packed = {"w_gate": t(gu[:, :i]), "w_up": t(gu[:, i:]), "w_down": t(down)}
-        else:
-            packed = {n: getattr(self, "packed_" + n)[...] for n in MATRICES}
+        """The layer as a ``PackedExperts`` with ``[P, K, N]`` words (transposed back if needed)."""
+        words = self.mosaic_words()
+        packed = from_mosaic_words(words) if words else {n: getattr(self, "packed_" + n)[...] for n in MATRICES}
         return PackedExperts(self.pairs[...], packed,
                              self.dense_ids[...], {n: getattr(self, "dense_" + n)[...] for n in MATRICES},
                              self.num_experts, self.dropped_ids[...])
@@ -329,17 +319,17 @@ def route(logits, top_k, norm_topk_prob):
 class MoE(nnx.Module):
     """Router + routed experts (dense or packed, via ``moe.moe_ffn``) + optional shared expert.
 
-    ``impl`` is passed to ``moe_ffn`` for packed experts ("auto", "pallas", "reference" or "mosaic");
+    ``impl`` and ``interpret`` are passed to ``moe_ffn`` for packed experts (``kernels.IMPLS``);
     ``mesh`` (set by ``sharding.shard_model``) makes the routed experts run expert parallel.
     With ``capture`` set, each call sows its input and routing (``nnx.Intermediate`` "routed"),
     which ``puzzlemoe_jax.calibrate`` collects.
     """
 
-    def __init__(self, cfg: ModelConfig, *, num_pairs=0, num_dropped=0, dtype, rngs, impl="auto"):
+    def __init__(self, cfg: ModelConfig, *, num_pairs=0, num_dropped=0, dtype, rngs, impl="auto", interpret=False):
         h, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         self.top_k, self.norm_topk_prob, self.routing_fp32 = cfg.top_k, cfg.norm_topk_prob, cfg.routing_fp32
         self.scale = cfg.routed_scaling_factor
-        self.impl, self.capture, self.mesh = impl, False, None
+        self.impl, self.interpret, self.capture, self.mesh = impl, interpret, False, None
         self.router = Linear(h, e, dtype=dtype, rngs=rngs)
         self.experts = (PackedExpertsModule(e, h, i, num_pairs, num_dropped, dtype=dtype) if num_pairs or num_dropped
                         else DenseExperts(e, h, i, dtype=dtype, rngs=rngs))
@@ -361,7 +351,10 @@ class MoE(nnx.Module):
         if not self.routing_fp32:
             w = w.astype(x.dtype)
         words = self.experts.mosaic_words() if isinstance(self.experts, PackedExpertsModule) else None
-        y = moe_ffn(x, ids, w, experts, impl=self.impl, mesh=self.mesh, mosaic_words=words)
+        if self.mesh is not None:
+            y = sharded_moe_ffn(x, ids, w, experts, self.mesh, impl=self.impl, interpret=self.interpret)
+        else:
+            y = moe_ffn(x, ids, w, experts, impl=self.impl, interpret=self.interpret, mosaic_words=words)
         if self.shared is not None:
             s = self.shared(x)
             y = y + (jax.nn.sigmoid(self.shared_gate(x)) * s if self.shared_gate is not None else s)
@@ -369,12 +362,14 @@ class MoE(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, idx: int, *, num_pairs=0, num_dropped=0, dtype, rngs, impl="auto"):
+    def __init__(self, cfg: ModelConfig, idx: int, *, num_pairs=0, num_dropped=0, dtype, rngs, impl="auto",
+                 interpret=False):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         if idx in cfg.moe_layers:
-            self.mlp = MoE(cfg, num_pairs=num_pairs, num_dropped=num_dropped, dtype=dtype, rngs=rngs, impl=impl)
+            self.mlp = MoE(cfg, num_pairs=num_pairs, num_dropped=num_dropped, dtype=dtype, rngs=rngs, impl=impl,
+                           interpret=interpret)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
@@ -394,18 +389,21 @@ class CausalLM(nnx.Module):
 
     ``packed_pairs[i]`` > 0 (or ``dropped_experts[i]`` > 0) makes layer i's routed experts a
     ``PackedExpertsModule`` with that many merged pairs (dropped experts), to be filled by
-    ``load_pretrained`` or ``set_experts``.
+    ``load_pretrained`` or ``set_experts``.  ``impl``/``interpret``: how packed layers run
+    (``set_impl``; a name that cannot run here is refused at once).
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, packed_pairs: Mapping[int, int] | None = None,
-                 dropped_experts: Mapping[int, int] | None = None, impl="auto", rngs: nnx.Rngs | None = None):
+                 dropped_experts: Mapping[int, int] | None = None, impl="auto", interpret: bool = False,
+                 rngs: nnx.Rngs | None = None):
+        resolve_impl(impl, interpret=interpret)
         rngs = rngs or nnx.Rngs(0)
         packed_pairs, dropped_experts = packed_pairs or {}, dropped_experts or {}
         self.config = cfg
         self.embed = _init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = nnx.List([DecoderLayer(cfg, i, num_pairs=packed_pairs.get(i, 0),
                                              num_dropped=dropped_experts.get(i, 0), dtype=dtype, rngs=rngs,
-                                             impl=impl) for i in range(cfg.num_layers)])
+                                             impl=impl, interpret=interpret) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
 
@@ -465,21 +463,24 @@ class CausalLM(nnx.Module):
     def moe_layers(self) -> dict[int, MoE]:
         return {i: layer.mlp for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)}
 
-    def set_impl(self, impl: str) -> None:
-        """Force the packed-experts implementation of every MoE layer (see ``moe.moe_ffn``)."""
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    def set_impl(self, impl: str, *, interpret: bool = False) -> None:
+        """Serve every packed layer with ``impl`` (``kernels.IMPLS``; refused where it cannot run,
+        ``kernels.resolve_impl``); "mosaic" also re-lays the words out (``use_mosaic``)."""
+        if resolve_impl(impl, interpret=interpret) == "mosaic":
+            self.use_mosaic()
         for moe in self.moe_layers().values():
-            moe.impl = impl
+            moe.impl, moe.interpret = impl, interpret
 
     def use_mosaic(self) -> None:
-        """Serve the packed layers with the grouped Mosaic-GPU kernel (Hopper, one device): words
-        re-laid out in place (``PackedExpertsModule.use_mosaic_layout``), ``impl="mosaic"``.  Call
-        before building a ``Generator`` (it splits the model's state once)."""
+        """Hold every packed layer's words in the Mosaic kernel's layout (a new experts module per
+        layer, the ``[K, N]`` words freed as each is replaced).  Call before building a ``Generator``
+        (it splits the model's state once)."""
         for moe in self.moe_layers().values():
-            if isinstance(moe.experts, PackedExpertsModule):
-                moe.experts.use_mosaic_layout()
-        self.set_impl("mosaic")
+            if isinstance(moe.experts, PackedExpertsModule) and not moe.experts.mosaic:
+                w = moe.experts.weights()
+                dtype = w.dense["w_gate"].dtype
+                moe.experts = PackedExpertsModule(w.num_experts, 0, 0, int(w.pairs.shape[0]),
+                                                  int(w.dropped_ids.shape[0]), dtype=dtype, packed=w, mosaic=True)
 
     def set_experts(self, layer: int, experts: PackedExperts | Mapping[str, jax.Array]) -> None:
         """Replace layer ``layer``'s routed experts with dense ``{name: [E,K,N]}`` or packed ones."""

@@ -26,6 +26,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kernels import ImplError, resolve_impl
 from puzzlemoe_jax.merge import PackedExperts
 from puzzlemoe_jax.moe import moe_ffn
 
@@ -92,7 +93,7 @@ def _owner_mask(expert_ids, split: bool, num_experts: int, owned=None):
     return owned.at[expert_ids].set(True if split else lax.axis_index("expert") == 0)
 
 
-def sharded_moe_ffn(x, topk_ids, topk_weights, experts, mesh: Mesh, *, impl: str = "auto"):
+def sharded_moe_ffn(x, topk_ids, topk_weights, experts, mesh: Mesh, *, impl: str = "auto", interpret: bool = False):
     """``moe.moe_ffn`` expert parallel over ``mesh`` (``shard_map``; see the module docstring).
 
     Every device gets all T tokens and routes the assignments to experts it does not own to id E
@@ -127,16 +128,18 @@ def sharded_moe_ffn(x, topk_ids, topk_weights, experts, mesh: Mesh, *, impl: str
             first = lax.axis_index("expert") * n_local if split else 0
             owned = _owner_mask(first + jnp.arange(n_local), split, num_experts)[ids]
             local_ids = jnp.where(owned, ids - first, n_local)
-        y = moe_ffn(x, local_ids, jnp.where(owned, w, 0), ex, impl=impl, out_dtype=jnp.float32)
+        y = moe_ffn(x, local_ids, jnp.where(owned, w, 0), ex, impl=impl, interpret=interpret, out_dtype=jnp.float32)
         return lax.psum(y, ("expert", "model") if inter_split else "expert")
 
     run = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), spec_tree), out_specs=P(), check_vma=False)
     return run(x, topk_ids, topk_weights, experts).astype(x.dtype)
 
 
-def shard_model(model, mesh: Mesh, *, impl: str | None = None):
+def shard_model(model, mesh: Mesh, *, impl: str | None = None, interpret: bool = False):
     """Place ``model``'s variables on ``mesh`` and let its MoE layers run expert parallel on it
-    (in place; returns the model).  ``impl``: force the packed-layer implementation."""
+    (in place; returns the model).  ``impl``/``interpret``: as ``CausalLM.set_impl``."""
+    if impl is not None and resolve_impl(impl, interpret=interpret) == "mosaic":
+        raise ImplError('impl "mosaic" runs on one device; on a mesh use "auto" or "triton"')
     if tuple(mesh.axis_names) != AXES:
         raise ValueError(f"mesh axes must be {AXES}, got {mesh.axis_names}")
     cfg = model.config
@@ -149,7 +152,7 @@ def shard_model(model, mesh: Mesh, *, impl: str | None = None):
     for moe in model.moe_layers().values():
         moe.mesh = mesh if mesh.size > 1 else None
     if impl is not None:
-        model.set_impl(impl)
+        model.set_impl(impl, interpret=interpret)
     return model
 
 

@@ -243,11 +243,11 @@ def test_cli_usage_errors(tmp_path, capsys):
 def test_load_pretrained_mosaic_relays_the_words_and_keeps_them(mixtral_packed):
     """impl="mosaic" at load: every packed layer holds the Mosaic layout, the [K, N] words it gives
     the other paths are the checkpoint's, and the routed layers are set to impl "mosaic"."""
-    model = load_pretrained(F.converted("mixtral", ratio=0.5), impl="mosaic")
+    model = load_pretrained(F.converted("mixtral", ratio=0.5), impl="mosaic", interpret=True)
     for i, moe in model.moe_layers().items():
         want = mixtral_packed.moe_layers()[i].experts.weights()
         got = moe.experts.weights()
-        assert moe.impl == "mosaic" and moe.experts.layout == "mosaic"
+        assert moe.impl == "mosaic" and moe.experts.mosaic
         assert not hasattr(moe.experts, "packed_w_up")
         for n in ("w_gate", "w_up", "w_down"):
             assert bool(jnp.array_equal(got.packed[n], want.packed[n])), (i, n)
@@ -256,11 +256,11 @@ def test_load_pretrained_mosaic_relays_the_words_and_keeps_them(mixtral_packed):
 def test_save_pretrained_of_a_mosaic_model_writes_the_stored_layout(tmp_path, mixtral_packed):
     from puzzlemoe_jax import save_pretrained
     src = F.converted("mixtral", ratio=0.5)
-    model = load_pretrained(src, impl="mosaic")
+    model = load_pretrained(src, impl="mosaic", interpret=True)
     hf = json.loads((src / "config.json").read_text())
     back = load_pretrained(save_pretrained(model, tmp_path / "out", hf))
     for i, moe in back.moe_layers().items():
         want = mixtral_packed.moe_layers()[i].experts.weights()
-        assert moe.experts.layout == "kn"
+        assert not moe.experts.mosaic
         for n in ("w_gate", "w_up", "w_down"):
             assert bool(jnp.array_equal(moe.experts.weights().packed[n], want.packed[n])), (i, n)

@@ -72,3 +72,11 @@ def test_simple_evaluate_runs_a_local_task(byte_model, tmp_path):
     expected = np.mean([int(np.argmax([direct_logprob(lm.model, d["question"], c) for c in d["choices"]]) == d["label"])
                         for d in docs])
     assert acc == pytest.approx(expected)
+
+
+def test_adapter_refuses_an_impl_that_cannot_run(byte_model):
+    from kernels import ImplError
+    with pytest.raises(ImplError, match="impl must be one of"):
+        PuzzleMoELM(pretrained=str(byte_model), impl="cuda")
+    with pytest.raises(ImplError, match="backend is cpu"):
+        PuzzleMoELM(pretrained=str(byte_model), impl="mosaic")

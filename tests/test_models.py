@@ -110,6 +110,8 @@ def test_set_impl():
     assert all(moe.impl == "reference" for moe in m.moe_layers().values())
     with pytest.raises(ValueError, match="impl must be one of"):
         m.set_impl("cuda")
+    with pytest.raises(ValueError, match="backend is cpu"):   # never silently the CPU interpreter
+        m.set_impl("mosaic")
 
 
 # ---- config parsing ------------------------------------------------------------------------------

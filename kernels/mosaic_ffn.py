@@ -1,0 +1,132 @@
+"""A packed MoE layer on the grouped Mosaic-GPU kernel (Hopper): two launches per step, gate+up
+(SwiGLU in the epilogue for token blocks up to ``SWIGLU_MAX_BLOCK_M`` rows, else in XLA between the
+launches) and down, which reads the first launch's transposed output as it comes.
+
+The kernel reads the words transposed and gate's and up's stacked (``to_mosaic_words``); models
+that serve with it hold that layout, and ``from_mosaic_words`` gives back the stored ``[K, N]`` words.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels import routing
+from kernels.mosaic_gemm import MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_grouped_pair_gemm
+
+
+def to_mosaic_words(packed) -> dict[str, jax.Array]:
+    """``{"gate_up": [P, 2I, H] (gate's then up's transposed words), "down": [P, H, I]}`` from the
+    ``[P, K, N]`` words ``packed`` (``w_gate``, ``w_up``, ``w_down``): a full copy, made once."""
+    t = lambda w: jnp.swapaxes(w, 1, 2)  # noqa: E731
+    return {"gate_up": jnp.concatenate([t(packed["w_gate"]), t(packed["w_up"])], axis=1), "down": t(packed["w_down"])}
+
+
+def from_mosaic_words(words) -> dict[str, jax.Array]:
+    """The inverse of ``to_mosaic_words``: the ``[P, K, N]`` words of each matrix."""
+    i = words["gate_up"].shape[1] // 2
+    t = lambda w: jnp.swapaxes(w, 1, 2)  # noqa: E731
+    return {"w_gate": t(words["gate_up"][:, :i]), "w_up": t(words["gate_up"][:, i:]), "w_down": t(words["down"])}
+
+
+def grouped_block_m(rows: int, num_experts: int, tokens: int | None = None) -> int:
+    """Token block of the grouped kernel for ``rows`` routed rows over ``num_experts``.
+
+    An expert with more rows than the block costs its pair a second tile, which streams the pair's
+    words again, and routers are uneven, so the block holds 3x the mean
+    rows per expert, in multiples of 16 (24- and 40-row blocks ran slower than 32 and 48), as long as
+    the SwiGLU epilogue takes it (``SWIGLU_MAX_BLOCK_M``); where 3x does not fit there, 2x the mean
+    or at least that maximum, up to ``MAX_BLOCK_M``.  No expert gets more than ``tokens`` rows (a
+    token picks distinct experts), so the block is never larger than that (rounded up to 8: at
+    T <= 8, 8-row blocks were faster than 16)."""
+    def up(v, m):
+        return -(-math.ceil(v) // m) * m
+    mean = rows / num_experts
+    block = max(16, up(3 * mean, 16))
+    if block > SWIGLU_MAX_BLOCK_M:
+        block = max(SWIGLU_MAX_BLOCK_M, up(2 * mean, 16))
+    if tokens is not None:
+        block = min(block, max(8, up(tokens, 8)))
+    return min(MAX_BLOCK_M, block)
+
+
+def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
+    """Block-aligned row layout of a layer's pair slots for ``mosaic_grouped_pair_gemm``.
+
+    ``sizes`` int32 [D + 2P]: rows per slot (dense experts first, then pair p's i and j at D+2p,
+    D+2p+1, as ``routing.slot_order``); ``rows`` a static bound on their sum.  Each pair slot
+    gets its rows rounded up to ``block_m``; one spare block at the end belongs to nobody.
+    Returns ``(pad_start [D+2P], tiles [T, 4], padded_rows)``: the padded row where each pair slot
+    starts (dense slots: 0, unused), and per tile (pair, block of i, block of j, live), where a pair
+    side with no rows left in the tile reads and writes the spare block; ``T`` = ``rows /
+    block_m + P`` bounds the live tiles, the rest have live = 0.
+    """
+    D = num_dense
+    P = (sizes.shape[0] - D) // 2
+    blocks = jnp.where(jnp.arange(sizes.shape[0]) >= D, -(-sizes // block_m), 0)
+    pad_start = (jnp.cumsum(blocks) - blocks) * block_m
+    padded_rows = (-(-rows // block_m) + 2 * P + 1) * block_m   # sum of blocks <= rows/bm + 2P, + spare
+    spare = padded_rows // block_m - 1
+    n_i, n_j = blocks[D::2], blocks[D + 1::2]
+    per_pair = jnp.maximum(n_i, n_j)
+    T = -(-rows // block_m) + P
+    pair = jnp.repeat(jnp.arange(P, dtype=jnp.int32), per_pair, total_repeat_length=T)
+    t = jnp.arange(T, dtype=jnp.int32) - (jnp.cumsum(per_pair) - per_pair)[pair]
+    live = jnp.arange(T) < per_pair.sum()
+    b_i = jnp.where(t < n_i[pair], pad_start[D::2][pair] // block_m + t, spare)
+    b_j = jnp.where(t < n_j[pair], pad_start[D + 1::2][pair] // block_m + t, spare)
+    tiles = jnp.stack([pair, b_i, b_j, live.astype(jnp.int32)], 1).astype(jnp.int32)
+    return pad_start, tiles, padded_rows
+
+
+
+def _pair_rows(x, g: routing.Grouped, words, block_m: int, configs, interpret: bool):
+    """The merged pairs' down-projected outputs for the R = T*k routed rows of ``g``.
+    Returns ``(y [R_pad, H] f32, row [R])``: sorted row r's output is ``y[row[r]]`` if r belongs to
+    a pair (other rows point anywhere).  The padded layout is gathered from ``x`` (no scatter)."""
+    R, D, P = g.tokens.shape[0], g.num_dense, g.num_pairs
+    sizes, tokens, slots = g.sizes, g.tokens, g.slots
+    inter = words["gate_up"].shape[1] // 2
+    pad_start, tiles, padded_rows = grouped_layout(sizes, D, block_m, R)
+    starts = g.starts()
+    # padded row q -> the last pair slot starting at or before it; a real row if inside its size
+    q = jnp.arange(padded_rows)
+    slot_q = D - 1 + jnp.sum(q[:, None] >= pad_start[D:], axis=1)
+    off = q - pad_start[slot_q]
+    src_token = tokens[jnp.minimum(starts[slot_q] + off, R - 1)]
+    # materialize the small index arrays: fused into the gather, XLA recomputed the [rows, 2P]
+    # comparison for every element of xs_pad
+    src_token, real = lax.optimization_barrier((src_token, off < sizes[slot_q]))
+    xs_pad = jnp.where(real[:, None], x[src_token], 0).astype(jnp.bfloat16)
+    slot_r = jnp.clip(slots, D, D + 2 * P - 1)
+    row = jnp.clip(pad_start[slot_r] + jnp.arange(R) - starts[slot_r], 0, padded_rows - 1)
+    gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, **kw)  # noqa: E731
+    if block_m <= SWIGLU_MAX_BLOCK_M:   # SwiGLU in the kernel's epilogue
+        h_t = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=configs[0])
+    else:
+        gu_t = gemm(xs=xs_pad, words=words["gate_up"], config=configs[0])
+        h_t = (jax.nn.silu(gu_t[:inter]) * gu_t[inter:]).astype(jnp.bfloat16)
+    # h^T [I, R_pad] as it comes when its token blocks fill whole swizzle rows, else transposed
+    h_in = dict(xs=h_t, xs_transposed=True) if block_m % 64 == 0 else dict(xs=h_t.T)
+    y_t = gemm(words=words["down"], config=configs[1], **h_in)
+    return y_t.T, row
+
+
+def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
+                   configs: tuple[MosaicConfig | None, MosaicConfig | None] = (None, None),
+                   interpret: bool = False) -> jax.Array:
+    """Routed-expert output of a packed layer (``experts`` as ``puzzlemoe_jax.experts.PackedExperts``
+    for the pair table and the kept-dense experts; ``words``: ``to_mosaic_words`` of its packed
+    words, else made here per call).  ``configs`` override the (gate+up, down) launches' settings;
+    the gate+up config's ``block_m`` sets the layout's token block (default ``grouped_block_m``)."""
+    g = routing.group_packed(topk_ids, experts.pairs, experts.dense_ids)
+    words = words or to_mosaic_words(experts.packed)
+    block_m = configs[0].block_m if configs[0] is not None else grouped_block_m(
+        topk_ids.size, experts.num_experts, x.shape[0])
+    y, row = _pair_rows(x, g, words, block_m, configs, interpret)
+    parts = [(y, row[g.pos], g.in_pair())]
+    if g.num_dense:
+        parts.append(routing.dense_part(x, g, experts.dense))
+    return routing.combine(parts, topk_weights, out_dtype)

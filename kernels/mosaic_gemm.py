@@ -1,0 +1,275 @@
+"""Mosaic-GPU (Hopper wgmma) decode-GEMMs for packed expert pairs.
+
+Swap-AB: a CTA computes ``O^T = W^T A^T`` so that the decoded weights are the wgmma's A operand,
+held in registers straight after the decode (no shared-memory round trip), and the few tokens are
+the wgmma's N side (8..128 per CTA; more tokens are split over CTAs).  The packed words are read
+``transposed`` (``[N, K]``, K contiguous) by TMA through a ``num_stages``-deep shared-memory
+pipeline that also carries the activations.  One CTA (one warpgroup) per ``block_n`` output
+columns, token block and K split; the decode works on two words per 32-bit register
+(``mosaic_swar``).
+
+* ``mosaic_pair_gemm``: one pair, ``(A_i @ W_i, A_j @ W_j)``.
+* ``mosaic_grouped_pair_gemm``: all pairs of a layer in one launch, over a tile table of
+  (pair, token block of i, token block of j, live) rows (``mosaic_ffn.grouped_layout``), optionally
+  with gate and up streamed together and the SwiGLU in the epilogue.
+
+Hopper only (sm_90a).  The tests run these in Mosaic GPU's CPU interpreter, which has neither
+register-operand wgmma nor ``inline_mgpu``: there the decoded tiles are staged in shared memory
+and decoded one word per op ("select"); the SWAR arithmetic is tested on every word pair in jnp.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import mosaic_swar
+from kernels.gpu import cdiv, k_splits, num_sms, silu, smem_budget, smem_two_per_sm
+
+MAX_BLOCK_M = 128   # tokens per CTA: two f32 accumulators of [64, 256] would not fit the registers
+# the SwiGLU form holds four [64, block_m] f32 accumulators in registers
+SWIGLU_MAX_BLOCK_M = 64
+MIN_CTAS = 128      # a launch splits K until it has about one CTA per SM
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Settings of one Mosaic kernel call.  ``decode`` ("swar" | "select") and ``a_in_smem``
+    (stage the decoded tiles in shared memory for the wgmma) left None follow the backend: SWAR
+    and registers on the GPU, "select" and shared memory in the interpreter."""
+    block_m: int            # tokens per CTA, a multiple of 8 in [8, MAX_BLOCK_M]
+    block_n: int = 64       # output columns (word rows) per CTA: 64 or 128
+    block_k: int = 128
+    num_stages: int = 2     # pipeline depth
+    split_k: int = 1
+    decode: str | None = None
+    a_in_smem: bool | None = None
+
+    def __post_init__(self):
+        if self.block_m % 8 or not 8 <= self.block_m <= MAX_BLOCK_M:
+            raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, {MAX_BLOCK_M}]")
+        if self.block_n not in (64, 128):
+            raise ValueError(f"block_n={self.block_n} must be 64 or 128")
+        if self.decode not in (None, "swar", "select"):
+            raise ValueError(f"decode={self.decode!r} must be 'swar' or 'select'")
+        if self.num_stages < 1 or self.split_k < 1:
+            raise ValueError(f"num_stages and split_k must be >= 1, got {self.num_stages}, {self.split_k}")
+
+    def for_backend(self, interpret: bool) -> "MosaicConfig":
+        """The decode form and operand staging filled in for the interpreter or the GPU."""
+        return dataclasses.replace(self, decode=self.decode or ("select" if interpret else "swar"),
+                                   a_in_smem=interpret if self.a_in_smem is None else self.a_in_smem)
+
+
+def padded_tokens(m: int, block_m: int | None = None) -> tuple[int, int]:
+    """(padded token count, tokens per CTA): a multiple of 8 (the wgmma N step) up to
+    ``MAX_BLOCK_M``, beyond that a multiple of the token block."""
+    mp = max(8, cdiv(m, 8) * 8)
+    block_m = min(block_m or MAX_BLOCK_M, mp)
+    return cdiv(mp, block_m) * block_m, block_m
+
+
+def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tiles: int = 1) -> MosaicConfig:
+    """Default settings: 64-row word tiles, K split until the launch has about one CTA per SM,
+    more than ``MAX_BLOCK_M`` tokens split over CTAs (each re-reads the words, mostly from L2).
+    A launch that fits one wave at one CTA per SM gets up to 4 stages of 128-deep K tiles; a larger
+    one gets 2 stages small enough for two CTAs per SM (128-deep K tiles if they fit).
+    ``m_blocks``: token blocks of the launch when not ``m``'s (the grouped kernel: its live tiles).
+    ``word_tiles``: word tiles per CTA and K step (2: the SwiGLU launch streams gate and up rows;
+    its ``n`` output columns are ``n / 2`` CTA columns, and it never splits K)."""
+    block_n = 64
+    mp, block_m = padded_tokens(m)
+    m_blocks = mp // block_m if m_blocks is None else m_blocks
+    stage = lambda bk: 2 * bk * (word_tiles * block_n + 2 * block_m)  # noqa: E731 (bytes of one stage)
+    block_k = 128 if k % 128 == 0 else 64
+    n //= word_tiles
+    split = 1 if word_tiles > 1 else k_splits(k // block_k, (n // block_n) * m_blocks, MIN_CTAS)
+    if (n // block_n) * m_blocks * split > num_sms():
+        stages = 2
+        if 2 * stage(block_k) > smem_two_per_sm():
+            block_k = 64
+    else:
+        budget = smem_budget()
+        stages = min(4, budget // stage(block_k))
+        if stages < 2:
+            block_k, stages = 64, min(4, budget // stage(64))
+    return MosaicConfig(block_m=block_m, block_n=block_n, block_k=block_k, num_stages=stages, split_k=split)
+
+
+def mosaic_pair_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *, config: MosaicConfig | None = None,
+                     interpret: bool = False, out_dtype=jnp.bfloat16,
+                     diagnostic: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(A_i @ W_i, A_j @ W_j)`` for one pair's transposed ``words`` (uint16 ``[N, K]``).
+
+    ``a_i``, ``a_j``: [M, K], any M.  N must be a multiple of ``block_n`` and K of
+    ``block_k * split_k``; f32 accumulation, split-K partials summed by XLA.  ``config`` defaults
+    to ``mosaic_config``.  ``diagnostic`` (benchmarks only): "no_decode" feeds the words bitcast to
+    bf16 to both wgmmas; "stream_only" runs the TMA pipeline with an empty body.
+    """
+    N, K = words.shape
+    m = max(a_i.shape[0], a_j.shape[0])
+    cfg = (config or mosaic_config(m, K, N)).for_backend(interpret)
+    if N % cfg.block_n:
+        raise ValueError(f"N={N} must be a multiple of block_n={cfg.block_n}")
+    if K % (cfg.block_k * cfg.split_k):
+        raise ValueError(f"K={K} must be a multiple of block_k*split_k={cfg.block_k * cfg.split_k}")
+    mp, block_m = padded_tokens(m, cfg.block_m)
+    nk = K // cfg.block_k // cfg.split_k
+    tile = functools.partial(_pair_tile, block_n=cfg.block_n, block_k=cfg.block_k, block_m=block_m,
+                             num_stages=cfg.num_stages, nk=nk, decode=cfg.decode, a_in_smem=cfg.a_in_smem,
+                             diagnostic=diagnostic)
+
+    def body(ai_gmem, aj_gmem, w_gmem, oi_gmem, oj_gmem):
+        t = lax.axis_index("m")
+        tile(w_gmem, ai_gmem, aj_gmem, t, t, oi_gmem, oj_gmem)
+
+    out = jax.ShapeDtypeStruct((cfg.split_k, N, mp), jnp.float32)
+    kernel = _kernel(body, (out, out), (mp // block_m, N // cfg.block_n, cfg.split_k), interpret)
+    o_i, o_j = kernel(_pad_rows(a_i, mp), _pad_rows(a_j, mp), words.astype(jnp.uint16))
+    return _finish(o_i, a_i.shape[0], out_dtype), _finish(o_j, a_j.shape[0], out_dtype)
+
+
+def _kernel(body, out_type, grid, interpret):
+    return plgpu.kernel(
+        body, out_type=out_type, grid=grid, grid_names=("m", "n", "s"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None)
+
+
+def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, block_k, block_m, num_stages, nk,
+               decode, a_in_smem, diagnostic=None, up_blocks=None, a_transposed=False):
+    """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
+    ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
+    (rows of ``block_m``), store the ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
+    ``bj*block_m`` of ``oj_gmem[s]``.
+    ``up_blocks`` (the SwiGLU form, no K split): also stream the up rows ``up_blocks`` column tiles
+    further down in the same pipeline and store bf16 ``silu(gate) * up`` instead, so the gate+up
+    output never leaves the CTA in f32.
+    ``a_transposed``: the activations are given as ``[K, rows]`` (the previous launch's ``O^T``), their
+    token blocks are column blocks, fed to the wgmma as an MN-major operand (no transpose in between).
+    The results are stored in ``oi_gmem``'s dtype."""
+    n, s = lax.axis_index("n"), lax.axis_index("s")
+    row_blocks = (0,) if up_blocks is None else (0, up_blocks)
+
+    def acc_scope(*accs, dec_smem=None):
+        def step(_, *refs):
+            ai_smem, aj_smem = refs[-2:]
+            if diagnostic == "stream_only":
+                return
+            for w_smem, acc_i, acc_j in zip(refs[:-2], accs[0::2], accs[1::2]):
+                if diagnostic == "no_decode":
+                    w_i = w_j = lax.bitcast_convert_type(w_smem[...], jnp.bfloat16)
+                else:
+                    w_i, w_j = mosaic_swar.decode(w_smem[...], decode)
+                if dec_smem is not None:
+                    dec_smem[0] = w_i
+                    dec_smem[1] = w_j
+                    plgpu.commit_smem()
+                    w_i, w_j = dec_smem.at[0], dec_smem.at[1]
+                plgpu.wgmma(acc_i, w_i, ai_smem if a_transposed else ai_smem.T)
+                plgpu.wgmma(acc_j, w_j, aj_smem if a_transposed else aj_smem.T)
+                if dec_smem is not None:   # the staging buffer is reused by the next word tile
+                    plgpu.wgmma_wait(0)
+            plgpu.wgmma_wait(0)
+
+        word_specs = [plgpu.BlockSpec((block_n, block_k), lambda k, r=r: (n + r, s * nk + k)) for r in row_blocks]
+        if a_transposed:
+            a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (s * nk + k, b)) for b in (bi, bj)]
+        else:
+            a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, s * nk + k)) for b in (bi, bj)]
+        plgpu.emit_pipeline(
+            step, grid=(nk,),
+            in_specs=[*word_specs, *a_specs],
+            max_concurrent_steps=num_stages,
+        )(*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem)
+        return tuple(acc[...] for acc in accs)
+
+    accs = [plgpu.ACC((block_n, block_m)) for _ in range(2 * len(row_blocks))]
+    if a_in_smem:   # register (ACC) and shared-memory scopes cannot be opened together
+        outs = pl.run_scoped(lambda dec: pl.run_scoped(functools.partial(acc_scope, dec_smem=dec), *accs),
+                             plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
+    else:
+        outs = pl.run_scoped(acc_scope, *accs)
+    if up_blocks is None:
+        acc_i, acc_j = (acc.astype(oi_gmem.dtype) for acc in outs)
+    else:   # (gate_i, gate_j, up_i, up_j)
+        acc_i, acc_j = ((silu(g) * u).astype(jnp.bfloat16) for g, u in zip(outs[:2], outs[2:]))
+
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((2, block_n, block_m), acc_i.dtype))
+    def _store(o_smem):
+        o_smem[0] = acc_i
+        o_smem[1] = acc_j
+        plgpu.commit_smem()
+        rows = pl.ds(n * block_n, block_n)
+        plgpu.copy_smem_to_gmem(o_smem.at[0], oi_gmem.at[s, rows, pl.ds(bi * block_m, block_m)])
+        plgpu.copy_smem_to_gmem(o_smem.at[1], oj_gmem.at[s, rows, pl.ds(bj * block_m, block_m)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, *, block_m: int,
+                             live_tiles: int | None = None, swiglu: bool = False, xs_transposed: bool = False,
+                             out_dtype=jnp.float32, config: MosaicConfig | None = None,
+                             interpret: bool = False) -> jax.Array:
+    """All pairs of a layer in one launch: ``xs`` [R_pad, K] in ``mosaic_ffn.grouped_layout``'s row
+    layout with token blocks of ``block_m`` rows, ``tiles`` its tile table, ``words`` uint16
+    [P, N, K] (transposed).  Returns the transposed result, as the swap-AB kernel writes it:
+    [N, R_pad] in ``out_dtype``, column r = W^T xs[r] of the pair side owning r's block; columns of
+    the spare block and of blocks no live tile covers are **not written** (select them away).
+    ``swiglu``: ``words`` is gate's then up's words ([P, 2I, K]) and the result is bf16
+    [I, R_pad], ``silu(W_gate^T xs) * (W_up^T xs)``, computed in the CTA (block_m <=
+    ``SWIGLU_MAX_BLOCK_M``, no K split).  ``xs_transposed``: ``xs`` is given as [K, R_pad] (a
+    previous launch's result, as it comes; ``block_m`` a multiple of 64, a whole 128-byte swizzle
+    row).  ``live_tiles``: expected live tiles, for the default config (default P).  ``config``:
+    its ``block_m`` must be ``block_m``.
+    """
+    P, N, K = words.shape
+    cfg = config or mosaic_config(block_m, K, N, m_blocks=live_tiles or P, word_tiles=2 if swiglu else 1)
+    cfg = cfg.for_backend(interpret)
+    block_n, block_k, split_k = cfg.block_n, cfg.block_k, cfg.split_k
+    rows = xs.shape[1] if xs_transposed else xs.shape[0]
+    if cfg.block_m != block_m or rows % block_m:
+        raise ValueError(f"block_m={block_m} (config: {cfg.block_m}) must divide the {rows} rows and equal "
+                         "the config's block_m")
+    if xs_transposed and block_m % 64:
+        raise ValueError(f"xs_transposed=True takes block_m a multiple of 64, got {block_m}")
+    if xs.shape[0 if xs_transposed else 1] != K:
+        raise ValueError(f"xs {xs.shape} (transposed: {xs_transposed}) does not match the words' K = {K}")
+    n_out = N // 2 if swiglu else N
+    if n_out % block_n or K % (block_k * split_k):
+        raise ValueError(f"[N, K]=[{n_out}{' x 2' if swiglu else ''}, {K}] must be multiples of block_n={block_n} "
+                         f"and block_k*split_k={block_k * split_k}")
+    if swiglu and (split_k != 1 or block_m > SWIGLU_MAX_BLOCK_M):
+        raise ValueError(f"swiglu=True takes split_k=1 and block_m <= {SWIGLU_MAX_BLOCK_M}, got split_k={split_k}, "
+                         f"block_m={block_m}")
+    nk = K // block_k // split_k
+    tile = functools.partial(_pair_tile, block_n=block_n, block_k=block_k, block_m=block_m,
+                             num_stages=cfg.num_stages, nk=nk, decode=cfg.decode, a_in_smem=cfg.a_in_smem,
+                             up_blocks=n_out // block_n if swiglu else None, a_transposed=xs_transposed)
+
+    def body(tiles_gmem, x_gmem, w_gmem, o_gmem):
+        t = lax.axis_index("m")
+        p, b_i, b_j, live = (tiles_gmem[t, c] for c in range(4))   # scalar loads from GMEM
+
+        @pl.when(live > 0)
+        def _():
+            tile(w_gmem.at[p], x_gmem, x_gmem, b_i, b_j, o_gmem, o_gmem)
+
+    kernel_dtype = jnp.bfloat16 if swiglu else out_dtype if split_k == 1 else jnp.float32
+    out = jax.ShapeDtypeStruct((split_k, n_out, rows), kernel_dtype)
+    o = _kernel(body, out, (tiles.shape[0], n_out // block_n, split_k), interpret)(
+        tiles.astype(jnp.int32), xs.astype(jnp.bfloat16), words.astype(jnp.uint16))
+    return o[0] if split_k == 1 else o.sum(0).astype(out_dtype)
+
+
+def _pad_rows(a, rows):
+    return jnp.pad(a.astype(jnp.bfloat16), ((0, rows - a.shape[0]), (0, 0)))
+
+
+def _finish(o, rows, dtype):
+    """[S, N, Mp] f32 split-K partials of O^T -> O [rows, N]."""
+    return o.sum(0).T[:rows].astype(dtype)

@@ -1,0 +1,175 @@
+"""Mosaic-GPU kernels (kernels/mosaic_*.py) in Mosaic GPU's CPU interpreter, which has no
+register-operand wgmma: there the decoded tiles are staged in shared memory; the register (SWAR)
+form runs only on a Hopper GPU (benchmarks/check_mosaic_layer.py checks it against an f32
+reference there).  Configs, the SWAR arithmetic and the grouped layout are checked exactly."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.gpu import smem_budget, smem_two_per_sm
+from kernels.mosaic_ffn import (from_mosaic_words, grouped_block_m, grouped_layout, mosaic_moe_ffn,
+                                to_mosaic_words)
+from kernels.mosaic_gemm import (MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config,
+                                 mosaic_grouped_pair_gemm, mosaic_pair_gemm)
+from kernels.mosaic_swar import decode_pairs_swar
+from kernels.reference import pair_gemm_reference
+from puzzlemoe_jax import codec
+from puzzlemoe_jax.moe import dense_moe_ffn
+from tests.kernel_cases import check, random_layer, random_routing, random_words, rng_for
+
+
+@pytest.mark.parametrize("mi,mj,k,n,block_n,block_k,split_k,block_m", [
+    (1, 3, 256, 128, 64, 128, 1, 8),
+    (5, 9, 512, 128, 128, 64, 2, 16),
+    (0, 17, 256, 64, 64, 64, 1, 24),
+    (37, 20, 256, 64, 64, 64, 2, 16),     # tokens over 3 CTAs (block_m 16, padded to 48)
+])
+def test_mosaic_pair_kernel_matches_reference(mi, mj, k, n, block_n, block_k, split_k, block_m):
+    rng = rng_for(mi * 7 + k + n)
+    words = random_words(rng, (k, n))
+    a_i = jnp.asarray(rng.standard_normal((mi, k)), jnp.bfloat16)
+    a_j = jnp.asarray(rng.standard_normal((mj, k)), jnp.bfloat16)
+    cfg = MosaicConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
+    got = mosaic_pair_gemm(a_i, a_j, words.T, config=cfg, interpret=True)
+    ref = pair_gemm_reference(a_i, a_j, words, out_dtype=jnp.float32)
+    for g, r, name in zip(got, ref, "ij"):
+        assert g.dtype == jnp.bfloat16 and g.shape == r.shape
+        check(g, r, f"mosaic O_{name}")
+    default = mosaic_pair_gemm(a_i, a_j, words.T, interpret=True)   # mosaic_config's settings
+    for g, r, name in zip(default, ref, "ij"):
+        check(g, r, f"mosaic (default config) O_{name}")
+
+
+def test_swar_decode_math_equals_codec_on_every_word_pair():
+    words = jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16)
+    partner = jnp.roll(words, 12345)   # every word in both halves, next to varied partners
+    for lo, hi in ((words, partner), (partner, words)):
+        lanes = lo.astype(jnp.uint32) | (hi.astype(jnp.uint32) << 16)
+        for got, (want_lo, want_hi) in zip(decode_pairs_swar(lanes), zip(codec.decode_words(lo), codec.decode_words(hi))):
+            assert bool(jnp.array_equal((got & 0xFFFF).astype(jnp.uint16), want_lo))
+            assert bool(jnp.array_equal((got >> 16).astype(jnp.uint16), want_hi))
+
+
+def test_mosaic_config_fits_shared_memory_and_fills_the_gpu():
+    for m in (1, 16, 64, 128, 256, 1000):
+        for k, n in ((4096, 14336), (14336, 4096), (2048, 1408)):
+            c = mosaic_config(m, k, n)
+            assert c.block_m <= 128 and c.block_m >= min(m, 128) and c.block_m % 8 == 0, (m, c)
+            stage = 2 * c.block_k * (c.block_n + 2 * c.block_m)
+            assert c.num_stages >= 2 and c.num_stages * stage <= smem_budget(), (m, c)
+            assert k % (c.block_k * c.split_k) == 0
+    assert mosaic_config(1, 14336, 4096).split_k == 2 and mosaic_config(1, 4096, 14336).split_k == 1
+    # more CTAs than SMs (Mixtral w1/w3: 224): shallow pipelines, two CTAs per SM
+    for m in (1, 64, 128, 256):
+        c = mosaic_config(m, 4096, 14336)
+        assert c.num_stages == 2 and 2 * 2 * c.block_k * (64 + 2 * c.block_m) <= smem_two_per_sm(), (m, c)
+
+
+def test_mosaic_kernels_reject_bad_shapes_and_settings():
+    a = jnp.zeros((4, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiple of block_n"):
+        mosaic_pair_gemm(a, a, jnp.zeros((96, 256), jnp.uint16), interpret=True)
+    with pytest.raises(ValueError, match="multiple of block_k"):
+        mosaic_pair_gemm(a[:, :200], a[:, :200], jnp.zeros((64, 200), jnp.uint16), interpret=True)
+    with pytest.raises(ValueError, match="block_m=12 must be a multiple of 8"):
+        MosaicConfig(block_m=12)
+    with pytest.raises(ValueError, match="decode="):
+        MosaicConfig(block_m=8, decode="nope")
+    tiles = jnp.zeros((2, 4), jnp.int32)
+    grouped = functools.partial(mosaic_grouped_pair_gemm, tiles=tiles, interpret=True)
+    with pytest.raises(ValueError, match="multiples of block_n"):
+        grouped(jnp.zeros((16, 256), jnp.bfloat16), words=jnp.zeros((1, 96, 256), jnp.uint16), block_m=8)
+    with pytest.raises(ValueError, match="xs_transposed=True takes block_m a multiple of 64"):
+        grouped(jnp.zeros((256, 32), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=32,
+                xs_transposed=True)
+    with pytest.raises(ValueError, match="does not match the words' K = 256"):
+        grouped(jnp.zeros((64, 128), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=64)
+    with pytest.raises(ValueError, match="equal the config's block_m"):
+        grouped(jnp.zeros((64, 256), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=64,
+                config=MosaicConfig(block_m=32))
+
+
+@pytest.mark.parametrize("sizes,num_dense,block_m", [
+    ([3, 0, 5, 1, 0, 0], 0, 8),
+    ([2, 7, 9, 17, 0, 8, 1], 1, 8),        # one dense slot first, sizes across block edges
+    ([0, 0, 40, 3, 129, 130], 0, 16),
+    ([0, 0, 0, 0], 0, 128),                # no rows at all: no live tile
+])
+def test_grouped_layout_covers_every_pair_row_once(sizes, num_dense, block_m):
+    """Every row of every pair slot lies in exactly one live tile's block of its own side; blocks
+    are aligned, owned by one slot, inside the padded rows; dead sides use the spare block."""
+    sizes = np.asarray(sizes, np.int32)
+    rows = int(sizes.sum()) + 5            # a static bound above the real count
+    pad_start, tiles, padded = grouped_layout(jnp.asarray(sizes), num_dense, block_m, rows)
+    pad_start, tiles = np.asarray(pad_start), np.asarray(tiles)
+    P = (len(sizes) - num_dense) // 2
+    spare = padded // block_m - 1
+    assert padded % block_m == 0 and tiles.shape == (-(-rows // block_m) + P, 4)
+    covered = {}
+    for p, b_i, b_j, live in tiles:
+        if not live:
+            continue
+        for side, b in ((0, b_i), (1, b_j)):
+            if b == spare:
+                continue
+            slot = num_dense + 2 * p + side
+            r0 = b * block_m - pad_start[slot]
+            assert pad_start[slot] % block_m == 0 and 0 <= r0 < sizes[slot], (p, side, b)
+            assert (slot, r0) not in covered
+            covered[(slot, r0)] = True
+    want = {(num_dense + q, r0) for q in range(2 * P) for r0 in range(0, sizes[num_dense + q], block_m)}
+    assert set(covered) == want
+    ends = [pad_start[s] + -(-sizes[s] // block_m) * block_m for s in range(num_dense, len(sizes))]
+    assert max(ends, default=0) <= spare * block_m       # the spare block is nobody's
+
+
+def test_grouped_block_m_holds_three_times_the_mean_within_the_swiglu_epilogue():
+    """The token block: 3x the mean rows per expert in multiples of 16 while that fits the SwiGLU
+    epilogue, else 2x the mean (at least that epilogue's maximum), never above MAX_BLOCK_M nor above
+    the token count (no expert gets more rows than there are tokens)."""
+    got = {t: grouped_block_m(2 * t, 8, t) for t in (1, 4, 8, 12, 16, 32, 48, 64, 96, 128, 160, 256, 4096)}
+    assert got == {1: 8, 4: 8, 8: 8, 12: 16, 16: 16, 32: 32, 48: 48, 64: 48, 96: 64, 128: 64, 160: 80, 256: 128,
+                   4096: 128}
+    for rows in range(1, 2000, 7):
+        for e in (8, 60, 64):
+            bm = grouped_block_m(rows, e)
+            assert bm % 16 == 0 and 16 <= bm <= MAX_BLOCK_M
+            assert bm >= min(3 * rows / e, SWIGLU_MAX_BLOCK_M) or bm == MAX_BLOCK_M
+            assert grouped_block_m(rows, e, tokens=rows) == min(bm, -(-rows // 8) * 8)
+
+
+def test_word_layout_round_trips():
+    experts = random_layer(rng_for(3), 8, 64, 96, 0.5)
+    back = from_mosaic_words(to_mosaic_words(experts.packed))
+    for n, w in experts.packed.items():
+        assert bool(jnp.array_equal(back[n], w)), n
+
+
+@pytest.mark.parametrize("t,ratio,drop,configs", [
+    (1, 0.5, False, (None, None)),
+    (9, 0.5, False, (MosaicConfig(block_m=24, num_stages=3), MosaicConfig(block_m=24, num_stages=3, block_k=64))),
+    (7, 0.25, True, (None, None)),
+    (9, 0.5, False, (MosaicConfig(block_m=8), None)),      # a token block other than grouped_block_m's
+    (9, 0.5, False, (MosaicConfig(block_m=64), None)),     # SwiGLU epilogue, down reads h^T as it comes
+    (9, 0.25, True, (MosaicConfig(block_m=128), None)),    # SwiGLU in XLA on the transposed result
+])
+def test_mosaic_layer_matches_dense_reference(t, ratio, drop, configs):
+    """The grouped Mosaic layer (interpreter) on random routing, with dense and dropped experts."""
+    rng = rng_for(31 + t)
+    e, h, i, k = 8, 128, 192, 2
+    experts = random_layer(rng, e, h, i, ratio, drop)
+    x, ids, tw = random_routing(rng, t, e, k, h)
+    ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.bfloat16))
+    words = to_mosaic_words(experts.packed)
+    fn = functools.partial(mosaic_moe_ffn, out_dtype=jnp.bfloat16, configs=configs, interpret=True)
+    check(jax.jit(fn)(x, ids, tw, experts, words), ref, f"mosaic layer {configs}")
+
+
+def test_mosaic_config_is_frozen():
+    c = MosaicConfig(block_m=16)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.block_m = 32

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from puzzlemoe_jax import codec
-from puzzlemoe_jax.merge import PackedExperts
+from puzzlemoe_jax.experts import PackedExperts
 
 IMPLS = ("auto", "pallas", "reference")
 PAIR_IMPLS = IMPLS + ("mosaic",)

@@ -252,7 +252,8 @@ def main(argv=None) -> int:
     if args.greedy and (args.temperature is not None or args.top_p is not None):
         ap.error("--greedy excludes --temperature/--top-p")
     greedy = args.temperature is None and args.top_p is None
-    from puzzlemoe_jax.checkpoint import CheckpointError, load_pretrained  # noqa: PLC0415
+    from puzzlemoe_jax.checkpoint import load_pretrained  # noqa: PLC0415
+    from puzzlemoe_jax.safetensors_io import CheckpointError  # noqa: PLC0415
     try:
         model = load_pretrained(args.model, impl=args.impl)
         try:

@@ -11,7 +11,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from puzzlemoe_jax.merge import PackedExperts
+from puzzlemoe_jax.experts import PackedExperts
 
 IMPLS = ("auto", "pallas", "reference", "mosaic")
 

@@ -26,7 +26,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from puzzlemoe_jax.merge import PackedExperts
+from puzzlemoe_jax.experts import PackedExperts
 from puzzlemoe_jax.moe import moe_ffn
 
 AXES = ("expert", "model")

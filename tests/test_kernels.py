@@ -11,8 +11,9 @@ from jax.experimental import pallas as pl
 
 import kernels as K
 from puzzlemoe_jax import codec
-from puzzlemoe_jax.merge import PackedExperts, compress_layer
+from puzzlemoe_jax.experts import PackedExperts
 from puzzlemoe_jax.moe import dense_moe_ffn, moe_ffn
+from puzzlemoe_jax.pairing import compress_layer
 
 TOL = 1e-2  # relative Frobenius error allowed for bf16 operands / bf16 outputs
 
@@ -411,7 +412,8 @@ def test_model_use_mosaic_matches_reference_impl():
     """CausalLM.use_mosaic: the packed words re-laid out in place (same bytes), the forward pass
     through the grouped Mosaic kernel (interpreter) equals the reference path; the [K, N] words
     are still available to the other paths."""
-    from puzzlemoe_jax.models import CausalLM, ModelConfig, PackedExpertsModule, forward
+    from puzzlemoe_jax.config import ModelConfig
+    from puzzlemoe_jax.models import CausalLM, PackedExpertsModule, forward
     cfg = ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=128, num_layers=1, num_heads=4,
                       num_kv_heads=2, head_dim=32, intermediate_size=192, moe_intermediate_size=192,
                       num_experts=8, top_k=2, moe_layers=(0,), norm_topk_prob=True)

@@ -168,7 +168,7 @@ class Generator:
     def prefill(self, batch: Batch, max_new_tokens: int, *, greedy=True, temperature=1.0, top_p=1.0, key=None,
                 chunk: int | None = None):
         """Fill cache slots ``0..L-1`` and sample the first token.  ``chunk``: slots per model call
-        (default: the whole prompt in one call, the fastest on the H100, benchmarks/RESULTS.md §7d);
+        (default: the whole prompt in one call, the fewest model calls);
         smaller chunks bound the activation memory of long prompts."""
         key = jax.random.key(0) if key is None else key
         b, L = batch.ids.shape

@@ -5,7 +5,7 @@
 
 Each layer's experts are drawn on the device (normal, std 0.02, bf16, like real expert weights;
 experts independent, so similarity is low and the merge does its full work), then
-``merge.compress_layer`` runs at ratio 0.5 and the packed result is waited for.  Generation time
+``compress.compress_layer`` runs at ratio 0.5 and the packed result is waited for.  Generation time
 is excluded; pairing (host matching on device-computed costs), merging, packing and the
 statistics are included.  Reading the checkpoint from disk is not part of this figure.
 """
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from puzzlemoe_jax import merge  # noqa: E402
+from puzzlemoe_jax import compress  # noqa: E402
 
 SHAPES = {  # experts, hidden, expert intermediate, MoE layers
     "mixtral-8x7b": (8, 4096, 14336, 32),
@@ -52,7 +52,7 @@ def main(argv=None):
         w = layer_weights(jax.random.key(layer), e, h, i)
         jax.block_until_ready(w)
         t0 = time.perf_counter()
-        packed, stats = merge.compress_layer(w, args.ratio)
+        packed, stats = compress.compress_layer(w, args.ratio)
         jax.block_until_ready(packed)
         dt = time.perf_counter() - t0
         if layer:

@@ -5,7 +5,7 @@
         [--meshes 1x1,2x1] [--concurrent-single]
 
 A Mixtral-8x7B-shaped model (bf16) is built directly on the device with random weights
-(normal, std 0.02; RMSNorm scales 1), not read from disk.  Packed layers: ``merge.compress_layer``
+(normal, std 0.02; RMSNorm scales 1), not read from disk.  Packed layers: ``compress.compress_layer``
 runs once (ratio 0.5: 4 pairs of 8 experts) on one layer of random experts; every other layer's
 words are that layer's words rolled along the output axis by the layer index (distinct buffers with
 the statistics of real merged words, without 32 merges).  Both models run the same stack:
@@ -55,7 +55,7 @@ GiB = 2 ** 30
 
 
 def model_config(shape: str, layers: int):
-    from puzzlemoe_jax.models import ModelConfig  # noqa: PLC0415
+    from puzzlemoe_jax.config import ModelConfig  # noqa: PLC0415
     s = dict(SHAPES[shape])
     s["num_layers"] = layers
     return ModelConfig(model_type="mixtral", moe_intermediate_size=s["intermediate_size"],
@@ -73,14 +73,14 @@ def build_model(shape: str, layers: int, packed: bool, impl: str = "auto", seed:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
-    from puzzlemoe_jax import merge  # noqa: PLC0415
+    from puzzlemoe_jax import compress, pairing  # noqa: PLC0415
     from jax.sharding import NamedSharding  # noqa: PLC0415
     from puzzlemoe_jax.models import CausalLM  # noqa: PLC0415
     from puzzlemoe_jax.sharding import partition_spec, shard_model  # noqa: PLC0415
 
     cfg = model_config(shape, layers)
     e = cfg.num_experts
-    n_pairs = merge.pairs_for_ratio(e, 0.5) if packed else 0
+    n_pairs = pairing.pairs_for_ratio(e, 0.5) if packed else 0
     dtype = jnp.bfloat16
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, packed_pairs={i: n_pairs for i in range(layers)}
                                                if packed else None, impl=impl))
@@ -96,7 +96,7 @@ def build_model(shape: str, layers: int, packed: bool, impl: str = "auto", seed:
         k = jax.random.split(jax.random.key(seed + 1000), 3)
         w = {"w_gate": draw(k[0], (e, h, i), dtype), "w_up": draw(k[1], (e, h, i), dtype),
              "w_down": draw(k[2], (e, i, h), dtype)}
-        pe, _ = merge.compress_layer(w, 0.5)
+        pe, _ = compress.compress_layer(w, 0.5)
         words0, pairs0 = dict(pe.packed), pe
         del w
     roll = jax.jit(lambda a, s: jnp.roll(a, s, axis=-1))

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels as K
-from puzzlemoe_jax.merge import compress_layer
 from puzzlemoe_jax.moe import dense_moe_ffn
+from puzzlemoe_jax.compress import compress_layer
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64]
 

@@ -16,8 +16,8 @@ import numpy as np
 
 import kernels as K
 from common import device_info, rel_err
-from puzzlemoe_jax.merge import compress_layer
 from puzzlemoe_jax.moe import dense_moe_ffn
+from puzzlemoe_jax.compress import compress_layer
 
 MOSAIC_VARIANTS = {"mosaic_swiglu_in_xla": {"swiglu": False}, "mosaic_block_m_64": {"block_m": 64},
                    "mosaic_block_m_128": {"block_m": 128},

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puzzlemoe_jax import merge
+from puzzlemoe_jax import compress
 from puzzlemoe_jax.moe import dense_moe_ffn, moe_ffn
 from puzzlemoe_jax.sharding import make_mesh, sharded_moe_ffn
 
@@ -30,7 +30,7 @@ def main():
     keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 5)
     w = {n: (0.02 * jax.random.normal(k, s, jnp.float32)).astype(jnp.bfloat16) for n, k, s in
          (("w_gate", keys[0], (e, h, i)), ("w_up", keys[1], (e, h, i)), ("w_down", keys[2], (e, i, h)))}
-    experts, _ = merge.compress_layer(w, 0.5)
+    experts, _ = compress.compress_layer(w, 0.5)
     del w
     x = jax.random.normal(keys[3], (t, h), jnp.float32).astype(jnp.bfloat16)
     ids = jnp.asarray(np.stack([rng.choice(e, 2, replace=False) for _ in range(t)]), jnp.int32)

@@ -1,6 +1,6 @@
 """Peak host memory of ``python -m convert`` on a checkpoint whose experts are >= 10x one layer's.
 
-Writes a random bf16 Mixtral-layout checkpoint (``puzzlemoe_jax.tiny``; default 12 layers of
+Writes a random bf16 Mixtral-layout checkpoint (``puzzlemoe_jax.random_checkpoint``; default 12 layers of
 8 experts 1024 x 2816, about 138 MiB of experts per layer, 1.6 GiB in all), then runs the
 converter under ``/usr/bin/time -v`` for each ratio and prints a markdown table of
 "Maximum resident set size".  The bare import of the converter's modules is measured too, as the
@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--ratios", default="0,0.5")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from puzzlemoe_jax.tiny import write_tiny_checkpoint  # noqa: PLC0415
+    from puzzlemoe_jax.random_checkpoint import write_tiny_checkpoint  # noqa: PLC0415
 
     d = Path(args.dir)
     src = d / "src"

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from puzzlemoe_jax.config import ARCHS
 from puzzlemoe_jax.merge import DEFAULT_SIMILARITY, METHODS, MergeConfig
-from puzzlemoe_jax.models import ARCHS
+from puzzlemoe_jax.report import format_table, pair_rows, summary
+from puzzlemoe_jax.safetensors_io import CheckpointError
 
 DESCRIPTIONS = {
     "mixtral": "Mixtral (mistralai/Mixtral-8x7B-v0.1, 8x22B)",
@@ -62,32 +64,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mb(n: int) -> str:
-    return f"{n / 2**20:,.2f} MiB"
-
-
-def summary(rep) -> str:
-    """Sizes before/after, per-layer merge statistics and time, as a plain-text table."""
-    lines = [f"{'layer':>5}  {'kind':<9} {'pairs':>5}  {'dropped':>7}  {'experts in':>14}  {'experts out':>14}  "
-             f"{'similar':>7}  {'rel.err':>7}"]
-    for r in rep.layers:
-        stats = (f"{r.frac_similar:7.3f}  {r.rel_err:7.4f}" if r.pairs else f"{'-':>7}  {'-':>7}")
-        ein = _mb(r.expert_bytes_in) if r.kind != "dense-mlp" else "-"
-        eout = _mb(r.expert_bytes_out) if r.kind != "dense-mlp" else "-"
-        lines.append(f"{r.layer:>5}  {r.kind:<9} {r.pairs:>5}  {r.dropped:>7}  {ein:>14}  {eout:>14}  {stats}")
-    frac = rep.expert_bytes_out / rep.expert_bytes_in if rep.expert_bytes_in else float("nan")
-    lines += [f"experts: {_mb(rep.expert_bytes_in)} -> {_mb(rep.expert_bytes_out)} ({frac:.3f} of the original)",
-              f"total:   {_mb(rep.bytes_in)} -> {_mb(rep.bytes_out)}",
-              f"ratio {rep.ratio}, dtype {rep.dtype}, {rep.seconds:.1f} s -> {rep.out}"]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     # heavy imports after argument parsing, so --help is fast
     from tqdm import tqdm  # noqa: PLC0415
 
-    from puzzlemoe_jax.checkpoint import CheckpointError, convert_checkpoint  # noqa: PLC0415
+    from puzzlemoe_jax.checkpoint import convert_checkpoint  # noqa: PLC0415
     bars = []
 
     def progress(layers):
@@ -121,6 +103,5 @@ def main(argv=None) -> int:
     if not args.quiet:
         print(summary(rep))
     if args.verbose and not args.quiet:
-        from puzzlemoe_jax import report  # noqa: PLC0415
-        print(report.format_table(row for r in rep.layers if r.stats for row in report.pair_rows(r.stats, r.layer)))
+        print(format_table(row for r in rep.layers if r.stats for row in pair_rows(r.stats, r.layer)))
     return 0

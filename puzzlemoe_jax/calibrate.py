@@ -20,6 +20,7 @@ from flax import nnx
 
 from kernels import routing
 from puzzlemoe_jax import evaluate
+from puzzlemoe_jax.checkpoint import convert_checkpoint, load_pretrained
 from puzzlemoe_jax.models import CausalLM, DenseExperts
 
 
@@ -77,7 +78,6 @@ def calibrate_checkpoint(src, arch: str, text_path, *, dtype: str = "auto", seq_
                          max_windows: int = 32) -> dict[int, dict]:
     """Calibration statistics for an HF checkpoint: convert it dense to a temporary directory,
     load it, and run ``text_path`` through it.  Holds the whole dense model in memory."""
-    from puzzlemoe_jax.checkpoint import convert_checkpoint, load_pretrained  # noqa: PLC0415 (cycle)
     with tempfile.TemporaryDirectory(prefix="puzzlemoe-calib-") as tmp:
         dense = Path(tmp) / "dense"
         convert_checkpoint(src, dense, arch, ratio=0.0, dtype=dtype)

@@ -17,8 +17,9 @@ import jax
 import numpy as np
 
 from kernels import IMPL_CHOICES, IMPL_HELP, ImplError, resolve_impl
-from puzzlemoe_jax import evaluate, report
+from puzzlemoe_jax import evaluate
 from puzzlemoe_jax.checkpoint import convert_checkpoint, load_pretrained
+from puzzlemoe_jax.report import format_table, pair_rows, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,6 @@ def main(argv=None) -> None:
     if not (args.model / "config.json").exists():
         raise SystemExit(f"error: {args.model} has no config.json: the demo needs the repository checkout's "
                          "models/ (pip install -e . from a clone), or pass --model DIR")
-    from convert import summary  # noqa: PLC0415 (the CLI's summary table)
 
     print(f"puzzlemoe-jax demo on {jax.default_backend()}: {args.model.name}, ratio {args.ratio}")
     tokens = np.frombuffer(args.text.read_bytes(), np.uint8).astype(np.int32)
@@ -51,8 +51,7 @@ def main(argv=None) -> None:
             print(f"\n== {name}: python -m convert mixtral --src {args.model} --out OUT --ratio {ratio}")
             print(summary(rep))
             if ratio:
-                print(report.format_table(row for r in rep.layers if r.stats
-                                          for row in report.pair_rows(r.stats, r.layer)))
+                print(format_table(row for r in rep.layers if r.stats for row in pair_rows(r.stats, r.layer)))
             model = load_pretrained(Path(tmp) / name, impl=args.impl)
             scores[name] = evaluate.evaluate(model, tokens, args.seq_len, max_windows=args.max_windows,
                                              bytes_per_token=1.0)

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
     ap.add_argument("--json", help="also write the result as JSON here")
     args = ap.parse_args(argv)
-    from puzzlemoe_jax.checkpoint import CheckpointError, load_pretrained  # noqa: PLC0415
+    from puzzlemoe_jax.checkpoint import load_pretrained  # noqa: PLC0415
+    from puzzlemoe_jax.safetensors_io import CheckpointError  # noqa: PLC0415
     try:
         model = load_pretrained(args.model, impl=args.impl)
         tokens, bytes_per_token = load_tokens(Path(args.model), model.config.vocab_size, args.tokens, args.text)

@@ -169,7 +169,7 @@ class Generator:
     def prefill(self, batch: Batch, max_new_tokens: int, *, greedy=True, temperature=1.0, top_p=1.0, key=None,
                 chunk: int | None = None):
         """Fill cache slots ``0..L-1`` and sample the first token.  ``chunk``: slots per model call
-        (default: the whole prompt in one call, the fastest measured);
+        (default: the whole prompt in one call, the fewest model calls);
         smaller chunks bound the activation memory of long prompts."""
         key = jax.random.key(0) if key is None else key
         b, L = batch.ids.shape
@@ -251,7 +251,8 @@ def main(argv=None) -> int:
     if args.greedy and (args.temperature is not None or args.top_p is not None):
         ap.error("--greedy excludes --temperature/--top-p")
     greedy = args.temperature is None and args.top_p is None
-    from puzzlemoe_jax.checkpoint import CheckpointError, load_pretrained  # noqa: PLC0415
+    from puzzlemoe_jax.checkpoint import load_pretrained  # noqa: PLC0415
+    from puzzlemoe_jax.safetensors_io import CheckpointError  # noqa: PLC0415
     try:
         model = load_pretrained(args.model, impl=args.impl)
         try:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import packed_moe_ffn, routing
-from puzzlemoe_jax.merge import PackedExperts
+from puzzlemoe_jax.experts import PackedExperts
 
 
 def dense_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array,

@@ -27,7 +27,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kernels import ImplError, resolve_impl
-from puzzlemoe_jax.merge import PackedExperts
+from puzzlemoe_jax.experts import PackedExperts
 from puzzlemoe_jax.moe import moe_ffn
 
 AXES = ("expert", "model")

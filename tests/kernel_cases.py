@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from puzzlemoe_jax.merge import compress_layer
+from puzzlemoe_jax.compress import compress_layer
 
 TOL = 1e-2  # relative Frobenius error allowed for bf16 operands / bf16 outputs
 SDS = jax.ShapeDtypeStruct

@@ -6,7 +6,7 @@ import torch
 
 from convert import main as convert_main
 from puzzlemoe_jax import calibrate, load_pretrained
-from puzzlemoe_jax.tiny import write_tiny_checkpoint
+from puzzlemoe_jax.random_checkpoint import write_tiny_checkpoint
 from tests import hf_fixtures as F
 
 

@@ -1,6 +1,6 @@
 """``python -m convert``: compressed round trips, dtypes, layouts, and every kind of bad input.
 
-Round trips and error cases use ``puzzlemoe_jax.tiny`` checkpoints (numpy-written, HF layout);
+Round trips and error cases use ``puzzlemoe_jax.random_checkpoint`` checkpoints (numpy-written, HF layout);
 parity with transformers is in test_models.py.
 """
 import json
@@ -18,10 +18,14 @@ from safetensors.numpy import load_file, save_file
 
 from convert import main
 from puzzlemoe_jax import load_pretrained
-from puzzlemoe_jax.checkpoint import INDEX, SafetensorsDir, hf_plan, read_experts
-from puzzlemoe_jax.merge import MATRICES, MergeConfig, compress_layer
-from puzzlemoe_jax.models import ARCHS, ModelConfig, forward
-from puzzlemoe_jax.tiny import write_tiny_checkpoint
+from puzzlemoe_jax.config import ARCHS, ModelConfig
+from puzzlemoe_jax.experts import MATRICES
+from puzzlemoe_jax.hf_layout import hf_plan, read_experts
+from puzzlemoe_jax.merge import MergeConfig
+from puzzlemoe_jax.models import forward
+from puzzlemoe_jax.compress import compress_layer
+from puzzlemoe_jax.random_checkpoint import write_tiny_checkpoint
+from puzzlemoe_jax.safetensors_io import INDEX, SafetensorsDir
 from tests import hf_fixtures as F
 
 ROOT = Path(__file__).resolve().parents[1]

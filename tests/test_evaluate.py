@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from puzzlemoe_jax import evaluate
-from puzzlemoe_jax.tiny import write_tiny_checkpoint
+from puzzlemoe_jax.random_checkpoint import write_tiny_checkpoint
 from tests import hf_fixtures
 
 

@@ -184,7 +184,7 @@ def test_cli_prompt_ids_output_ids(mixtral, capsys):
 @pytest.fixture(scope="module")
 def byte_model(tmp_path_factory):
     from convert import main as convert_main
-    from puzzlemoe_jax.tiny import write_tiny_checkpoint
+    from puzzlemoe_jax.random_checkpoint import write_tiny_checkpoint
     src = write_tiny_checkpoint(tmp_path_factory.mktemp("bytes") / "src", "mixtral", dtype="float32")
     out = src.parent / "out"
     assert convert_main(["mixtral", "--src", str(src), "--out", str(out), "--ratio", "0.5", "--quiet"]) == 0

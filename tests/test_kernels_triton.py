@@ -2,7 +2,6 @@
 and a lowering of every variant to Triton IR for an abstract H100 (no GPU needed)."""
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

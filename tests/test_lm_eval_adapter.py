@@ -10,7 +10,7 @@ from lm_eval.tasks import TaskManager
 
 from puzzlemoe_jax.lm_eval_adapter import PuzzleMoELM
 from puzzlemoe_jax.models import forward
-from puzzlemoe_jax.tiny import write_tiny_checkpoint
+from puzzlemoe_jax.random_checkpoint import write_tiny_checkpoint
 
 TASK = """task: tiny_local_choice
 dataset_path: json

@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from puzzlemoe_jax import codec, merge, moe
+from puzzlemoe_jax import codec, compress, merge, moe, pairing
 from tests import reference
 
 
@@ -95,7 +95,7 @@ def test_nan_weights_are_rejected_with_the_matrix_name():
     with pytest.raises(ValueError, match="w_up: 1 NaN/Inf"):
         merge.merge_pairs(w[0], w[1], name="w_up")
     with pytest.raises(ValueError, match="w_gate: 1 NaN/Inf"):
-        merge.compress_layer({"w_gate": w, "w_up": np.ones_like(w)}, 0.5)
+        compress.compress_layer({"w_gate": w, "w_up": np.ones_like(w)}, 0.5)
 
 
 def test_saturation_is_reported_and_rejected_in_strict_mode():
@@ -127,7 +127,7 @@ def test_matching_is_perfect_and_near_optimal_on_random_costs():
         c = rng.random((8, 8))
         c = c + c.T
         np.fill_diagonal(c, np.inf)
-        pairs = merge.min_cost_matching(c)
+        pairs = pairing.min_cost_matching(c)
         assert sorted(x for p in pairs for x in p) == list(range(8))
         gaps.append(sum(c[p] for p in pairs) / brute_force_best(c))
     assert min(gaps) >= 1.0 - 1e-12
@@ -143,7 +143,7 @@ def test_pairing_finds_planted_twins():
     for t in range(e // 2):
         for x in partner[2 * t: 2 * t + 2]:
             w[x] = bases[t] + rng.normal(0, 0.002, (k, n))
-    pairs = merge.choose_pairs({"w_gate": w}, 4)
+    pairs = pairing.choose_pairs({"w_gate": w}, 4)
     expected = sorted(tuple(sorted(partner[2 * t: 2 * t + 2])) for t in range(4))
     assert [tuple(p) for p in pairs] == expected
 
@@ -154,7 +154,7 @@ def test_compress_layer_ratio_bytes_and_unpack(ratio, n_pairs):
     e, h, i = 8, 24, 40
     weights = {"w_gate": correlated_experts(rng, e, h, i), "w_up": correlated_experts(rng, e, h, i),
                "w_down": correlated_experts(rng, e, i, h)}
-    packed, stats = merge.compress_layer(weights, ratio)
+    packed, stats = compress.compress_layer(weights, ratio)
     assert packed.pairs.shape == (n_pairs, 2) and stats["pairs"].shape == (n_pairs, 2)
     used = np.concatenate([np.asarray(packed.pairs).ravel(), np.asarray(packed.dense_ids)])
     assert sorted(used.tolist()) == list(range(e))
@@ -177,7 +177,7 @@ def test_compress_layer_ratio_bytes_and_unpack(ratio, n_pairs):
 @pytest.mark.parametrize("ratio", [-0.1, 0.51, 1.0])
 def test_bad_ratio_is_rejected(ratio):
     with pytest.raises(ValueError, match="ratio"):
-        merge.pairs_for_ratio(8, ratio)
+        pairing.pairs_for_ratio(8, ratio)
 
 
 def test_bad_config_and_shapes_are_rejected():
@@ -188,7 +188,7 @@ def test_bad_config_and_shapes_are_rejected():
     with pytest.raises(ValueError, match="one shape"):
         merge.merge_pairs(np.ones((4, 4)), np.ones((4, 5)))
     with pytest.raises(ValueError, match="one expert count"):
-        merge.compress_layer({"w_gate": np.ones((8, 4, 4)), "w_up": np.ones((6, 4, 4))})
+        compress.compress_layer({"w_gate": np.ones((8, 4, 4)), "w_up": np.ones((6, 4, 4))})
 
 
 def layer(rng, e=8, h=24, i=40, spread=0.5):
@@ -202,7 +202,7 @@ def test_averaging_baselines_store_the_weighted_mean_for_both_experts(method):
     weights = layer(rng)
     freq = rng.integers(1, 100, 8)
     cfg = merge.MergeConfig(method=method, pairing="sequential")
-    packed, _ = merge.compress_layer(weights, 0.5, cfg, frequencies=freq)
+    packed, _ = compress.compress_layer(weights, 0.5, cfg, frequencies=freq)
     full = packed.unpack()
     for a, b in np.asarray(packed.pairs):
         alpha = np.float32(0.5 if method == "average" else freq[a] / (freq[a] + freq[b]))
@@ -219,7 +219,7 @@ def test_dropping_baseline_removes_the_least_routed_experts():
     rng = np.random.default_rng(9)
     weights = layer(rng)
     freq = np.array([50, 3, 40, 7, 90, 1, 60, 5])
-    packed, stats = merge.compress_layer(weights, 0.5, merge.MergeConfig(method="drop"), frequencies=freq)
+    packed, stats = compress.compress_layer(weights, 0.5, merge.MergeConfig(method="drop"), frequencies=freq)
     np.testing.assert_array_equal(np.asarray(packed.dropped_ids), [1, 3, 5, 7])
     np.testing.assert_array_equal(np.asarray(packed.dense_ids), [0, 2, 4, 6])
     assert packed.nbytes() == sum(w.nbytes for w in weights.values()) // 2
@@ -227,7 +227,7 @@ def test_dropping_baseline_removes_the_least_routed_experts():
     assert not np.any(f32(full["w_up"][np.array([1, 3, 5, 7])]))
     np.testing.assert_array_equal(f32(full["w_up"][4]), weights["w_up"][4].astype(np.float32))
     with pytest.raises(ValueError, match="routing frequencies"):
-        merge.compress_layer(weights, 0.5, merge.MergeConfig(method="drop"))
+        compress.compress_layer(weights, 0.5, merge.MergeConfig(method="drop"))
 
 
 @pytest.mark.parametrize("method", ["puzzle", "average"])
@@ -240,8 +240,8 @@ def test_neuron_alignment_recovers_a_hidden_permutation_and_keeps_the_function(m
     weights = {n: np.stack([w, (w[:, perm] if n != "w_down" else w[perm]) + rng.normal(0, 1e-4, w.shape)])
                for n, w in base.items()}
     cfg = merge.MergeConfig(method=method)
-    plain, plain_stats = merge.compress_layer(weights, 0.5, cfg)
-    aligned, stats = merge.compress_layer(weights, 0.5, dataclasses.replace(cfg, align_neurons=True))
+    plain, plain_stats = compress.compress_layer(weights, 0.5, cfg)
+    aligned, stats = compress.compress_layer(weights, 0.5, dataclasses.replace(cfg, align_neurons=True))
     assert stats["w_gate"]["rel_err_j"][0] < 0.02 < plain_stats["w_gate"]["rel_err_j"][0]
     # expert j computes the same function: its output on random tokens matches the original
     x = jnp.asarray(rng.normal(0, 1, (5, h)), jnp.float32)
@@ -257,8 +257,8 @@ def test_row_chunked_merge_gives_the_same_words_and_stats(saliency):
     weights = layer(rng, e=6, h=20, i=36)
     imp = {n: rng.uniform(0.5, 2, (6, w.shape[1])).astype(np.float32) for n, w in weights.items()}
     cfg = merge.MergeConfig(saliency=saliency)
-    whole, whole_stats = merge.compress_layer({n: jnp.asarray(w) for n, w in weights.items()}, 0.5, cfg, imp)
-    host, host_stats = merge.compress_layer(weights, 0.5, cfg, imp, chunk_elems=3 * 36 * 7)  # 7-row chunks
+    whole, whole_stats = compress.compress_layer({n: jnp.asarray(w) for n, w in weights.items()}, 0.5, cfg, imp)
+    host, host_stats = compress.compress_layer(weights, 0.5, cfg, imp, chunk_elems=3 * 36 * 7)  # 7-row chunks
     assert isinstance(host.packed["w_up"], np.ndarray) and isinstance(whole.packed["w_up"], jax.Array)
     for n in weights:
         np.testing.assert_array_equal(host.packed[n], np.asarray(whole.packed[n]))

@@ -11,10 +11,11 @@ from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from tests import hf_fixtures as F
 from puzzlemoe_jax import load_pretrained
-from puzzlemoe_jax import models
-from puzzlemoe_jax.models import ConfigError, ModelConfig, forward
+from puzzlemoe_jax import config, models
+from puzzlemoe_jax.config import ConfigError, ModelConfig
+from puzzlemoe_jax.models import forward
 
-ARCHS = models.ARCHS
+ARCHS = config.ARCHS
 TOP_K = {"mixtral": 2, "qwen2_moe": 3, "qwen3_moe": 2, "deepseek": 3}
 ROUTER_MARGIN = 0.06   # router-logit gap below which bf16 rounding may legitimately flip top-k
 

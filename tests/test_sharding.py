@@ -93,7 +93,7 @@ def test_sharded_equals_single_device():
 LAYER_SCRIPT = textwrap.dedent('''
     import json
     import jax, jax.numpy as jnp, numpy as np
-    from puzzlemoe_jax import merge
+    from puzzlemoe_jax import compress
     from puzzlemoe_jax.moe import dense_moe_ffn
     from puzzlemoe_jax.sharding import make_mesh, sharded_moe_ffn
     rng = np.random.default_rng(1)
@@ -107,7 +107,7 @@ LAYER_SCRIPT = textwrap.dedent('''
         x = jnp.asarray(rng.normal(size=(T, H)), jnp.float32)
         ids = jnp.asarray(np.stack([rng.choice(E, k, replace=False) for _ in range(T)]), jnp.int32)
         tw = jnp.asarray(rng.random((T, k)), jnp.float32)
-        experts = merge.compress_layer(w, ratio)[0] if ratio else w
+        experts = compress.compress_layer(w, ratio)[0] if ratio else w
         ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.float32) if ratio else w)
         for impl in ("reference", "triton") if ratio else ("auto",):
             run = lambda *a: sharded_moe_ffn(*a, make_mesh(e, m), impl=impl, interpret=True)

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from puzzlemoe_jax.checkpoint import DTYPE_NAMES, INDEX, SINGLE, hf_plan
-from puzzlemoe_jax.models import ARCHS, ModelConfig
+from puzzlemoe_jax.checkpoint import DTYPE_NAMES
+from puzzlemoe_jax.config import ARCHS, ModelConfig
+from puzzlemoe_jax.hf_layout import hf_plan
+from puzzlemoe_jax.safetensors_io import INDEX, SINGLE
 
 
 def tiny_config(arch: str, *, num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=None,

@@ -1,0 +1,163 @@
+"""Hugging Face tensor names -> our parameter names, checked against the config before reading.
+
+``hf_plan`` maps a Hugging Face checkpoint of one of ``config.ARCHS`` onto our parameter names
+(the NNX state paths of ``models.CausalLM`` joined with "."); ``check_plan`` checks every name
+and shape against the config before anything is converted; ``read_items``/``read_experts`` read
+the planned tensors in our layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from puzzlemoe_jax.config import ModelConfig
+from puzzlemoe_jax.experts import MATRICES
+from puzzlemoe_jax.safetensors_io import FLOAT_CODES, CheckpointError, SafetensorsDir
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One HF tensor -> one of our parameters (transposed for torch ``[out, in]`` kernels)."""
+    src: str
+    dst: str
+    shape: tuple[int, ...]   # expected HF shape
+    transpose: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsItem:
+    """One MoE layer's routed experts: per-expert Hub tensors or the fused v5 pair."""
+    dst: str                                  # e.g. "layers.3.mlp.experts"
+    per_expert: Mapping[str, tuple[str, ...]] | None   # our matrix name -> E HF names
+    fused: tuple[str, str] | None             # (gate_up_proj [E,2I,H], down_proj [E,H,I])
+    num_experts: int
+    hidden: int
+    inter: int
+
+    def sources(self) -> dict[str, tuple[int, ...]]:
+        e, h, i = self.num_experts, self.hidden, self.inter
+        if self.fused:
+            return {self.fused[0]: (e, 2 * i, h), self.fused[1]: (e, h, i)}
+        shape = {"w_gate": (i, h), "w_up": (i, h), "w_down": (h, i)}
+        return {n: shape[m] for m, names in self.per_expert.items() for n in names}
+
+
+@dataclasses.dataclass
+class Plan:
+    head: list[Item]                      # embeddings, final norm, lm_head
+    layers: list[tuple[list[Item], ExpertsItem | None]]
+    ignored: list[str]                    # present but deliberately unused (tied lm_head, inv_freq)
+
+
+def _linear(src, dst, dout, din, bias=False):
+    items = [Item(src + ".weight", dst + ".kernel", (dout, din), True)]
+    return items + ([Item(src + ".bias", dst + ".bias", (dout,), False)] if bias else [])
+
+
+def _mlp(src, dst, h, i, names=("gate_proj", "up_proj", "down_proj")):
+    g, u, d = names
+    return (_linear(f"{src}.{g}", f"{dst}.gate", i, h) + _linear(f"{src}.{u}", f"{dst}.up", i, h)
+            + _linear(f"{src}.{d}", f"{dst}.down", h, i))
+
+
+def hf_plan(cfg: ModelConfig, names: Iterable[str], layout: str = "auto") -> Plan:
+    """Which HF tensor feeds which parameter.
+
+    ``layout`` "hub" (per-expert tensors), "fused" (v5 ``experts.gate_up_proj``/``down_proj``) or
+    "auto": chosen per layer from the names present.
+    """
+    names = set(names)
+    h, nh, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    head = [Item("model.embed_tokens.weight", "embed", (cfg.vocab_size, h), False),
+            Item("model.norm.weight", "final_norm.scale", (h,), False)]
+    ignored = sorted(n for n in names if n.endswith("rotary_emb.inv_freq"))
+    if cfg.tie_word_embeddings:
+        ignored += ["lm_head.weight"] if "lm_head.weight" in names else []
+    else:
+        head += _linear("lm_head", "lm_head", cfg.vocab_size, h)
+    layers = []
+    for L in range(cfg.num_layers):
+        p, q = f"model.layers.{L}.", f"layers.{L}."
+        items = [Item(p + "input_layernorm.weight", q + "input_norm.scale", (h,), False),
+                 Item(p + "post_attention_layernorm.weight", q + "post_norm.scale", (h,), False)]
+        a, qa = p + "self_attn.", q + "attn."
+        items += (_linear(a + "q_proj", qa + "q_proj", nh * d, h, cfg.qkv_bias)
+                  + _linear(a + "k_proj", qa + "k_proj", kv * d, h, cfg.qkv_bias)
+                  + _linear(a + "v_proj", qa + "v_proj", kv * d, h, cfg.qkv_bias)
+                  + _linear(a + "o_proj", qa + "o_proj", h, nh * d, cfg.o_bias))
+        if cfg.qk_norm:
+            items += [Item(a + "q_norm.weight", qa + "q_norm.scale", (d,), False),
+                      Item(a + "k_norm.weight", qa + "k_norm.scale", (d,), False)]
+        if L not in cfg.moe_layers:
+            layers.append((items + _mlp(p + "mlp", q + "mlp", h, cfg.intermediate_size), None))
+            continue
+        m = p + "mlp."
+        if cfg.model_type == "mixtral" and (layout == "hub" or layout == "auto" and any(
+                n.startswith(p + "block_sparse_moe.") for n in names)):
+            m = p + "block_sparse_moe."
+        e, i = cfg.num_experts, cfg.moe_intermediate_size
+        items += _linear(m + "gate", q + "mlp.router", e, h)
+        if cfg.shared_intermediate_size:
+            src = m + ("shared_expert" if cfg.shared_gate else "shared_experts")
+            items += _mlp(src, q + "mlp.shared", h, cfg.shared_intermediate_size)
+            if cfg.shared_gate:
+                items += _linear(m + "shared_expert_gate", q + "mlp.shared_gate", 1, h)
+        if layout == "fused" or layout == "auto" and m + "experts.gate_up_proj" in names:
+            experts = ExpertsItem(q + "mlp.experts", None, (m + "experts.gate_up_proj", m + "experts.down_proj"), e, h, i)
+        else:
+            hub = ("w1", "w3", "w2") if cfg.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+            experts = ExpertsItem(q + "mlp.experts", {mat: tuple(f"{m}experts.{x}.{src}.weight" for x in range(e))
+                                                      for mat, src in zip(MATRICES, hub)}, None, e, h, i)
+        layers.append((items, experts))
+    return Plan(head, layers, ignored)
+
+
+def check_plan(plan: Plan, ckpt: SafetensorsDir, arch: str) -> None:
+    """Every expected tensor present with its shape and a float dtype; nothing unexpected."""
+    expected = {it.src: it.shape for it in plan.head}
+    for items, experts in plan.layers:
+        expected.update({it.src: it.shape for it in items})
+        expected.update(experts.sources() if experts else {})
+    for name, shape in expected.items():
+        info = ckpt.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{ckpt.dir}: missing tensor {name!r} (expected shape {list(shape)} "
+                                  f"for this {arch} config)")
+        if info.shape != shape:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, expected "
+                                  f"{list(shape)} from config.json")
+        if info.dtype not in FLOAT_CODES:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected one of "
+                                  f"{', '.join(FLOAT_CODES)}")
+    extra = sorted(set(ckpt.tensors) - set(expected) - set(plan.ignored))
+    if extra:
+        raise CheckpointError(f"{ckpt.tensors[extra[0]].file}: unexpected tensor {extra[0]!r} "
+                              f"({len(extra)} unexpected in all) for a {arch} model with this config.json")
+
+
+def read_items(ckpt: SafetensorsDir, items: Iterable[Item], dtype) -> dict[str, np.ndarray]:
+    out = {}
+    for it in items:
+        a = ckpt.read(it.src)
+        out[it.dst] = np.ascontiguousarray(a.T if it.transpose else a).astype(dtype, copy=False)
+    return out
+
+
+def read_experts(ckpt: SafetensorsDir, ex: ExpertsItem, dtype) -> dict[str, np.ndarray]:
+    """Routed experts as ``{w_gate, w_up: [E,H,I], w_down: [E,I,H]}``, filled expert by expert."""
+    e, h, i = ex.num_experts, ex.hidden, ex.inter
+    out = {"w_gate": np.empty((e, h, i), dtype), "w_up": np.empty((e, h, i), dtype),
+           "w_down": np.empty((e, i, h), dtype)}
+    if ex.fused:
+        gate_up = ckpt.read(ex.fused[0])
+        out["w_gate"][...] = gate_up[:, :i].transpose(0, 2, 1)
+        out["w_up"][...] = gate_up[:, i:].transpose(0, 2, 1)
+        del gate_up
+        out["w_down"][...] = ckpt.read(ex.fused[1]).transpose(0, 2, 1)
+    else:
+        for mat, names in ex.per_expert.items():
+            for x, name in enumerate(names):
+                out[mat][x] = ckpt.read(name).T
+    return out

@@ -1,0 +1,143 @@
+"""Streaming safetensors reading: a checkpoint directory's tensors, one at a time.
+
+``SafetensorsDir`` reads a directory of safetensors (one ``model.safetensors`` or shards named by
+``model.safetensors.index.json``) tensor by tensor with plain file reads: no torch, no mmap, so
+host memory holds only what was asked for.  Headers are validated up front (missing shard,
+truncated/corrupt file, unsupported dtype) with errors naming the file and tensor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Iterable
+
+import ml_dtypes
+import numpy as np
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
+          "U16": np.uint16, "I32": np.int32}
+FLOAT_CODES = ("BF16", "F16", "F32")
+MAX_HEADER = 100 << 20
+
+
+class CheckpointError(ValueError):
+    """Bad input checkpoint or output directory; the message names the file/tensor at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str          # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int          # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors header: {name: TensorInfo}."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} "
+                                      f"bytes, file of {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    data_size, out = size - 8 - n, {}
+    for name, h in header.items():
+        try:
+            dtype, shape, (s, e) = h["dtype"], tuple(int(d) for d in h["shape"]), h["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from err
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; supported: "
+                                  f"{', '.join(FLOAT_CODES)}")
+        if e > data_size:
+            raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} needs bytes "
+                                  f"up to {e} of the data section, which has {data_size}")
+        if e - s != math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize or s < 0:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} of shape "
+                                  f"{list(shape)} {dtype} spans {e - s} bytes")
+        out[name] = TensorInfo(path, dtype, shape, 8 + n + s, e - s)
+    return out
+
+
+def _refuse_pickles(d: Path):
+    pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+                     or p.name.endswith(".bin.index.json"))
+    if pickles:
+        raise CheckpointError(f"{d}: found only PyTorch pickle weights ({', '.join(pickles[:3])}); they are "
+                              "never unpickled here. Convert them to safetensors first (e.g. load with "
+                              "transformers and call model.save_pretrained(dir), which writes safetensors)")
+
+
+class SafetensorsDir:
+    """All tensors of a safetensors checkpoint directory, read lazily one at a time."""
+
+    def __init__(self, d: str | os.PathLike):
+        self.dir = Path(d)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: not a directory")
+        index = self.dir / INDEX
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: corrupt index (no valid weight_map)") from e
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.dir / f).is_file()]
+            if missing:
+                names = [n for n, f in weight_map.items() if f == missing[0]]
+                raise CheckpointError(f"{index}: shard {missing[0]} is missing (it should hold "
+                                      f"{len(names)} tensors, e.g. {names[0]})")
+        elif (self.dir / SINGLE).is_file():
+            weight_map, files = None, [SINGLE]
+        else:
+            _refuse_pickles(self.dir)
+            raise CheckpointError(f"{self.dir}: no {SINGLE} or {INDEX}")
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            for name, info in read_header(self.dir / f).items():
+                if weight_map is not None and weight_map.get(name) != f:
+                    continue  # not this file's tensor according to the index
+                self.tensors[name] = info
+        if weight_map is not None:
+            absent = [n for n in weight_map if n not in self.tensors]
+            if absent:
+                raise CheckpointError(f"{self.dir / weight_map[absent[0]]}: tensor {absent[0]!r} named in "
+                                      f"{INDEX} is not in the file")
+
+    def read(self, name: str, check_finite: bool = True) -> np.ndarray:
+        """One tensor as a numpy array in its stored dtype (bf16 as ml_dtypes.bfloat16)."""
+        info = self.tensors[name]
+        buf = np.empty(info.nbytes, np.uint8)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(buf) != info.nbytes:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+        a = buf.view(DTYPES[info.dtype]).reshape(info.shape)
+        if check_finite and info.dtype in FLOAT_CODES and not np.isfinite(a).all():
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            raise CheckpointError(f"{info.file}: tensor {name!r} has {bad} NaN/Inf values")
+        return a
+
+    def nbytes(self, names: Iterable[str] | None = None) -> int:
+        return sum(self.tensors[n].nbytes for n in (self.tensors if names is None else names))

@@ -9,7 +9,7 @@ import pytest
 from kernels.reference import grouped_pair_gemm_reference, pair_gemm_reference
 from kernels.triton_ffn import triton_moe_ffn
 from kernels.triton_gemm import TritonConfig, triton_grouped_pair_gemm, triton_pair_gemm
-from puzzlemoe_jax.merge import PackedExperts
+from puzzlemoe_jax.experts import PackedExperts
 from tests.kernel_cases import SDS, check, lower_for_h100, random_words, rng_for
 
 PAIR_CASES = [  # (M_i, M_j, K, N, transposed, config or None for the tile table)

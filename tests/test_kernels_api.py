@@ -93,7 +93,8 @@ def test_every_implementation_computes_the_same_layer(e, h, i, t, k, ratio, drop
 def test_model_mosaic_layout_matches_reference_impl():
     """set_impl("mosaic"): every packed layer holds its words in the Mosaic layout (same bytes), the
     forward pass (interpreter) equals the reference path, the [K, N] words are still available."""
-    from puzzlemoe_jax.models import CausalLM, ModelConfig, PackedExpertsModule, forward
+    from puzzlemoe_jax.config import ModelConfig
+    from puzzlemoe_jax.models import CausalLM, PackedExpertsModule, forward
     cfg = ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=128, num_layers=1, num_heads=4,
                       num_kv_heads=2, head_dim=32, intermediate_size=192, moe_intermediate_size=192,
                       num_experts=8, top_k=2, moe_layers=(0,), norm_topk_prob=True)

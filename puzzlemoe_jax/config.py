@@ -12,6 +12,10 @@ from typing import Any, Mapping
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek")
 
 
+class ContextError(ValueError):
+    """More positions than the model's ``max_position_embeddings``."""
+
+
 class ConfigError(ValueError):
     """A config.json this library cannot represent (unknown model_type, unsupported option)."""
 
@@ -42,6 +46,13 @@ class ModelConfig:
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
     routed_scaling_factor: float = 1.0
+    max_position_embeddings: int | None = None   # the context; None: unknown, unchecked
+
+    def check_context(self, n: int, what: str, where="config.json") -> None:
+        """Refuse ``n`` positions beyond the model's context (``max_position_embeddings``)."""
+        if self.max_position_embeddings is not None and n > self.max_position_embeddings:
+            raise ContextError(f"{what} is {n} positions, above the model's context of "
+                               f"{self.max_position_embeddings} (max_position_embeddings in {where})")
 
     @property
     def routing_fp32(self) -> bool:
@@ -80,7 +91,7 @@ class ModelConfig:
         if rope_type != "default":
             raise ConfigError(f"rope scaling {rope_type!r} is not supported (only the default RoPE)")
         theta = (_Checked(rope, "rope_parameters.").float("rope_theta") if "rope_theta" in rope
-                 else hf.float("rope_theta") if hf.get("rope_theta") else (1e6 if mt == "mixtral" else 1e4))
+                 else hf.float("rope_theta") if hf.get("rope_theta") is not None else (1e6 if mt == "mixtral" else 1e4))
         h, nh = (need("hidden_size")), (need("num_attention_heads"))
         nl = (need("num_hidden_layers"))
         common = dict(model_type=mt, vocab_size=(need("vocab_size")), hidden_size=h,
@@ -88,6 +99,7 @@ class ModelConfig:
                       num_kv_heads=hf.int("num_key_value_heads", nh),
                       head_dim=hf.int("head_dim", h // nh if nh > 0 else 0),
                       rms_norm_eps=hf.float("rms_norm_eps", 1e-6), rope_theta=theta,
+                      max_position_embeddings=hf.int("max_position_embeddings", None),
                       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
         if mt in ("qwen2_moe", "qwen3_moe") and hf.get("use_sliding_window"):
             raise ConfigError(f"{mt}: use_sliding_window=true is not supported")
@@ -192,5 +204,7 @@ def _validate(c: ModelConfig) -> None:
                    ("routed_scaling_factor", c.routed_scaling_factor)):
         if not (math.isfinite(v) and v > 0):
             raise ConfigError(f"{key} must be a finite number > 0, got {v}")
+    if c.max_position_embeddings is not None and c.max_position_embeddings < 1:
+        raise ConfigError(f"max_position_embeddings must be null or >= 1, got {c.max_position_embeddings}")
     if c.sliding_window is not None and c.sliding_window < 1:
         raise ConfigError(f"sliding_window must be null or >= 1, got {c.sliding_window}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from puzzlemoe_jax import cli
 from puzzlemoe_jax.config import ARCHS
 from puzzlemoe_jax.merge import DEFAULT_SIMILARITY, METHODS, MergeConfig
 from puzzlemoe_jax.report import format_table, pair_rows, summary
@@ -33,15 +34,15 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(arch, help=DESCRIPTIONS[arch], description=DESCRIPTIONS[arch])
         s.add_argument("--src", required=True, help="HF checkpoint directory (config.json + *.safetensors)")
         s.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-        s.add_argument("--ratio", type=float, default=0.0,
+        s.add_argument("--ratio", type=cli.ratio, default=0.0,
                        help="fraction of expert memory to save by merging pairs, 0..0.5 (0: no merging)")
         s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="dtype of the unpacked parameters (auto: the checkpoint's)")
-        s.add_argument("--similarity-threshold", type=float, default=DEFAULT_SIMILARITY,
+        s.add_argument("--similarity-threshold", type=cli.unit_float, default=DEFAULT_SIMILARITY,
                        help="share an element when | |a|-|b| | <= t * max(|a|,|b|) (default 2-sqrt(2))")
         s.add_argument("--pairing", choices=["min_error", "sequential"], default="min_error",
                        help="how experts are paired within a layer")
-        s.add_argument("--pairing-sample", type=int, default=MergeConfig.pairing_sample,
+        s.add_argument("--pairing-sample", type=cli.positive_int, default=MergeConfig.pairing_sample,
                        help="elements per matrix used to estimate pair costs")
         s.add_argument("--method", choices=METHODS, default="puzzle",
                        help="puzzle (dual-mask merge, default) or a baseline: average (uniform merge), "
@@ -53,8 +54,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--calibration-text", metavar="FILE",
                        help="text for routing frequencies / input statistics (needed by --method frequency|drop "
                             "and --saliency activation; loads the whole dense model)")
-        s.add_argument("--calibration-windows", type=int, default=32, help="windows of calibration text")
-        s.add_argument("--calibration-seq-len", type=int, default=256, help="tokens per calibration window")
+        s.add_argument("--calibration-windows", type=cli.positive_int, default=32, help="windows of calibration text")
+        s.add_argument("--calibration-seq-len", type=cli.positive_int, default=256, help="tokens per calibration window")
         s.add_argument("--strict", action="store_true",
                        help="fail if a merged magnitude does not fit the 5-bit exponent")
         s.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -82,6 +83,11 @@ def main(argv=None) -> int:
             bars[-1].update()
         bars[-1].close()
     try:
+        cli.check_path(args.src, "dir", "--src")
+        cli.check_path(args.out, "outdir", "--out")
+        cli.check_out_vs_src(args.src, args.out)
+        if args.calibration_text:
+            cli.check_path(args.calibration_text, "file", "--calibration-text")
         merge = MergeConfig(similarity_threshold=args.similarity_threshold, pairing=args.pairing,
                             pairing_sample=args.pairing_sample, strict=args.strict, method=args.method,
                             align_neurons=args.align_neurons, saliency=args.saliency)

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -19,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import xxhash
+from filelock import FileLock, Timeout
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -39,13 +43,70 @@ FORMAT_VERSION = 1
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "chat_template.jinja")
 DTYPE_NAMES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+FLOAT_DTYPES = {np.dtype(t) for t in (*DTYPE_NAMES.values(), np.float64)}
+
+
+HASHES = "puzzlemoe_hashes"   # index metadata: {shard file: xxh3_64 hex of its bytes}
+ID_TENSORS = ("pairs", "dense_ids", "dropped_ids")
+
+
+def file_hash(path: Path) -> str:
+    """xxh3_64 of a file's bytes (hex); fast enough to run on every shard at write and load."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_expert_ids(tensors: Mapping[str, np.ndarray], where: str) -> None:
+    """Each packed layer's ``pairs``/``dense_ids``/``dropped_ids`` must together hold every expert
+    0..E-1 exactly once (E = their total count); names the first bad tensor."""
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in tensors if k.rsplit(".", 1)[-1] in ID_TENSORS})
+    for prefix in prefixes:
+        parts = {n: tensors.get(f"{prefix}.{n}") for n in ID_TENSORS}
+        missing = [n for n, a in parts.items() if a is None]
+        if missing:
+            raise CheckpointError(f"{where}: {prefix}.{missing[0]} is missing")
+        e = sum(int(a.size) for a in parts.values())
+        seen: set[int] = set()
+        for n, a in parts.items():
+            ids = np.asarray(a).reshape(-1)
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise CheckpointError(f"{where}: {prefix}.{n} has dtype {ids.dtype}, expected integers")
+            bad = ids[(ids < 0) | (ids >= e)]
+            if bad.size:
+                raise CheckpointError(f"{where}: {prefix}.{n} holds expert {int(bad[0])}, outside [0, {e})")
+            for i in ids.tolist():
+                if i in seen:
+                    raise CheckpointError(f"{where}: {prefix}.{n} repeats expert {i}")
+                seen.add(i)
+
+
+def _check_finite(name: str, a: np.ndarray, where: str) -> None:
+    if a.dtype in FLOAT_DTYPES and not np.isfinite(a.astype(np.float32)).all():
+        raise CheckpointError(f"{where}: tensor {name!r} has non-finite values in {a.dtype} "
+                              f"(overflow after the dtype cast? try --dtype bfloat16 or float32)")
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 class CheckpointWriter:
     """Writes shards into a temp sibling of ``out_dir``; ``finish`` renames it into place.
 
-    Used as a context manager: on any exception the temp directory is removed, so a failed
-    conversion leaves nothing behind.
+    Used as a context manager, it holds a lock on ``.OUT.lock`` (a second writer to the same
+    output fails fast) and removes the temp directory on any exception, SIGINT or SIGTERM, so a
+    failed or killed conversion leaves nothing behind.  Every float tensor is checked finite,
+    expert-id tensors are range-checked, files get the user's umask, and each shard's xxh3_64
+    goes into the index metadata (``load_pretrained`` verifies it).
     """
 
     def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False):
@@ -54,23 +115,55 @@ class CheckpointWriter:
             raise CheckpointError(f"{self.out}: output directory already exists (pass --overwrite to replace it)")
         self.overwrite = overwrite
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        self.lock = FileLock(self.out.parent / f".{self.out.name}.lock", timeout=0)
+        self.mode = 0o666 & ~_umask()
         self.weight_map: dict[str, str] = {}
+        self.hashes: dict[str, str] = {}
         self.nbytes = 0
+        self._old_handler = None
 
     def __enter__(self):
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise CheckpointError(f"{self.out}: another conversion is writing this output "
+                                  f"(lock {self.lock.lock_file} is held); wait for it or choose another --out") from None
+        if threading.current_thread() is threading.main_thread():
+            self._old_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        try:
+            if self.out.exists() and not self.overwrite:   # created while we waited for the lock
+                raise CheckpointError(f"{self.out}: output directory already exists (pass --overwrite to replace it)")
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir()
+        except BaseException:
+            self.__exit__(None)
+            raise
         return self
 
     def __exit__(self, exc_type, *_):
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            if self._old_handler is not None:
+                signal.signal(signal.SIGTERM, self._old_handler)
+                self._old_handler = None
+            Path(self.lock.lock_file).unlink(missing_ok=True)   # unlinked while held: no stale lock file
+            self.lock.release()
         return False
+
+    def _written(self, path: Path) -> None:
+        os.chmod(path, self.mode)
 
     def write_shard(self, tensors: Mapping[str, np.ndarray]) -> None:
         name = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        for k, v in tensors.items():
+            _check_finite(k, v, str(self.out))
+        check_expert_ids(tensors, str(self.out))
         save_file(tensors, self.tmp / name, metadata={"format": "flax"})
+        self._written(self.tmp / name)
+        self.hashes[name] = file_hash(self.tmp / name)
         self.weight_map.update({k: name for k in tensors})
         self.nbytes += sum(v.nbytes for v in tensors.values())
 
@@ -79,13 +172,19 @@ class CheckpointWriter:
         for name in names:
             if (src / name).is_file():
                 shutil.copyfile(src / name, self.tmp / name)
+                self._written(self.tmp / name)
 
     def finish(self, config: Mapping[str, Any]) -> Path:
-        (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": self.nbytes},
+        (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": self.nbytes, HASHES: self.hashes},
                                                   "weight_map": self.weight_map}, indent=1))
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for f in (INDEX, "config.json"):
+            self._written(self.tmp / f)
+        os.chmod(self.tmp, 0o777 & ~_umask())
         old = None
         if self.out.exists():
+            if not self.overwrite:
+                raise CheckpointError(f"{self.out}: output directory appeared during the conversion (not replaced)")
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             self.out.rename(old)
         self.tmp.rename(self.out)
@@ -131,14 +230,18 @@ def save_pretrained(model: CausalLM, out_dir, hf_config: Mapping[str, Any], puzz
         return w.finish({**hf_config, "puzzlemoe": section})
 
 
-def load_pretrained(path, *, impl: str = "auto", interpret: bool = False) -> CausalLM:
-    """Load a directory written by ``python -m convert`` (or ``save_pretrained``) as a CausalLM.
-    ``impl``/``interpret``: as ``CausalLM.set_impl`` ("mosaic" also re-lays the packed words out)."""
+def read_config(path) -> tuple[dict, ModelConfig]:
+    """(config.json dict, ModelConfig) of a converted directory; every mistake a CheckpointError
+    naming the file (and the key)."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}")
     try:
         hf = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / 'config.json'}: cannot read ({e})") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path / 'config.json'}: expected a JSON object")
     section = hf.get("puzzlemoe")
     if not isinstance(section, dict):
         raise CheckpointError(f"{path / 'config.json'}: no 'puzzlemoe' section; convert the Hugging Face "
@@ -146,7 +249,36 @@ def load_pretrained(path, *, impl: str = "auto", interpret: bool = False) -> Cau
     if section.get("format_version") != FORMAT_VERSION or section.get("layout_version") != codec.LAYOUT_VERSION:
         raise CheckpointError(f"{path}: format {section.get('format_version')} / bit layout "
                               f"{section.get('layout_version')} not supported (need {FORMAT_VERSION} / {codec.LAYOUT_VERSION})")
-    cfg = ModelConfig.from_hf(hf)
+    try:
+        return hf, ModelConfig.from_hf(hf)
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+
+
+def verify_hashes(path: Path) -> None:
+    """Compare every shard with the xxh3_64 the converter recorded; names the first bad shard.
+    Checkpoints written before hashes were recorded have none and pass."""
+    try:
+        meta = json.loads((path / INDEX).read_text()).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return   # SafetensorsDir reports a missing or broken index
+    for name, want in (meta.get(HASHES) or {}).items():
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: shard listed in {INDEX} is missing")
+        if file_hash(path / name) != want:
+            raise CheckpointError(f"{path / name}: content hash differs from the one recorded at conversion "
+                                  f"(corrupted or modified); convert again, or pass --no-verify to load anyway")
+
+
+def load_pretrained(path, *, impl: str = "auto", interpret: bool = False, verify: bool = True) -> CausalLM:
+    """Load a directory written by ``python -m convert`` (or ``save_pretrained``) as a CausalLM.
+    ``impl``/``interpret``: as ``CausalLM.set_impl`` ("mosaic" also re-lays the packed words out).
+    ``verify``: check each shard's recorded hash first (expert-id tensors are always range-checked)."""
+    path = Path(path)
+    hf, cfg = read_config(path)
+    section = hf["puzzlemoe"]
+    if verify:
+        verify_hashes(path)
     dtype = jnp.dtype(section["dtype"])
     packed = {int(k): int(v) for k, v in section.get("packed_pairs", {}).items()}
     dropped = {int(k): int(v) for k, v in section.get("dropped_experts", {}).items()}
@@ -154,7 +286,7 @@ def load_pretrained(path, *, impl: str = "auto", interpret: bool = False) -> Cau
                                                impl=impl, interpret=interpret))
     graphdef, state = nnx.split(abstract)
     ckpt = SafetensorsDir(path)
-    flat = {}
+    flat, ids = {}, {}
     for key, var in nnx.to_flat_state(state):
         name, want = ".".join(map(str, key)), var.get_value()
         if name not in ckpt.tensors:
@@ -163,7 +295,10 @@ def load_pretrained(path, *, impl: str = "auto", interpret: bool = False) -> Cau
         if a.shape != want.shape or a.dtype != want.dtype:
             raise CheckpointError(f"{ckpt.tensors[name].file}: tensor {name!r} is {list(a.shape)} {a.dtype}, "
                                   f"expected {list(want.shape)} {want.dtype}")
+        if name.rsplit(".", 1)[-1] in ID_TENSORS:
+            ids[name] = a
         flat[key] = jnp.asarray(a)
+    check_expert_ids(ids, str(path))
     extra = sorted(set(ckpt.tensors) - {".".join(map(str, k)) for k in flat})
     if extra:
         raise CheckpointError(f"{ckpt.tensors[extra[0]].file}: unexpected tensor {extra[0]!r}")

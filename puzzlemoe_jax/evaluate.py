@@ -23,6 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from kernels import IMPL_CHOICES, IMPL_HELP
+from puzzlemoe_jax import cli
 from puzzlemoe_jax.text import BYTE_VOCAB, TextCodec
 
 
@@ -39,6 +40,8 @@ def windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) ->
         raise ValueError(f"--seq-len must be at least 2, got {seq_len}")
     n = len(tokens) // seq_len
     if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"--max-windows must be >= 1, got {max_windows}")
         n = min(n, max_windows)
     if n == 0:
         raise ValueError(f"{len(tokens)} tokens are fewer than one window of {seq_len}")
@@ -48,6 +51,9 @@ def windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) ->
 def evaluate(model, tokens: np.ndarray, seq_len: int, *, max_windows: int | None = None,
              batch_size: int = 8, bytes_per_token: float | None = None, progress: bool = False) -> dict:
     """Score ``tokens`` with ``model``: nll_per_token, perplexity, bits_per_byte, tokens, windows."""
+    model.config.check_context(seq_len, "seq_len")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     w = windows(tokens, seq_len, max_windows)
     total = 0.0
     batches = range(0, len(w), batch_size)
@@ -86,16 +92,24 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--tokens", help=".npy file of token ids (1-D)")
     src.add_argument("--text", help="UTF-8 text file (byte-level models, or a model dir with tokenizer.json)")
-    ap.add_argument("--seq-len", type=int, required=True)
-    ap.add_argument("--max-windows", type=int)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=cli.positive_int, required=True,
+                    help="tokens per window (at most the model's max_position_embeddings)")
+    ap.add_argument("--max-windows", type=cli.positive_int)
+    ap.add_argument("--batch-size", type=cli.positive_int, default=8)
     ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
     ap.add_argument("--json", help="also write the result as JSON here")
+    ap.add_argument("--no-verify", action="store_true", help="skip the shard hash check when loading")
     args = ap.parse_args(argv)
-    from puzzlemoe_jax.checkpoint import load_pretrained  # noqa: PLC0415
+    from puzzlemoe_jax.checkpoint import load_pretrained, read_config  # noqa: PLC0415
     from puzzlemoe_jax.safetensors_io import CheckpointError  # noqa: PLC0415
     try:
-        model = load_pretrained(args.model, impl=args.impl)
+        cli.check_path(args.model, "dir", "--model")
+        cli.check_path(args.tokens or args.text, "file", "--tokens" if args.tokens else "--text")
+        if args.json:
+            cli.check_path(args.json, "out", "--json")
+        _, cfg = read_config(args.model)
+        cfg.check_context(args.seq_len, "--seq-len", Path(args.model) / "config.json")
+        model = load_pretrained(args.model, impl=args.impl, verify=not args.no_verify)
         tokens, bytes_per_token = load_tokens(Path(args.model), model.config.vocab_size, args.tokens, args.text)
         result = evaluate(model, tokens, args.seq_len, max_windows=args.max_windows,
                           batch_size=args.batch_size, bytes_per_token=bytes_per_token, progress=True)

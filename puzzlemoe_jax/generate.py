@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import functools
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from kernels import IMPL_CHOICES, IMPL_HELP, ImplError
+from puzzlemoe_jax import cli
 from puzzlemoe_jax.text import TextCodec
 
 PAD_ID = 0
@@ -50,8 +52,10 @@ class Batch:
         return int(self.ids.shape[1])
 
 
-def prepare_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int) -> Batch:
-    """Validate and left-pad ``prompts`` (lists of token ids)."""
+def prepare_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int,
+                  max_positions: int | None = None) -> Batch:
+    """Validate and left-pad ``prompts`` (lists of token ids); the longest prompt plus
+    ``max_new_tokens`` must fit ``max_positions`` (None: unchecked)."""
     if isinstance(prompts, (str, bytes)) or not len(prompts):
         raise GenerateError("prompts must be a non-empty list of token-id sequences")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -67,6 +71,9 @@ def prepare_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_s
             raise GenerateError(f"prompt {i}: token ids must lie in [0, {vocab_size}), got {a.min()}..{a.max()}")
         rows.append(a.astype(np.int32))
     b, L = len(rows), max(len(r) for r in rows)
+    if max_positions is not None and L + max_new_tokens > max_positions:
+        raise GenerateError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                            f"context of {max_positions} (max_position_embeddings)")
     ids = np.full((b, L), PAD_ID, np.int32)
     attn = np.zeros((b, L), bool)
     for i, r in enumerate(rows):
@@ -189,7 +196,8 @@ class Generator:
                  seed=0) -> list[list[int]]:
         _check_sampling(greedy, temperature, top_p)
         stop = _stop_array(stop_tokens, self.vocab_size)
-        batch = prepare_batch(prompts, max_new_tokens, self.vocab_size)
+        batch = prepare_batch(prompts, max_new_tokens, self.vocab_size,
+                              getattr(self.model.config, "max_position_embeddings", None))
         k0, k1 = jax.random.split(jax.random.key(seed))
         first, cache, ok = self.prefill(batch, max_new_tokens, greedy=greedy, temperature=temperature,
                                         top_p=top_p, key=k0)
@@ -239,24 +247,27 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs a tokenizer.json or a byte-level model)")
     src.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=cli.positive_int, default=32,
+                    help="prompt + new tokens must fit max_position_embeddings")
     ap.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    ap.add_argument("--temperature", type=float, help="sample with this temperature (> 0)")
-    ap.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
+    ap.add_argument("--temperature", type=cli.positive_float, help="sample with this temperature (> 0)")
+    ap.add_argument("--top-p", type=cli.probability, help="nucleus sampling threshold in (0, 1]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", default="", help="stop token ids, comma-separated")
     ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
     ap.add_argument("--output-ids", action="store_true", help="print the generated ids (comma-separated) last")
+    ap.add_argument("--no-verify", action="store_true", help="skip the shard hash check when loading")
     args = ap.parse_args(argv)
     if args.greedy and (args.temperature is not None or args.top_p is not None):
         ap.error("--greedy excludes --temperature/--top-p")
     greedy = args.temperature is None and args.top_p is None
-    from puzzlemoe_jax.checkpoint import load_pretrained  # noqa: PLC0415
+    from puzzlemoe_jax.checkpoint import load_pretrained, read_config  # noqa: PLC0415
     from puzzlemoe_jax.safetensors_io import CheckpointError  # noqa: PLC0415
     try:
-        model = load_pretrained(args.model, impl=args.impl)
+        cli.check_path(args.model, "dir", "--model")
+        _, cfg = read_config(args.model)
         try:
-            text = TextCodec(args.model, model.config.vocab_size)
+            text = TextCodec(args.model, cfg.vocab_size)
         except ValueError as e:
             if args.prompt is not None:
                 raise GenerateError(f"{e}: pass --prompt-ids") from None
@@ -265,11 +276,14 @@ def main(argv=None) -> int:
             prompt = text.encode(args.prompt)
         else:
             prompt = _ids(args.prompt_ids, "--prompt-ids")
+        cfg.check_context(len(prompt) + args.max_new_tokens, "prompt + --max-new-tokens",
+                          Path(args.model) / "config.json")
+        model = load_pretrained(args.model, impl=args.impl, verify=not args.no_verify)
         out = generate(model, [prompt], args.max_new_tokens, greedy=greedy,
                        temperature=1.0 if args.temperature is None else args.temperature,
                        top_p=1.0 if args.top_p is None else args.top_p,
                        stop_tokens=_ids(args.stop, "--stop"), seed=args.seed)[0]
-    except (GenerateError, CheckpointError, ImplError, FloatingPointError) as e:
+    except (GenerateError, CheckpointError, ImplError, FloatingPointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if text is not None:

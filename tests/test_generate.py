@@ -226,7 +226,9 @@ def test_cli_tokenizer_json(tmp_path, capsys):
     (["--prompt-ids", ""], "non-empty"),
 ])
 def test_cli_bad_inputs(argv, msg, capsys):
-    assert G.main(["--model", str(F.converted("mixtral")), *argv]) == 2
+    model = str(F.converted("mixtral"))
+    capsys.readouterr()   # (building the fixture may print progress)
+    assert G.main(["--model", model, *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and __import__("re").search(msg, err), err
 

@@ -214,6 +214,7 @@ class Engine:
         self.running = False
         self.error: BaseException | None = None
         self.steps = 0
+        self.peak_active = 0      # the most slots busy at once
 
     # ---- public ----------------------------------------------------------------------------
 
@@ -226,6 +227,16 @@ class Engine:
             self.waiting.append(req)
             self.lock.notify()
         return req
+
+    def cancel(self, req: Request) -> None:
+        """Drop ``req``: at once if it still waits, else when its slot next steps (any thread)."""
+        req.cancel()
+        with self.lock:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                return
+        self._finish(None, "cancelled", req)
 
     @property
     def queue_length(self) -> int:
@@ -293,7 +304,7 @@ class Engine:
     def step(self) -> None:
         """Admit waiting requests into free slots, then one decode step for the busy slots."""
         for i in range(self.max_batch):
-            if self.slots[i] is None and self.waiting:
+            while self.slots[i] is None and self.waiting:
                 with self.lock:
                     req = self.waiting.popleft() if self.waiting else None
                 if req is not None:
@@ -303,6 +314,7 @@ class Engine:
                 self._finish(i, "cancelled")
         if not self.active:
             return
+        self.peak_active = max(self.peak_active, self.active)
         nxt, finite = self._decode_step()
         self.steps += 1
         for i, r in enumerate(self.slots):

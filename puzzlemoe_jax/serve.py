@@ -164,6 +164,8 @@ class Metrics:
                                 registry=r)
         self.prompt_tokens = Counter("puzzlemoe_prompt_tokens", "prompt tokens admitted", registry=r)
         self.generated_tokens = Counter("puzzlemoe_generated_tokens", "tokens generated", registry=r)
+        self.finished = Counter("puzzlemoe_finished_requests", "requests finished, by reason (stop, length, "
+                                "cancelled, error)", ["reason"], registry=r)
         Gauge("puzzlemoe_queue_length", "requests waiting for a slot", registry=r).set_function(
             lambda: engine.queue_length)
         Gauge("puzzlemoe_active_slots", "slots decoding a request", registry=r).set_function(lambda: engine.active)
@@ -219,6 +221,8 @@ class Job:
             else:
                 m.itl.observe(now - self.last)
             self.last = now
+        if reason is not None:
+            m.finished.labels(reason).inc()
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (new, reason))
 
     def usage(self):
@@ -268,7 +272,8 @@ def create_app(served: Served):
     async def health():
         ok = engine.error is None and engine.thread is not None and engine.thread.is_alive()
         return JSONResponse({"status": "ok" if ok else "error", "active": engine.active,
-                             "queue": engine.queue_length, "max_batch": engine.max_batch}, 200 if ok else 503)
+                             "queue": engine.queue_length, "max_batch": engine.max_batch,
+                             "peak_active": engine.peak_active, "compiled": engine.compiled()}, 200 if ok else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -316,18 +321,19 @@ def create_app(served: Served):
         created = int(time.time())
         head = {"id": rid, "created": created, "model": served.name}
         if p["stream"]:
-            return StreamingResponse(stream(job, head, chat, p["include_usage"]), media_type="text/event-stream")
+            return StreamingResponse(stream(request, job, head, chat, p["include_usage"]),
+                                     media_type="text/event-stream")
         reason = None
+        watcher = asyncio.create_task(watch(request, job))
         try:
             while reason is None:
-                try:
-                    _, reason = await asyncio.wait_for(job.queue.get(), 1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
+                _, reason = await job.queue.get()
         finally:
+            watcher.cancel()
             if reason is None:
-                job.req.cancel()
+                engine.cancel(job.req)
+        if reason == "cancelled":
+            return Response(status_code=499)
         if reason == "error":
             return _error(500, "generation failed (non-finite logits or an engine error)", "server_error")
         text, choice = job.text(final=True), {"index": 0, "finish_reason": reason, "token_ids": job.req.tokens}
@@ -338,7 +344,13 @@ def create_app(served: Served):
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                 "usage": job.usage()}
 
-    async def stream(job: Job, head: dict, chat: bool, include_usage: bool):
+    async def watch(request, job: Job):
+        """Cancel ``job`` when its client disconnects (uvicorn reports it on ``receive``)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        engine.cancel(job.req)
+
+    async def stream(request, job: Job, head: dict, chat: bool, include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
         sent, n_ids, reason = "", 0, None
 
@@ -354,9 +366,12 @@ def create_app(served: Served):
                 out["usage"] = usage
             return f"data: {json.dumps(out)}\n\n"
 
+        watcher = asyncio.create_task(watch(request, job))
         try:
             while reason is None:
                 _, reason = await job.queue.get()
+                if reason == "cancelled":
+                    return
                 if reason == "error":
                     yield f"data: {json.dumps({'error': {'message': 'generation failed', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
                     break
@@ -371,8 +386,9 @@ def create_app(served: Served):
                 yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': job.usage()})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
+            watcher.cancel()
             if reason is None:          # the client went away: free the slot
-                job.req.cancel()
+                engine.cancel(job.req)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):

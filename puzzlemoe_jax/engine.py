@@ -92,7 +92,9 @@ def _sample_rows(logits, seeds, counts, temperature, top_p):
         key = jax.random.fold_in(jax.random.key(seed), count)
         return sample_logits(lg[None], key, greedy=False, temperature=t, top_p=p)[0]
 
-    sampled = jax.vmap(one)(logits, seeds, counts, jnp.where(greedy, 1.0, temperature), top_p)
+    args = (logits, seeds, counts, jnp.where(greedy, 1.0, temperature), top_p)
+    sampled = jax.lax.cond(jnp.all(greedy), lambda *a: jnp.zeros(logits.shape[:1], jnp.int32),  # skip the sorts
+                           lambda *a: jax.vmap(one)(*a), *args)
     return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
 
 

@@ -184,7 +184,13 @@ class Served:
         self.engine, self.codec, self.name = engine, codec, name
         self.chat_template, self.special = chat_template, special or {}
         self.context = engine.max_len
+        self.device = _device() if hasattr(engine, "model") else None
         self.metrics = Metrics(engine)
+
+
+def _device() -> str:
+    import jax  # noqa: PLC0415
+    return f"{jax.default_backend()}: {jax.devices()[0].device_kind}"
 
 
 def _decode(codec, ids):
@@ -273,7 +279,8 @@ def create_app(served: Served):
         ok = engine.error is None and engine.thread is not None and engine.thread.is_alive()
         return JSONResponse({"status": "ok" if ok else "error", "active": engine.active,
                              "queue": engine.queue_length, "max_batch": engine.max_batch,
-                             "peak_active": engine.peak_active, "compiled": engine.compiled()}, 200 if ok else 503)
+                             "peak_active": engine.peak_active, "compiled": engine.compiled(),
+                             "decode": engine.mode, "device": served.device}, 200 if ok else 503)
 
     @app.get("/v1/models")
     async def models():

@@ -262,3 +262,26 @@ def test_tokenizer_and_generation_config_are_carried_over(tmp_path, capsys):
     for name in ("tokenizer.json", "generation_config.json"):
         assert (tmp_path / "out" / name).read_text() == (src / name).read_text()
     assert not (tmp_path / "out" / "tokenizer_config.json").exists()   # only files the source has
+
+
+@pytest.mark.parametrize("arch,layout,ratio,src_dtype,dtype", [
+    ("mixtral", "hub", 0.5, "bfloat16", "auto"), ("deepseek", "hub", 0.25, "bfloat16", "auto"),
+    ("qwen2_moe", "fused", 0.5, "bfloat16", "auto"), ("qwen3_moe", "fused", 0.25, "float32", "bfloat16"),
+    ("mixtral", "hub", 0.0, "bfloat16", "float16"), ("deepseek", "fused", 0.5, "float16", "float32")])
+def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dtype, dtype, tmp_path):
+    """The pipelined converter (device transposes/casts, threads) writes exactly what the plain
+    one-thread host path (the converter before the pipeline) writes: every tensor and config.json."""
+    from puzzlemoe_jax.checkpoint import convert_checkpoint
+    src = write_tiny_checkpoint(tmp_path / "src", arch, layout=layout, num_layers=3, dtype=src_dtype)
+    outs = {}
+    for pipeline in (False, True):
+        out = tmp_path / f"out-{pipeline}"
+        convert_checkpoint(src, out, arch, ratio=ratio, dtype=dtype, pipeline=pipeline)
+        ckpt = SafetensorsDir(out)
+        outs[pipeline] = ({n: ckpt.read(n, check_finite=False) for n in ckpt.tensors},
+                          (out / "config.json").read_text(), json.loads((out / INDEX).read_text()))
+    (ref, ref_cfg, ref_index), (got, got_cfg, got_index) = outs[False], outs[True]
+    assert got_cfg == ref_cfg and got_index == ref_index and sorted(got) == sorted(ref)
+    for n in ref:
+        assert got[n].dtype == ref[n].dtype and got[n].shape == ref[n].shape, n
+        assert got[n].tobytes() == ref[n].tobytes(), n

@@ -265,11 +265,13 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
             tensors = read_items(ckpt, items, np_dtype)
             raw = read_experts_raw(ckpt, experts, io_pool) if experts is not None and pipeline else None
             if experts is not None and raw is None:
-                return tensors, read_experts(ckpt, experts, np_dtype), False
-            return tensors, raw, raw is not None
+                return [tensors, read_experts(ckpt, experts, np_dtype), False]
+            return [tensors, raw, raw is not None]
 
-    def compress(job, tensors, raw, is_raw):  # merge stage: experts -> tensors to write
+    def compress(job, data):  # merge stage: experts -> tensors to write
         L, _, experts = job
+        tensors, raw, is_raw = data
+        data.clear()  # the stored-layout buffers go as soon as they are on the device
         if L is None:
             return tensors
         if experts is None:
@@ -322,13 +324,12 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
             for k, _ in enumerate(progress(steps)):
                 if pipeline:
                     with timer("wait read"):
-                        tensors, raw, is_raw = nxt.result()
+                        data = nxt.result()
                     nxt = stages.submit(read, jobs[k + 1]) if k + 1 < len(jobs) else None
                 else:
-                    tensors, raw, is_raw = read(jobs[k])
+                    data = read(jobs[k])
                 with timer("merge"):
-                    tensors = compress(jobs[k], tensors, raw, is_raw)
-                del raw
+                    tensors = compress(jobs[k], data)
                 if pipeline:
                     with timer("wait write"):
                         writing = writing and writing.result()

@@ -215,7 +215,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                        dtype: str = "auto", overwrite: bool = False,
                        progress: Callable[[Iterable], Iterable] = lambda it: it,
                        calibration: Mapping[int, Mapping[str, Any]] | None = None,
-                       pipeline: bool = True, read_threads: int = 4) -> ConvertReport:
+                       pipeline: bool = True, read_threads: int = 4, device_layout: bool | None = None
+                       ) -> ConvertReport:
     """Convert an HF safetensors checkpoint of ``arch`` to our format, one layer at a time.
 
     ``ratio`` 0 keeps every expert dense; ``ratio`` r in (0, 0.5] merges r*E pairs per MoE layer
@@ -257,13 +258,15 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     steps = [(L, ckpt.nbytes([it.src for it in items] + list(ex.sources() if ex else ()))) for L, items, ex in jobs]
     reports, pairs_of, dropped_of, pairs_list = [], {}, {}, {}
     timer = StageTimer()
-    chunk = 1 << 22 if jax.default_backend() == "cpu" else 1 << 26
+    on_cpu = jax.default_backend() == "cpu"
+    chunk = 1 << 22 if on_cpu else 1 << 26
+    device_layout = (pipeline and not on_cpu) if device_layout is None else device_layout
 
     def read(job):  # reader stage: host arrays of one layer (or the head)
         L, items, experts = job
         with timer("read"):
             tensors = read_items(ckpt, items, np_dtype)
-            raw = read_experts_raw(ckpt, experts, io_pool) if experts is not None and pipeline else None
+            raw = read_experts_raw(ckpt, experts, io_pool) if experts is not None and device_layout else None
             if experts is not None and raw is None:
                 return [tensors, read_experts(ckpt, experts, np_dtype), False]
             return [tensors, raw, raw is not None]

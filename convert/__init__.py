@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--strict", action="store_true",
                        help="fail if a merged magnitude does not fit the 5-bit exponent")
         s.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+        s.add_argument("--sequential", action="store_true",
+                       help="one thread, host-only reading and merging (slower; for comparisons)")
         s.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
         s.add_argument("--verbose", action="store_true",
                        help="also print the per-pair statistics (similar, salient, kept, error, clamps)")
@@ -73,15 +75,21 @@ def main(argv=None) -> int:
     from puzzlemoe_jax.checkpoint import convert_checkpoint  # noqa: PLC0415
     bars = []
 
-    def progress(layers):
+    def progress(steps):
+        """Bar over the input bytes (rate in GB/s, time left), the layer count as a postfix."""
         if args.quiet:
-            yield from layers
+            yield from steps
             return
-        bars.append(tqdm(total=len(layers), desc=f"convert {args.arch}", unit="layer", file=sys.stderr))
-        for layer in layers:
-            yield layer
-            bars[-1].update()
-        bars[-1].close()
+        bar = tqdm(total=sum(n for _, n in steps), desc=f"convert {args.arch}", unit="B", unit_scale=True,
+                   unit_divisor=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                   "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+        bars.append(bar)
+        layers = sum(1 for layer, _ in steps if layer is not None)
+        for k, (layer, n) in enumerate(steps):
+            yield layer, n
+            bar.set_postfix_str(f"layer {min(k + 1, layers)}/{layers}", refresh=False)
+            bar.update(n)
+        bar.close()
     try:
         cli.check_path(args.src, "dir", "--src")
         cli.check_path(args.out, "outdir", "--out")
@@ -99,7 +107,8 @@ def main(argv=None) -> int:
             calibration = calibrate_checkpoint(args.src, args.arch, args.calibration_text, dtype=args.dtype,
                                                seq_len=args.calibration_seq_len, max_windows=args.calibration_windows)
         rep = convert_checkpoint(args.src, args.out, args.arch, ratio=args.ratio, merge=merge, dtype=args.dtype,
-                                 overwrite=args.overwrite, progress=progress, calibration=calibration)
+                                 overwrite=args.overwrite, progress=progress, calibration=calibration,
+                                 pipeline=not args.sequential)
     except (CheckpointError, ValueError) as e:
         for bar in bars:  # clear the unfinished bar so the error is one clean line
             bar.leave = False
@@ -107,7 +116,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.quiet:
+        import resource  # noqa: PLC0415
         print(summary(rep))
+        print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     if args.verbose and not args.quiet:
         print(format_table(row for r in rep.layers if r.stats for row in pair_rows(r.stats, r.layer)))
     return 0

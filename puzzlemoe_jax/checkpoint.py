@@ -14,6 +14,9 @@ import shutil
 import signal
 import threading
 import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -30,7 +33,8 @@ from kernels import resolve_impl
 from puzzlemoe_jax import codec
 from puzzlemoe_jax.config import ARCHS, ConfigError, ModelConfig
 from puzzlemoe_jax.experts import MATRICES
-from puzzlemoe_jax.hf_layout import check_plan, hf_plan, read_experts, read_items
+from puzzlemoe_jax.hf_layout import (check_plan, experts_to_flax, hf_plan, raise_nonfinite, read_experts,
+                                     read_experts_raw, read_items)
 from puzzlemoe_jax.merge import MergeConfig
 from puzzlemoe_jax.models import CausalLM, PackedExpertsModule
 from puzzlemoe_jax.compress import compress_layer
@@ -193,6 +197,22 @@ class CheckpointWriter:
         return self.out
 
 
+class StageTimer:
+    """Seconds spent in each named stage, summed over threads (stages overlap in the pipeline)."""
+
+    def __init__(self):
+        self.seconds, self._lock = defaultdict(float), threading.Lock()
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[stage] += time.perf_counter() - t
+
+
 def _np(a) -> np.ndarray:
     return np.asarray(jax.device_get(a))
 
@@ -328,7 +348,9 @@ def load_hf_config(src: Path) -> dict:
 def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeConfig = MergeConfig(),
                        dtype: str = "auto", overwrite: bool = False,
                        progress: Callable[[Iterable], Iterable] = lambda it: it,
-                       calibration: Mapping[int, Mapping[str, Any]] | None = None) -> ConvertReport:
+                       calibration: Mapping[int, Mapping[str, Any]] | None = None,
+                       pipeline: bool = True, read_threads: int = 4, device_layout: bool | None = None
+                       ) -> ConvertReport:
     """Convert an HF safetensors checkpoint of ``arch`` to our format, one layer at a time.
 
     ``ratio`` 0 keeps every expert dense; ``ratio`` r in (0, 0.5] merges r*E pairs per MoE layer
@@ -336,6 +358,13 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     ``dtype`` "auto" keeps the checkpoint's float dtype.  ``calibration`` maps MoE layers to
     ``{"frequencies": [E], "importance": {name: [E, K]}}`` (``puzzlemoe_jax.calibrate``), needed
     by activation saliency and the frequency/drop baselines.
+
+    ``pipeline`` (default): a reader thread reads the next layer (experts with ``read_threads``
+    concurrent reads into stacked buffers) while this thread transposes, casts and merges the
+    current one where jax runs, and a writer thread writes the previous one.  ``pipeline=False``
+    is the plain one-thread host path (numpy stacking), kept as the oracle the pipeline's output
+    is tested against bit for bit.  ``progress`` wraps the list of ``(layer, input bytes)`` steps
+    (the last step, layer None, is the embeddings and head).
     """
     t0 = time.perf_counter()
     src = Path(src)
@@ -359,43 +388,98 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     if dtype not in DTYPE_NAMES:
         raise CheckpointError(f"--dtype must be auto or one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     np_dtype = DTYPE_NAMES[dtype]
+    jobs = [(L, *plan.layers[L]) for L in range(cfg.num_layers)] + [(None, plan.head, None)]
+    steps = [(L, ckpt.nbytes([it.src for it in items] + list(ex.sources() if ex else ()))) for L, items, ex in jobs]
     reports, pairs_of, dropped_of, pairs_list = [], {}, {}, {}
-    with CheckpointWriter(out, overwrite) as w:
-        for L in progress(range(cfg.num_layers)):
-            items, experts = plan.layers[L]
+    timer = StageTimer()
+    on_cpu = jax.default_backend() == "cpu"
+    chunk = 1 << 22 if on_cpu else 1 << 26
+    device_layout = (pipeline and not on_cpu) if device_layout is None else device_layout
+
+    def read(job):  # reader stage: host arrays of one layer (or the head)
+        L, items, experts = job
+        with timer("read"):
             tensors = read_items(ckpt, items, np_dtype)
-            if experts is None:
-                reports.append(LayerReport(L, "dense-mlp"))
-            else:
-                rep = LayerReport(L, "experts", expert_bytes_in=ckpt.nbytes(experts.sources()))
-                weights = read_experts(ckpt, experts, np_dtype)
-                if pairs_for_ratio(experts.num_experts, ratio):
-                    cal = (calibration or {}).get(L, {})
-                    packed, stats = compress_layer(weights, ratio, merge, importance=cal.get("importance"),
-                                                   frequencies=cal.get("frequencies"), chunk_elems=1 << 22)
-                    del weights
-                    p, d = int(packed.pairs.shape[0]), int(packed.dropped_ids.shape[0])
-                    pairs_of[L], dropped_of[L], pairs_list[L] = p, d, packed.pairs.tolist()
-                    tensors[experts.dst + ".pairs"] = packed.pairs
-                    tensors[experts.dst + ".dense_ids"] = packed.dense_ids
-                    tensors[experts.dst + ".dropped_ids"] = packed.dropped_ids
-                    for n in MATRICES:
-                        tensors[f"{experts.dst}.packed_{n}"] = packed.packed[n]
-                        tensors[f"{experts.dst}.dense_{n}"] = packed.dense[n]
-                    del packed
-                    rep.kind, rep.pairs, rep.dropped, rep.stats = "packed", p, d, stats
-                    if p:
-                        rep.frac_similar = float(np.mean([stats[n]["frac_similar"] for n in MATRICES]))
-                        rep.rel_err = float(np.mean([np.concatenate([stats[n]["rel_err_i"], stats[n]["rel_err_j"]])
-                                                     for n in MATRICES]))
-                else:
-                    tensors.update({f"{experts.dst}.{n}": weights[n] for n in MATRICES})
-                    del weights
-                rep.expert_bytes_out = sum(v.nbytes for k, v in tensors.items() if k.startswith(experts.dst + "."))
-                reports.append(rep)
+            raw = read_experts_raw(ckpt, experts, io_pool) if experts is not None and device_layout else None
+            if experts is not None and raw is None:
+                return [tensors, read_experts(ckpt, experts, np_dtype), False]
+            return [tensors, raw, raw is not None]
+
+    def compress(job, data):  # merge stage: experts -> tensors to write
+        L, _, experts = job
+        tensors, raw, is_raw = data
+        data.clear()  # the stored-layout buffers go as soon as they are on the device
+        if L is None:
+            return tensors
+        if experts is None:
+            reports.append(LayerReport(L, "dense-mlp"))
+            return tensors
+        rep = LayerReport(L, "experts", expert_bytes_in=ckpt.nbytes(experts.sources()))
+        weights = raw
+        if is_raw:  # stored layout -> ours, on the device
+            weights, bad = experts_to_flax(raw, jnp.dtype(np_dtype))
+            del raw
+            if any(int(v) for v in bad.values()):
+                raise_nonfinite(ckpt, experts)
+        if pairs_for_ratio(experts.num_experts, ratio):
+            cal = (calibration or {}).get(L, {})
+            packed, stats = compress_layer(weights, ratio, merge, importance=cal.get("importance"),
+                                           frequencies=cal.get("frequencies"), chunk_elems=chunk)
+            del weights
+            p, d = int(packed.pairs.shape[0]), int(packed.dropped_ids.shape[0])
+            pairs_of[L], dropped_of[L], pairs_list[L] = p, d, _np(packed.pairs).tolist()
+            tensors[experts.dst + ".pairs"] = _np(packed.pairs)
+            tensors[experts.dst + ".dense_ids"] = _np(packed.dense_ids)
+            tensors[experts.dst + ".dropped_ids"] = _np(packed.dropped_ids)
+            for n in MATRICES:
+                tensors[f"{experts.dst}.packed_{n}"] = _np(packed.packed[n])
+                tensors[f"{experts.dst}.dense_{n}"] = _np(packed.dense[n])
+            del packed
+            rep.kind, rep.pairs, rep.dropped, rep.stats = "packed", p, d, stats
+            if p:
+                rep.frac_similar = float(np.mean([stats[n]["frac_similar"] for n in MATRICES]))
+                rep.rel_err = float(np.mean([np.concatenate([stats[n]["rel_err_i"], stats[n]["rel_err_j"]])
+                                             for n in MATRICES]))
+        else:
+            tensors.update({f"{experts.dst}.{n}": _np(weights[n]) for n in MATRICES})
+            del weights
+        rep.expert_bytes_out = sum(v.nbytes for k, v in tensors.items() if k.startswith(experts.dst + "."))
+        reports.append(rep)
+        return tensors
+
+    def write(tensors):  # writer stage
+        with timer("write"):
             w.write_shard(tensors)
-            del tensors
-        w.write_shard(read_items(ckpt, plan.head, np_dtype))
+
+    with CheckpointWriter(out, overwrite) as w:
+        # at most three layers in host memory: one being read, one merging, one being written
+        stages = ThreadPoolExecutor(2) if pipeline else None
+        io_pool = ThreadPoolExecutor(read_threads) if pipeline and read_threads > 1 else None
+        try:
+            nxt = stages.submit(read, jobs[0]) if pipeline else None
+            writing = None
+            for k, _ in enumerate(progress(steps)):
+                if pipeline:
+                    with timer("wait read"):
+                        data = nxt.result()
+                    nxt = stages.submit(read, jobs[k + 1]) if k + 1 < len(jobs) else None
+                else:
+                    data = read(jobs[k])
+                with timer("merge"):
+                    tensors = compress(jobs[k], data)
+                if pipeline:
+                    with timer("wait write"):
+                        writing = writing and writing.result()
+                    writing = stages.submit(write, tensors)
+                else:
+                    write(tensors)
+                del tensors
+            if writing:
+                writing.result()
+        finally:
+            for pool in (stages, io_pool):
+                if pool:
+                    pool.shutdown(wait=True, cancel_futures=True)
         section = {
             "format_version": FORMAT_VERSION, "ratio": ratio, "dtype": dtype,
             "layout_version": codec.LAYOUT_VERSION, "layout": codec.LAYOUT,
@@ -408,6 +492,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
         bytes_out = w.nbytes
         w.copy_files(src, SIDE_FILES)
         w.finish({**hf, "puzzlemoe": section})
+    reports.sort(key=lambda r: r.layer)
     return ConvertReport(Path(out), arch, ratio, dtype, ckpt.nbytes(), bytes_out,
                          sum(r.expert_bytes_in for r in reports), sum(r.expert_bytes_out for r in reports),
-                         time.perf_counter() - t0, reports)
+                         time.perf_counter() - t0, reports, dict(timer.seconds))

@@ -3,18 +3,24 @@
 ``hf_plan`` maps a Hugging Face checkpoint of one of ``config.ARCHS`` onto our parameter names
 (the NNX state paths of ``models.CausalLM`` joined with "."); ``check_plan`` checks every name
 and shape against the config before anything is converted; ``read_items``/``read_experts`` read
-the planned tensors in our layout.
+the planned tensors in our layout on the host; ``read_experts_raw`` + ``experts_to_flax`` do the
+same for the experts with one plain read per tensor into a stacked buffer and the transposes and
+dtype casts on the device (the converter's fast path).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+from concurrent.futures import Executor
 from typing import Iterable, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from puzzlemoe_jax.config import ModelConfig
 from puzzlemoe_jax.experts import MATRICES
-from puzzlemoe_jax.safetensors_io import FLOAT_CODES, CheckpointError, SafetensorsDir
+from puzzlemoe_jax.safetensors_io import DTYPES, FLOAT_CODES, CheckpointError, SafetensorsDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,3 +167,42 @@ def read_experts(ckpt: SafetensorsDir, ex: ExpertsItem, dtype) -> dict[str, np.n
             for x, name in enumerate(names):
                 out[mat][x] = ckpt.read(name).T
     return out
+
+
+def read_experts_raw(ckpt: SafetensorsDir, ex: ExpertsItem, pool: Executor | None = None):
+    """Routed experts as stored (torch orientation and dtype), each matrix read straight into one
+    stacked buffer with no copy and no finite check (``experts_to_flax`` counts NaN/Inf):
+    hub ``{w_gate, w_up: [E,I,H], w_down: [E,H,I]}``, fused ``{gate_up: [E,2I,H], w_down: [E,H,I]}``.
+    ``pool`` runs the reads of one matrix concurrently.  None when one matrix's experts are stored
+    in different dtypes (then ``read_experts`` is the way)."""
+    if ex.fused:
+        return {"gate_up": ckpt.read(ex.fused[0], check_finite=False),
+                "w_down": ckpt.read(ex.fused[1], check_finite=False)}
+    out = {}
+    for mat, names in ex.per_expert.items():
+        infos = [ckpt.tensors[n] for n in names]
+        if len({i.dtype for i in infos}) != 1:
+            return None
+        buf = np.empty((len(names),) + infos[0].shape, DTYPES[infos[0].dtype])
+        read = lambda x: ckpt.read(names[x], check_finite=False, out=buf[x])
+        list(pool.map(read, range(len(names))) if pool else map(read, range(len(names))))
+        out[mat] = buf
+    return out
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def experts_to_flax(raw: Mapping[str, jax.Array], dtype):
+    """``read_experts_raw``'s buffers in our layout and ``dtype`` (what ``read_experts`` gives),
+    computed where jax runs, and the NaN/Inf count of each stored matrix."""
+    bad = {k: jnp.sum(~jnp.isfinite(v), dtype=jnp.int32) for k, v in raw.items()}
+    t = lambda a: jnp.swapaxes(a, 1, 2).astype(dtype)
+    if "gate_up" in raw:
+        i = raw["gate_up"].shape[1] // 2
+        return {"w_gate": t(raw["gate_up"][:, :i]), "w_up": t(raw["gate_up"][:, i:]), "w_down": t(raw["w_down"])}, bad
+    return {m: t(raw[m]) for m in MATRICES}, bad
+
+
+def raise_nonfinite(ckpt: SafetensorsDir, ex: ExpertsItem) -> None:
+    """Raise the host reader's error for the first expert tensor holding NaN/Inf."""
+    for name in ex.sources():
+        ckpt.read(name)

@@ -41,6 +41,7 @@ class ConvertReport:
     expert_bytes_out: int
     seconds: float
     layers: list[LayerReport]
+    stage_seconds: dict = dataclasses.field(default_factory=dict)  # busy seconds of read/merge/write (overlapping)
 
 
 def _mb(n: int) -> str:
@@ -59,7 +60,11 @@ def summary(rep: ConvertReport) -> str:
     frac = rep.expert_bytes_out / rep.expert_bytes_in if rep.expert_bytes_in else float("nan")
     lines += [f"experts: {_mb(rep.expert_bytes_in)} -> {_mb(rep.expert_bytes_out)} ({frac:.3f} of the original)",
               f"total:   {_mb(rep.bytes_in)} -> {_mb(rep.bytes_out)}",
-              f"ratio {rep.ratio}, dtype {rep.dtype}, {rep.seconds:.1f} s -> {rep.out}"]
+              f"ratio {rep.ratio}, dtype {rep.dtype}, {rep.seconds:.1f} s "
+              f"({rep.bytes_in / 1e9 / max(rep.seconds, 1e-9):.2f} GB/s of input) -> {rep.out}"]
+    if rep.stage_seconds:
+        lines.append("time split (busy seconds per stage; stages overlap): " + ", ".join(
+            f"{k} {v:.1f} s" for k, v in rep.stage_seconds.items()))
     return "\n".join(lines)
 
 

@@ -262,3 +262,51 @@ def test_tokenizer_and_generation_config_are_carried_over(tmp_path, capsys):
     for name in ("tokenizer.json", "generation_config.json"):
         assert (tmp_path / "out" / name).read_text() == (src / name).read_text()
     assert not (tmp_path / "out" / "tokenizer_config.json").exists()   # only files the source has
+
+
+@pytest.mark.parametrize("arch,layout,ratio,src_dtype,dtype", [
+    ("mixtral", "hub", 0.5, "bfloat16", "auto"), ("deepseek", "hub", 0.25, "bfloat16", "auto"),
+    ("qwen2_moe", "fused", 0.5, "bfloat16", "auto"), ("qwen3_moe", "fused", 0.25, "float32", "bfloat16"),
+    ("mixtral", "hub", 0.0, "bfloat16", "float16"), ("deepseek", "fused", 0.5, "float16", "float32")])
+def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dtype, dtype, tmp_path):
+    """The pipelined converter (threads; experts stacked on the host or transposed/cast where jax
+    runs) writes exactly what the plain one-thread host path (the converter before the pipeline)
+    writes: every tensor, the index and config.json."""
+    from puzzlemoe_jax.checkpoint import convert_checkpoint
+    src = write_tiny_checkpoint(tmp_path / "src", arch, layout=layout, num_layers=3, dtype=src_dtype)
+    outs = {}
+    for k, kw in enumerate([dict(pipeline=False), dict(device_layout=True), dict(device_layout=False)]):
+        out = tmp_path / f"out-{k}"
+        convert_checkpoint(src, out, arch, ratio=ratio, dtype=dtype, **kw)
+        ckpt = SafetensorsDir(out)
+        outs[k] = ({n: ckpt.read(n, check_finite=False) for n in ckpt.tensors},
+                   (out / "config.json").read_text(), json.loads((out / INDEX).read_text()))
+    ref, ref_cfg, ref_index = outs[0]
+    for got, got_cfg, got_index in (outs[1], outs[2]):
+        assert got_cfg == ref_cfg and got_index == ref_index and sorted(got) == sorted(ref)
+        for n in ref:
+            assert got[n].dtype == ref[n].dtype and got[n].shape == ref[n].shape, n
+            assert got[n].tobytes() == ref[n].tobytes(), n
+
+
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+def test_pipeline_names_nonfinite_expert_tensor(layout, tmp_path):
+    """NaN in an expert: the device path raises the host reader's error (file and tensor named)."""
+    from puzzlemoe_jax.checkpoint import convert_checkpoint
+    from puzzlemoe_jax.safetensors_io import CheckpointError
+    src = write_tiny_checkpoint(tmp_path / "src", "qwen3_moe", layout=layout, num_layers=2)
+    name = ("model.layers.1.mlp.experts.down_proj" if layout == "fused" else
+            "model.layers.1.mlp.experts.5.up_proj.weight")
+
+    def fn(t):
+        a = t[name].astype(np.float32)
+        a.reshape(-1)[7] = np.nan
+        t[name] = a.astype(t[name].dtype)
+    _rewrite(src, name, fn)
+    errors = []
+    for k, kw in enumerate([dict(pipeline=False), dict(device_layout=True)]):
+        with pytest.raises(CheckpointError) as e:
+            convert_checkpoint(src, tmp_path / f"o{k}", "qwen3_moe", ratio=0.5, **kw)
+        errors.append(str(e.value))
+        assert not (tmp_path / f"o{k}").exists()
+    assert errors[0] == errors[1] and name in errors[0] and "NaN/Inf" in errors[0]

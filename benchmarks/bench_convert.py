@@ -1,0 +1,226 @@
+"""End-to-end ``python -m convert`` speed on a real-size-shaped checkpoint, page cache cold.
+
+Writes a random bf16 checkpoint with the layer shapes of a real model (HF Hub layout, 2 GB shards)
+to local disk, measures the disk's sequential read rate on it, then runs the converter as a user
+would (a subprocess) once with the pipelined converter and once with ``--sequential`` (the plain
+one-thread host path, i.e. the converter before the pipeline), each from a cold page cache.
+Reports GB/s of input, seconds per layer, the read/merge/write time split and peak RSS, as a table
+and as JSON under ``benchmarks/results/``.
+
+The page cache is dropped with ``/proc/sys/vm/drop_caches`` when permitted, else each source file's
+pages are evicted with ``posix_fadvise(DONTNEED)`` (works unprivileged for clean pages); the
+output says which.
+
+    PYTHONPATH=. python3 benchmarks/bench_convert.py --shape mixtral --layers 8 --out-dir /tmp/bench
+    PYTHONPATH=. python3 benchmarks/bench_convert.py --shape small --layers 4   # CPU-sized
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from puzzlemoe_jax.config import ModelConfig  # noqa: E402
+from puzzlemoe_jax.hf_layout import hf_plan  # noqa: E402
+from puzzlemoe_jax.random_checkpoint import tiny_config  # noqa: E402
+from puzzlemoe_jax.safetensors_io import INDEX  # noqa: E402
+
+SHAPES = {  # arch, full depth, tiny_config sizes
+    "mixtral": ("mixtral", 32, dict(hidden_size=4096, num_heads=32, num_kv_heads=8, num_experts=8, top_k=2,
+                                    moe_intermediate_size=14336, vocab_size=32000)),
+    "deepseek": ("deepseek", 28, dict(hidden_size=2048, num_heads=16, num_kv_heads=16, num_experts=64, top_k=6,
+                                      moe_intermediate_size=1408, intermediate_size=10944, vocab_size=102400)),
+    "small": ("mixtral", 32, dict(hidden_size=1024, num_heads=8, num_kv_heads=2, num_experts=8, top_k=2,
+                                  moe_intermediate_size=2816, vocab_size=32000)),
+}
+SHARD = 2 * 10**9
+CHUNK = 64 << 20
+
+
+def write_checkpoint(out: Path, arch: str, layers: int, sizes: dict) -> int:
+    """Random bf16 checkpoint (HF Hub layout) streamed to 2 GB shards; returns the bytes written.
+    Tensors are slices of one random pool at random offsets: cheap to make, distinct per expert."""
+    out.mkdir(parents=True, exist_ok=True)
+    hf = tiny_config(arch, num_layers=layers, **sizes)
+    plan = hf_plan(ModelConfig.from_hf(hf), (), layout="hub")
+    rng = np.random.default_rng(0)
+    pool = (0.02 * rng.standard_normal(1 << 24, np.float32)).astype(ml_dtypes.bfloat16)
+    pool = np.concatenate([pool, pool]).view(np.uint16)
+    norm = np.ones(1 << 16, ml_dtypes.bfloat16).view(np.uint16)
+    tensors = [(it.src, it.shape) for it in plan.head[:1]]
+    for items, experts in plan.layers:
+        tensors += [(it.src, it.shape) for it in items]
+        tensors += list(experts.sources().items()) if experts else []
+    tensors += [(it.src, it.shape) for it in plan.head[1:]]
+    shards, cur, size = [], [], 0
+    for name, shape in tensors:
+        cur.append((name, shape))
+        size += 2 * int(np.prod(shape))
+        if size >= SHARD:
+            shards.append(cur)
+            cur, size = [], 0
+    shards += [cur] if cur else []
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, off = {}, 0
+        for name, shape in shard:
+            n = 2 * int(np.prod(shape))
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name, shape in shard:
+                n = int(np.prod(shape))
+                if name.endswith("norm.weight"):
+                    f.write(norm[:n].tobytes())
+                    continue
+                for s in range(0, n, 1 << 24):
+                    m = min(1 << 24, n - s)
+                    o = int(rng.integers(0, 1 << 24))
+                    f.write(memoryview(pool[o:o + m]))
+            f.flush()
+            os.fsync(f.fileno())
+        weight_map.update({name: fname for name, _ in shard})
+        total += (out / fname).stat().st_size
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    return total
+
+
+def drop_cache(d: Path) -> str:
+    """Drop the page cache (all of it when permitted, else ``d``'s files); returns how."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for p in d.iterdir():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return "fadvise_dontneed (no permission for /proc/sys/vm/drop_caches)"
+
+
+def read_rate(d: Path) -> float:
+    """Sequential read rate of ``d``'s shards in GB/s (one pass, 64 MiB reads)."""
+    buf, n, t = bytearray(CHUNK), 0, time.perf_counter()
+    for p in sorted(d.glob("*.safetensors")):
+        with open(p, "rb", buffering=0) as f:
+            while (k := f.readinto(buf)):
+                n += k
+    return n / 1e9 / (time.perf_counter() - t)
+
+
+def run_convert(arch: str, src: Path, out: Path, ratio: float, sequential: bool) -> dict:
+    """Run the CLI in a subprocess; wall time, peak RSS and the summary's time split."""
+    cmd = [sys.executable, "-m", "convert", arch, "--src", str(src), "--out", str(out), "--ratio", str(ratio),
+           "--overwrite"] + (["--sequential"] if sequential else [])
+    timed = Path("/usr/bin/time").exists()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    t = time.perf_counter()
+    p = subprocess.run((["/usr/bin/time", "-v"] if timed else []) + cmd, cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode:
+        sys.exit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    if timed:
+        rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 2**20
+    else:
+        import resource  # noqa: PLC0415
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # max over children so far
+    m = re.search(r"time split[^:]*: (.*)", p.stdout)
+    split = {k: float(v) for k, v in re.findall(r"(\w[\w ]*?) ([\d.]+) s", m.group(1) if m else "")}
+    return {"command": " ".join(cmd), "wall_s": wall, "peak_rss_gib": rss, "split_s": split,
+            "summary_tail": p.stdout.splitlines()[-4:]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=SHAPES, default="small")
+    ap.add_argument("--layers", type=int, help="layers to write (default: as many as the disk holds, "
+                                               "up to the model's depth)")
+    ap.add_argument("--out-dir", default="/tmp/bench_convert", help="where the checkpoint and output go")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--no-sequential", action="store_true", help="skip the --sequential comparison run")
+    ap.add_argument("--keep", action="store_true", help="keep the written checkpoint for a later run")
+    args = ap.parse_args()
+    arch, depth, sizes = SHAPES[args.shape]
+    work = Path(args.out_dir)
+    src, out = work / f"src-{args.shape}", work / f"out-{args.shape}"
+    work.mkdir(parents=True, exist_ok=True)
+    i, h, e = sizes["moe_intermediate_size"], sizes["hidden_size"], sizes["num_experts"]
+    layer_bytes = 3 * e * i * h * 2
+    layers = args.layers
+    if layers is None:  # source + one output (<= the source's size) must fit, with 10 % to spare
+        free = shutil.disk_usage(work).free + (sum(p.stat().st_size for p in src.glob("*")) if src.exists() else 0)
+        layers = max(1, min(depth, int(0.9 * free / (2 * layer_bytes)) - 1))
+    cfg_file = src / "config.json"
+    if not (cfg_file.exists() and json.loads(cfg_file.read_text())["num_hidden_layers"] == layers):
+        shutil.rmtree(src, ignore_errors=True)
+        t = time.perf_counter()
+        print(f"writing {layers} {args.shape}-shaped layers to {src} ...", flush=True)
+        write_checkpoint(src, arch, layers, sizes)
+        print(f"  {time.perf_counter() - t:.0f} s", flush=True)
+    gb = sum(p.stat().st_size for p in src.glob("*.safetensors")) / 1e9
+    how = drop_cache(src)
+    disk = read_rate(src)
+    probe = subprocess.run([sys.executable, "-c", "import jax; d = jax.devices()[0]; "
+                            "print(jax.default_backend(), '|', d.device_kind, '|', jax.device_count())"],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    device = probe.stdout.strip() or probe.stderr.strip()[-200:]
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    runs = {}
+    for name in (["pipeline"] + ([] if args.no_sequential else ["sequential"])):
+        drop_cache(src)
+        r = run_convert(arch, src, out, args.ratio, sequential=name == "sequential")
+        r.update(gb_per_s=gb / r["wall_s"], s_per_layer=r["wall_s"] / layers)
+        runs[name] = r
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"{name}: {r['wall_s']:.1f} s, {r['gb_per_s']:.3f} GB/s, peak RSS {r['peak_rss_gib']:.2f} GiB",
+              flush=True)
+    result = {"shape": args.shape, "arch": arch, "layers": layers, "input_gb": gb,
+              "expert_gb_per_layer": layer_bytes / 1e9, "ratio": args.ratio, "cache": how,
+              "disk_read_gb_per_s": disk, "device": device, "cpus": os.cpu_count(), "commit": commit,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "runs": runs}
+    cols = ("run", "wall s", "GB/s", "s/layer", "read s", "merge s", "write s", "peak RSS GiB")
+    print(f"\n{args.shape}: {layers} layers, {gb:.2f} GB input, {layer_bytes / 1e9:.2f} GB experts/layer, "
+          f"ratio {args.ratio}; device {device}; {os.cpu_count()} CPUs; disk sequential read "
+          f"{disk:.2f} GB/s (cache: {how}); commit {commit}")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for name, r in runs.items():
+        s = r["split_s"]
+        print(f"| {name} | {r['wall_s']:.1f} | {r['gb_per_s']:.3f} | {r['s_per_layer']:.2f} | "
+              f"{s.get('read', 0):.1f} | {s.get('merge', 0):.1f} | {s.get('write', 0):.1f} | {r['peak_rss_gib']:.2f} |")
+    if "sequential" in runs:
+        print(f"speed-up {runs['sequential']['wall_s'] / runs['pipeline']['wall_s']:.2f}x")
+    dev = re.sub(r"\W+", "_", device.split("|")[1].strip().lower()) if "|" in device else "unknown"
+    path = ROOT / "benchmarks" / "results" / f"bench_convert_{args.shape}_{dev}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    if not args.keep:
+        shutil.rmtree(src, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

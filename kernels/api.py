@@ -9,6 +9,8 @@ without a GPU runs only in Pallas' CPU interpreter, and only when the caller ask
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -102,12 +104,35 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, e
     if run == "reference" or experts.pairs.shape[0] == 0 or topk_ids.shape[0] == 0:
         return packed_moe_ffn_reference(x, topk_ids, topk_weights, experts, out_dtype)
     if run == "mosaic":
-        from kernels.mosaic_ffn import mosaic_moe_ffn  # noqa: PLC0415
-        return mosaic_moe_ffn(x, topk_ids, topk_weights, experts, mosaic_words, out_dtype=out_dtype,
-                              configs=configs, interpret=interpret)
+        if mosaic_words is None:
+            from kernels.mosaic_ffn import to_mosaic_words  # noqa: PLC0415
+            mosaic_words = to_mosaic_words(experts.packed)
+        return _mosaic_layer(x, topk_ids, topk_weights, experts, mosaic_words, out_dtype=jnp.dtype(out_dtype),
+                             configs=tuple(configs), interpret=interpret)
+    return _triton_layer(x, topk_ids, topk_weights, experts, out_dtype=jnp.dtype(out_dtype), configs=tuple(configs),
+                         interpret=interpret)
+
+
+# Each layer's kernels run inside a jit of their own: a model's layers of one shape then share one
+# lowering (one Pallas lowering and one compiled kernel per shape, not per layer).
+@functools.partial(jax.jit, static_argnames=("out_dtype", "configs", "interpret"))
+def _mosaic_layer(x, topk_ids, topk_weights, experts, words, *, out_dtype, configs, interpret):
+    from kernels.mosaic_ffn import mosaic_moe_ffn  # noqa: PLC0415
+    return mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, out_dtype=out_dtype, configs=configs,
+                          interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "configs", "interpret"))
+def _triton_layer(x, topk_ids, topk_weights, experts, *, out_dtype, configs, interpret):
     from kernels.triton_ffn import triton_moe_ffn  # noqa: PLC0415
     return triton_moe_ffn(x, topk_ids, topk_weights, experts, out_dtype=out_dtype, configs=configs,
                           interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
+def _triton_dense_layer(x, topk_ids, topk_weights, weights, *, out_dtype, interpret):
+    from kernels.triton_ffn import triton_dense_moe_ffn  # noqa: PLC0415
+    return triton_dense_moe_ffn(x, topk_ids, topk_weights, weights, out_dtype=out_dtype, interpret=interpret)
 
 
 def dense_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, weights, *, impl: str = "auto",
@@ -121,5 +146,5 @@ def dense_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, we
     if run == "reference" or topk_ids.shape[0] == 0:
         from kernels.reference import dense_moe_ffn_reference  # noqa: PLC0415
         return dense_moe_ffn_reference(x, topk_ids, topk_weights, weights, out_dtype)
-    from kernels.triton_ffn import triton_dense_moe_ffn  # noqa: PLC0415
-    return triton_dense_moe_ffn(x, topk_ids, topk_weights, weights, out_dtype=out_dtype, interpret=interpret)
+    return _triton_dense_layer(x, topk_ids, topk_weights, dict(weights), out_dtype=jnp.dtype(out_dtype),
+                               interpret=interpret)

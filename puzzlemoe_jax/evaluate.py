@@ -23,6 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from kernels import IMPL_CHOICES, IMPL_HELP
+from puzzlemoe_jax import compile_cache
 from puzzlemoe_jax.text import BYTE_VOCAB, TextCodec
 
 
@@ -90,8 +91,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-windows", type=int)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
+    compile_cache.add_argument(ap)
     ap.add_argument("--json", help="also write the result as JSON here")
     args = ap.parse_args(argv)
+    compile_cache.enable(args.compile_cache)
     from puzzlemoe_jax.checkpoint import CheckpointError, load_pretrained  # noqa: PLC0415
     try:
         model = load_pretrained(args.model, impl=args.impl)

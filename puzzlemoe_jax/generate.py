@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from kernels import IMPL_CHOICES, IMPL_HELP, ImplError
+from puzzlemoe_jax import compile_cache
 from puzzlemoe_jax.text import TextCodec
 
 PAD_ID = 0
@@ -246,8 +247,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", default="", help="stop token ids, comma-separated")
     ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
+    compile_cache.add_argument(ap)
     ap.add_argument("--output-ids", action="store_true", help="print the generated ids (comma-separated) last")
     args = ap.parse_args(argv)
+    compile_cache.enable(args.compile_cache)
     if args.greedy and (args.temperature is not None or args.top_p is not None):
         ap.error("--greedy excludes --temperature/--top-p")
     greedy = args.temperature is None and args.top_p is None

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_e2e.py [--shape mixtral-8x7b] [--batches 1,4,16,64] [--prefill 16]
         [--decode 128] [--packed-layers 32] [--dense-layers auto] [--budget-s 420] [--json OUT]
+        [--impl auto] [--configs dense,packed-all] [--compile-cache DIR]
         [--meshes 1x1,2x1] [--concurrent-single]
 
 A Mixtral-8x7B-shaped model (bf16) is built directly on the device with random weights
@@ -10,9 +11,12 @@ runs once (ratio 0.5: 4 pairs of 8 experts) on one layer of random experts; ever
 words are that layer's words rolled along the output axis by the layer index (distinct buffers with
 the statistics of real merged words, without 32 merges).  Both models run the same stack:
 ``puzzlemoe_jax.generate`` (jit prefill, then one jit ``while_loop`` over the decode steps);
-packed layers use the Pallas-Triton kernels (``moe.moe_ffn`` impl "auto"; ``--packed-impl mosaic``: the
-grouped Mosaic-GPU kernel, ``CausalLM.use_mosaic``), dense ones ``ragged_dot``;
-both prefill the whole prompt in one step.
+both models serve their MoE layers with ``--impl`` (``kernels.IMPL_CHOICES``; "auto": the Mosaic
+kernels on Hopper, the Triton ones on other GPUs, for packed pairs and for uncompressed experts
+alike); ``--configs dense-xla`` adds the uncompressed model on XLA ``ragged_dot`` (impl
+"reference"); both prefill the whole prompt in one step.  ``compile s``: wall clock of the first
+prefill + decode call at that batch size (tracing, compilation, first run; no persistent
+compilation cache unless ``--compile-cache DIR``).
 
 Each configuration runs in its own subprocess (peak memory is per process).  Timing: wall clock
 of the prefill call and of the whole decode loop (one dispatch for all steps), each
@@ -42,6 +46,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import IMPL_CHOICES, IMPL_HELP  # noqa: E402
 
 SHAPES = {  # vocab, hidden, layers, heads, kv heads, head_dim, expert intermediate, experts, top_k, theta
     "mixtral-8x7b": dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
@@ -129,11 +136,10 @@ def build_model(shape: str, layers: int, packed: bool, impl: str = "auto", seed:
     state = nnx.from_flat_state(flat)
     model = nnx.merge(graphdef, state)
     del state, flat   # (use_mosaic frees each layer's [K, N] words as it replaces them)
-    if packed and impl == "mosaic":
-        if mesh is not None and mesh.size > 1:
-            raise ValueError("--packed-impl mosaic runs on one device (mesh 1x1)")
-        model.use_mosaic()
-    return shard_model(model, mesh) if mesh is not None else model
+    if mesh is not None and mesh.size > 1:
+        return shard_model(model, mesh, impl=impl)   # ("auto": Triton on a mesh)
+    model.set_impl(impl)   # (Mosaic: re-lays the packed words out, layer by layer)
+    return model
 
 
 def _mem(dev):
@@ -249,7 +255,7 @@ def check(args) -> dict:
     model = build_model(shape, SHAPES[shape]["num_layers"], True, "reference", seed=7)   # one device
     lr = np.asarray(forward(model, ids), np.float32)
     gr = generate(model, ids.tolist(), 16)
-    model = build_model(shape, SHAPES[shape]["num_layers"], True, "pallas", seed=7, mesh=mesh)
+    model = build_model(shape, SHAPES[shape]["num_layers"], True, args.impl, seed=7, mesh=mesh)
     lp = np.asarray(forward(model, ids), np.float32)
     gp = generate(model, ids.tolist(), 16)
     agree = float(np.mean([a == b for x, y in zip(gp, gr) for a, b in zip(x, y)]))
@@ -290,8 +296,8 @@ def _gib(x):
 
 
 def _name(r) -> str:
-    return ((f"packed 50 % ({r['impl']})" if r.get("impl", "auto") != "auto" else "packed 50 %") if r["packed"]
-            else "uncompressed") + (f" @{r['mesh']}" if r.get("mesh", "1x1") != "1x1" else "")
+    return ("packed 50 %" if r["packed"] else "uncompressed") + f" ({r.get('impl', 'auto')})" + (
+        f" @{r['mesh']}" if r.get("mesh", "1x1") != "1x1" else "")
 
 
 def _per_gpu(r) -> str:
@@ -300,8 +306,8 @@ def _per_gpu(r) -> str:
 
 
 def table(results) -> str:
-    rows = ["| model | layers | batch | prefill s | decode loop s | ms/step | tok/s e2e | tok/s decode | weights GiB | peak GiB per GPU |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | layers | batch | compile s | prefill s | decode loop s | ms/step | tok/s e2e | tok/s decode | weights GiB | peak GiB per GPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         name = _name(r)
         if r.get("error"):
@@ -311,7 +317,7 @@ def table(results) -> str:
             if "tokens_per_s" not in run:
                 rows.append(f"| {name} | {r['layers']} | {run['batch']} | {run.get('skipped') or run.get('error', '')[:80]} | | | | | | |")
                 continue
-            rows.append(f"| {name} | {r['layers']} | {run['batch']} | {run['prefill_s']:.3f} | {run['decode_loop_s']:.3f} | "
+            rows.append(f"| {name} | {r['layers']} | {run['batch']} | {run['compile_and_first_s']:.1f} | {run['prefill_s']:.3f} | {run['decode_loop_s']:.3f} | "
                         f"{run['ms_per_step']:.2f} | {run['tokens_per_s']:.1f} | {run['decode_tokens_per_s']:.1f} | "
                         f"{r['weights_bytes'] / GiB:.2f} | {_per_gpu(r)} |")
     return "\n".join(rows)
@@ -322,21 +328,26 @@ def _runs(results) -> dict:
     for r in results:
         for run in r.get("runs", []):
             if "tokens_per_s" in run:
-                by[(r.get("mesh", "1x1"), r["packed"], r["layers"], run["batch"])] = run
+                by[(r.get("mesh", "1x1"), r["packed"], r["layers"], run["batch"], r.get("impl", "auto"))] = run
     return by
 
 
 def speedups(results) -> str:
-    """Packed over uncompressed, same mesh, same layer count."""
+    """Packed over the best uncompressed run (by decode tok/s), same mesh, same layer count; and
+    compile + first call of each over the uncompressed one's."""
     by = _runs(results)
-    rows = ["| mesh | layers (both) | batch | packed tok/s | uncompressed tok/s | speed-up e2e | speed-up decode |",
-            "|---|---|---|---|---|---|---|"]
-    for (mesh, packed, layers, b), run in sorted(by.items()):
-        if not packed or (mesh, False, layers, b) not in by:
+    rows = ["| mesh | layers (both) | batch | packed tok/s decode | best uncompressed tok/s decode (impl) | speed-up e2e | "
+            "speed-up decode | compile s packed / uncompressed |", "|---|---|---|---|---|---|---|---|"]
+    for (mesh, packed, layers, b, impl), run in sorted(by.items()):
+        dense = [(d, i) for (m, p, lay, bb, i), d in by.items() if (m, p, lay, bb) == (mesh, False, layers, b)]
+        if not packed or not dense:
             continue
-        d = by[(mesh, False, layers, b)]
-        rows.append(f"| {mesh} | {layers} | {b} | {run['tokens_per_s']:.1f} | {d['tokens_per_s']:.1f} | "
-                    f"{run['tokens_per_s'] / d['tokens_per_s']:.2f}x | {run['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x |")
+        d, di = max(dense, key=lambda di: di[0]["decode_tokens_per_s"])
+        rows.append(f"| {mesh} | {layers} | {b} | {run['decode_tokens_per_s']:.1f} ({impl}) | {d['decode_tokens_per_s']:.1f} "
+                    f"({di}) | {run['tokens_per_s'] / d['tokens_per_s']:.2f}x | "
+                    f"{run['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x | "
+                    f"{run['compile_and_first_s']:.0f} / {d['compile_and_first_s']:.0f} "
+                    f"({run['compile_and_first_s'] / d['compile_and_first_s']:.2f}x) |")
     return "\n".join(rows)
 
 
@@ -344,8 +355,8 @@ def scaling(results) -> str:
     """Each model on a mesh over the same model on one GPU (decode tokens/s)."""
     by = _runs(results)
     rows = ["| model | mesh | layers | batch | tok/s decode | tok/s decode 1 GPU | scaling |", "|---|---|---|---|---|---|---|"]
-    for (mesh, packed, layers, b), run in sorted(by.items()):
-        one = by.get(("1x1", packed, layers, b))
+    for (mesh, packed, layers, b, impl), run in sorted(by.items()):
+        one = by.get(("1x1", packed, layers, b, impl))
         if mesh == "1x1" or one is None:
             continue
         rows.append(f"| {'packed 50 %' if packed else 'uncompressed'} | {mesh} | {layers} | {b} | "
@@ -365,7 +376,10 @@ def main(argv=None):
     ap.add_argument("--dense-layers", default="auto", help="'auto': as many as fit on one GPU, or a number")
     ap.add_argument("--headroom-gib", type=float, default=5.0, help="kept free when fitting dense layers")
     ap.add_argument("--configs", default="dense,packed-same,packed-all",
-                    help="which runs, in order: dense, packed-same, packed-all")
+                    help="which runs, in order: dense, dense-xla (uncompressed on ragged_dot), packed-same, packed-all")
+    ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
+    ap.add_argument("--compile-cache", metavar="DIR",
+                    help="JAX persistent compilation cache for the workers (default: none, cold compiles)")
     ap.add_argument("--meshes", default="1x1", help="(expert x model) meshes to run every configuration on, e.g. 1x1,2x1")
     ap.add_argument("--concurrent-single", action="store_true",
                     help="run the 1x1 configurations at the same time, one per GPU")
@@ -382,9 +396,6 @@ def main(argv=None):
     ap.add_argument("--worker-check", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--packed-impl", default="auto", choices=("auto", "mosaic"),
-                    help="packed layers: auto (Pallas-Triton kernels) or mosaic (grouped Mosaic-GPU kernel, 1x1 only)")
-    ap.add_argument("--impl", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--mesh", default="1x1", help=argparse.SUPPRESS)
     ap.add_argument("--min-left-s", type=float, default=45.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -429,11 +440,13 @@ def main(argv=None):
     jobs = []   # (mesh, config name, layers, packed)
     for mesh in meshes:
         for c in configs:
-            layers, packed = {"dense": (dense_layers, False), "packed-same": (dense_layers, True),
-                              "packed-all": (all_layers, True)}[c]
+            layers, packed = {"dense": (dense_layers, False), "dense-xla": (dense_layers, False),
+                              "packed-same": (dense_layers, True), "packed-all": (all_layers, True)}[c]
             if c == "packed-same" and layers == all_layers and "packed-all" in configs:
                 continue
             jobs.append((mesh, c, layers, packed))
+    if args.compile_cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = args.compile_cache
     groups = []   # jobs run together (concurrent 1x1 runs, one per GPU) or alone
     single = [j for j in jobs if j[0] == "1x1"]
     if args.concurrent_single and len(single) > 1 and n_gpus >= len(single):
@@ -444,8 +457,8 @@ def main(argv=None):
 
     def run_job(job, share, gpu):
         mesh, c, layers, packed = job
-        argv = base + ["--worker", "--layers", str(layers), "--mesh", mesh, "--budget-s", str(share - 15)] + (
-            ["--packed", "--impl", args.packed_impl] if packed else [])
+        argv = base + ["--worker", "--layers", str(layers), "--mesh", mesh, "--budget-s", str(share - 15),
+                       "--impl", "reference" if c == "dense-xla" else args.impl] + (["--packed"] if packed else [])
         job_env = dict(env)
         if gpu is not None:
             job_env["CUDA_VISIBLE_DEVICES"] = str(gpu)

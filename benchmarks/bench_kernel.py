@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernels as K
+from kernels.reference import pair_gemm_reference
+from kernels.triton_gemm import TritonConfig, pair_config, triton_pair_gemm
 from puzzlemoe_jax.merge import merge_pairs
 
 SHAPES = {  # name: (K, N) in the x @ W layout
@@ -38,19 +40,19 @@ SMOKE_SHAPES = {"tiny": (256, 128)}  # CPU smoke test only (--shapes tiny)
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 SMALL_M_VARIANTS = [
-    dict(bk=64, num_warps=8), dict(bn=128, bk=64, num_warps=8), dict(bk=64, num_stages=6),
-    dict(bn=32), dict(bn=128, bk=64), dict(bk=64), dict(bk=256), dict(num_warps=8),
-    dict(num_stages=3), dict(num_stages=6), dict(swap_ab=True, bn=128, bk=64),
+    dict(block_k=64, num_warps=8), dict(block_n=128, block_k=64, num_warps=8), dict(block_k=64, num_stages=6),
+    dict(block_n=32), dict(block_n=128, block_k=64), dict(block_k=64), dict(block_k=256), dict(num_warps=8),
+    dict(num_stages=3), dict(num_stages=6), dict(swap_ab=True, block_n=128, block_k=64),
     dict(split="x2"), dict(split="/2"),
 ]
 LARGE_M_VARIANTS = [
-    dict(bm=64, bn=128, bk=64, num_warps=8), dict(bm=128, bn=128, bk=64, num_warps=8),
-    dict(bm=64, bn=64, bk=128), dict(bm=128, bn=256, bk=64, num_warps=8, num_stages=3),
-    dict(bm=64, bn=128, bk=64, num_warps=4), dict(swap_ab=True, bm=64, bn=128, bk=64, num_warps=8),
+    dict(block_m=64, block_n=128, block_k=64, num_warps=8), dict(block_m=128, block_n=128, block_k=64, num_warps=8),
+    dict(block_m=64, block_n=64, block_k=128), dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+    dict(block_m=64, block_n=128, block_k=64, num_warps=4), dict(swap_ab=True, block_m=64, block_n=128, block_k=64, num_warps=8),
 ]
 
 
-def variant(base: K.TileConfig, m: int, k: int, change: dict) -> K.TileConfig | None:
+def variant(base: TritonConfig, m: int, k: int, change: dict) -> TritonConfig | None:
     change = dict(change)
     split = change.pop("split", None)
     cfg = dataclasses.replace(base, **change)
@@ -60,9 +62,9 @@ def variant(base: K.TileConfig, m: int, k: int, change: dict) -> K.TileConfig | 
         if cfg.split_k == 1:
             return None
         cfg = dataclasses.replace(cfg, split_k=cfg.split_k // 2)
-    if cfg.bm > max(16, 2 * m) and cfg.bm > base.bm:
+    if cfg.block_m > max(16, 2 * m) and cfg.block_m > base.block_m:
         return None
-    if cfg.split_k > 1 and (k // cfg.bk) % cfg.split_k:
+    if cfg.split_k > 1 and (k // cfg.block_k) % cfg.split_k:
         return None
     return cfg
 
@@ -111,8 +113,8 @@ def main():
         a_i = jnp.asarray(rng.standard_normal((mi, k)), jnp.bfloat16)
         a_j = jnp.asarray(rng.standard_normal((mj, k)), jnp.bfloat16)
         try:
-            got = K.dual_decode_gemm(a_i, a_j, words, transpose_w=tw, impl="pallas")
-            ref = K.dual_decode_gemm_reference(a_i, a_j, words, transpose_w=tw, out_dtype=jnp.float32)
+            got = triton_pair_gemm(a_i, a_j, words, transposed=tw)
+            ref = pair_gemm_reference(a_i, a_j, words, transposed=tw, out_dtype=jnp.float32)
             (ei, fi), (ej, fj) = rel_err(got[0], ref[0]), rel_err(got[1], ref[1])
             ok = fi and fj and ei < 1e-2 and ej < 1e-2
             res["checks"].append(dict(mi=mi, mj=mj, k=k, n=n, transpose_w=tw, err_i=ei, err_j=ej, ok=ok))
@@ -135,7 +137,7 @@ def main():
             key = jax.random.key(m + 17 * k + n)
             a_i, a_j = (jax.random.normal(kk, (m, k), jnp.float32).astype(jnp.bfloat16)
                         for kk in jax.random.split(key))
-            ref = K.dual_decode_gemm_reference(a_i, a_j, words[0], out_dtype=jnp.float32)
+            ref = pair_gemm_reference(a_i, a_j, words[0], out_dtype=jnp.float32)
 
             def base_fn(a_i, a_j, *ws):
                 return [(a_i @ ws[2 * q], a_j @ ws[2 * q + 1]) for q in range(len(ws) // 2)]
@@ -144,8 +146,8 @@ def main():
                        baseline_ms=t_base, baseline_spread_ms=s_base,
                        baseline_GBps=2 * packed_bytes / t_base / 1e6)
 
-            def run_kernel(cfg, impl="pallas"):
-                fn = lambda a_i, a_j, *ws: [K.dual_decode_gemm(a_i, a_j, w, config=cfg, impl=impl)
+            def run_kernel(cfg, impl="triton"):
+                fn = lambda a_i, a_j, *ws: [K.pair_gemm(a_i, a_j, w, config=cfg, impl=impl)
                                             for w in ws]
                 out, t, s, names = time_pair(fn, a_i, a_j, words, r)
                 (e_i, f_i), (e_j, f_j) = rel_err(out[0][0], ref[0]), rel_err(out[0][1], ref[1])
@@ -154,7 +156,7 @@ def main():
                             kernels=names, GBps=packed_bytes / t / 1e6,
                             frac_copy_bw=packed_bytes / t / 1e6 / copy_bw, speedup=t_base / t)
 
-            cfg = K.pair_config(m, k, n)
+            cfg = pair_config(m, k, n)
             row["config"] = dataclasses.asdict(cfg)
             try:
                 row["kernel"] = run_kernel(cfg)
@@ -189,8 +191,8 @@ def main():
                 words = [b[0] for b in bufs]
                 a_i, a_j = (jax.random.normal(kk, (m, k), jnp.float32).astype(jnp.bfloat16)
                             for kk in jax.random.split(jax.random.key(m)))
-                ref = K.dual_decode_gemm_reference(a_i, a_j, words[0], out_dtype=jnp.float32)
-                base = K.pair_config(m, k, n)
+                ref = pair_gemm_reference(a_i, a_j, words[0], out_dtype=jnp.float32)
+                base = pair_config(m, k, n)
                 changes = SMALL_M_VARIANTS if m <= 32 else LARGE_M_VARIANTS
                 if args.variants == "diag":  # no_decode: same kernel streaming words as bf16
                     changes = [dict(evict_first=True), dict(no_decode=True)]
@@ -203,7 +205,7 @@ def main():
                     if cfg is None:
                         continue
                     fn = lambda a_i, a_j, *ws, cfg=cfg, nd=no_decode: [
-                        K.dual_decode_gemm(a_i, a_j, w, config=cfg, impl="pallas", _no_decode=nd)
+                        triton_pair_gemm(a_i, a_j, w, config=cfg, diagnostic="no_decode" if nd else None)
                         for w in ws]
                     try:
                         out, t, s, _ = time_pair(fn, a_i, a_j, words, r)

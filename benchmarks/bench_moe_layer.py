@@ -1,73 +1,99 @@
-"""MoE layer decode step on the GPU: packed layer (fused kernels) vs the uncompressed XLA layer.
+"""MoE layer step on the GPU: the packed layer against the best uncompressed path.
 
-Mixtral-8x7B layer shapes (E=8, H=4096, I=14336, top-2), every expert pair merged (ratio 0.5,
-4 packed pairs).  Baseline: ``moe.dense_moe_ffn`` on the original bf16 experts (grouped by
-expert, ``jax.lax.ragged_dot``).  Packed: ``kernels.packed_moe_ffn`` (2 kernel launches + routing
-glue).  Whole step timed with CUPTI (all kernels summed), median of ``--iters``; the layer's
-weights (1.4 GB packed, 2.8 GB dense) are far larger than L2.  Every timed variant is checked
-against ``dense_moe_ffn(x, ..., experts.unpack())`` (same merged function) on fresh random data.
+Default shape Mixtral-8x7B (E=8, H=4096, I=14336, top-2), every expert pair merged (ratio 0.5).
+Per token count T, on the same routing (``peer_torch.routing``, seeded):
 
-    PYTHONPATH=. python3 benchmarks/bench_moe_layer.py --out $OUT/bench_moe_layer.json
+* uncompressed, ours: ``kernels.dense_moe_ffn`` impl "triton" (grouped kernel, reads only the
+  experts with tokens) and impl "reference" (XLA ``jax.lax.ragged_dot``, streams every expert);
+* uncompressed, PyTorch (``--peer``, default on): ``peer_torch.py`` in a subprocess started before
+  JAX takes the GPU (cuBLAS loop over routed experts and ``torch._grouped_mm``, CUDA graphs);
+* packed: ``kernels.packed_moe_ffn`` with each of ``--impls`` (default triton and mosaic; "auto"
+  is what a model gets here).
+
+JAX paths are timed with CUPTI (every kernel of the step summed), median of ``--iters``; PyTorch
+with CUDA events around graph replays.  Each JAX path is checked against an f32 reference of the
+same function (the packed layer against the f32 layer on its decoded experts, the dense paths
+against the f32 layer on the original experts) on the step's own random data; NaN fails.
+Each row prints its byte-ratio limit: bytes an uncompressed path must read for that routing
+(experts touched) over the bytes the packed layer must read (pairs touched + kept-dense experts
+touched).  Speed-up = best uncompressed time / packed time; "of limit" = speed-up / limit.
+
+    PYTHONPATH=. python3 benchmarks/bench_moe_layer.py --seed 5 --out $OUT/bench_moe_layer.json
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
+import os
+import subprocess
+import sys
 import time
 
 from common import bandwidth_ceilings, cupti_time, device_info, rel_err, write_json
+from peer_torch import routing
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import kernels as K
-from puzzlemoe_jax.moe import dense_moe_ffn
+from kernels.mosaic_ffn import to_mosaic_words
 from puzzlemoe_jax.compress import compress_layer
+from puzzlemoe_jax.moe import dense_moe_ffn
 
-TOKENS = [1, 2, 4, 8, 16, 32, 64]
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+SHAPES = {"mixtral": (8, 4096, 14336, 2), "deepseek-v2-lite": (64, 2048, 1408, 6), "qwen3-30b-a3b": (128, 2048, 768, 8),
+          "deepseek-v3": (256, 7168, 2048, 8)}
+# --sweep: (gate+up, down) overrides of the packed launches' configs at the swept token counts
+TRITON_TRIES = [({"evict_first": True}, {"evict_first": True}), ({}, {"block_k": 128}), ({}, {"split_k": 4}),
+                ({"block_m": 32}, {"block_m": 32}), ({"block_m": 64, "num_warps": 8}, {"block_m": 64, "num_warps": 8})]
+MOSAIC_TRIES = [({"num_stages": 4}, {"num_stages": 4}), ({"block_m": 64}, {"block_m": 64})]
 
 
-# --mosaic-sweep: (gate+up, down) overrides of the grouped Mosaic launches: the SwiGLU in XLA (the
-# form before the fused epilogue), gate+up written in bf16 (where the SwiGLU is in XLA: token blocks
-# over 64 rows), a deeper down pipeline, 64-row token blocks (the SwiGLU form's largest; the default
-# is mosaic_pair.grouped_block_m's)
-MOSAIC_TRIES = [({"swiglu": False}, {}), ({"out_dtype": "bfloat16"}, {}), ({}, {"steps": 4}), ({"block_m": 64}, {})]
+def run_peer(args, shape, tokens) -> dict:
+    """``peer_torch.py`` in a subprocess on the same routing (before JAX takes the GPU)."""
+    out = os.path.splitext(args.out)[0] + "_peer_torch.json"
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_torch.py"),
+           "--tokens", tokens, "--seed", str(args.seed), "--skew", str(args.skew), "--iters", str(max(args.iters, 20)),
+           "--shape", ",".join(map(str, shape)), "--out", out]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.peer_timeout_s)
+    if p.returncode:
+        return {"error": p.stderr[-600:]}
+    with open(out) as f:
+        return json.load(f)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench_moe_layer.json")
+    ap = argparse.ArgumentParser(description="MoE layer step: packed vs the best uncompressed path")
+    ap.add_argument("--out", default="benchmarks/results/bench_moe_layer.json")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--inter", type=int, default=14336)
-    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--shape", default="mixtral", choices=sorted(SHAPES), help="layer shape (E, H, I, top-k)")
     ap.add_argument("--ratio", type=float, default=0.5, help="compress_layer ratio (0.5: all merged)")
-    ap.add_argument("--sweep", default="1,16,64", help="token counts at which to try tile variants")
-    ap.add_argument("--budget-s", type=float, default=240.0)
-    ap.add_argument("--no-ceilings", action="store_true")
-    ap.add_argument("--reference-at", default="1,64",
-                    help="token counts at which to time impl='reference' too (decode the layer + ragged_dot)")
-    ap.add_argument("--mosaic", action="store_true",
-                    help="also time impl='mosaic' (grouped Mosaic-GPU kernel, words transposed once beforehand)")
-    ap.add_argument("--seed", type=int, default=None,
-                    help="routing and activations seed (default: the clock; fix it to compare runs on equal routing)")
+    ap.add_argument("--impls", default="triton,mosaic",
+                    help=f"packed implementations to time, from {', '.join(K.IMPL_CHOICES)}")
+    ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
+    ap.add_argument("--peer-timeout-s", type=float, default=300)
+    ap.add_argument("--no-xla", action="store_true", help="skip the XLA ragged_dot baseline")
+    ap.add_argument("--seed", type=int, default=5, help="routing and activations seed")
     ap.add_argument("--skew", type=float, default=0.0,
-                    help="router bias from +skew (expert 0) to -skew (the last expert) added to the random logits: "
-                         "uneven expert loads, as real routers give (0: all experts equally likely)")
-    ap.add_argument("--mosaic-sweep", default="",
-                    help="token counts at which to try pipeline depth / K split variants of the grouped Mosaic kernel")
-    ap.add_argument("--mosaic-tries", default=None,
-                    help="JSON list of [gate_up, down] override pairs for --mosaic-sweep (default: MOSAIC_TRIES)")
+                    help="router bias from +skew (expert 0) to -skew (the last expert): uneven expert loads")
+    ap.add_argument("--sweep", default="", help="token counts at which to try config variants of the packed launches")
+    ap.add_argument("--no-ceilings", action="store_true")
     args = ap.parse_args()
+    impls = [i for i in args.impls.split(",") if i]
+    for i in impls:
+        if i not in K.IMPL_CHOICES:
+            ap.error(f"--impls: {i!r} is not one of {', '.join(K.IMPL_CHOICES)}")
     t0 = time.time()
-    E, H, I, k = args.experts, args.hidden, args.inter, args.topk
-    res = {"info": device_info(), "command": " ".join(__import__("sys").argv),
-           "shape": dict(E=E, H=H, I=I, topk=k, ratio=args.ratio, skew=args.skew), "rows": [], "variants": []}
+    E, H, I, k = SHAPES[args.shape]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    res = {"command": " ".join(sys.argv), "shape": dict(name=args.shape, E=E, H=H, I=I, topk=k, ratio=args.ratio,
+                                                        skew=args.skew), "seed": args.seed, "rows": [], "variants": []}
+    res["peer"] = {"skipped": True} if args.no_peer else run_peer(args, (E, H, I, k), args.tokens)
+    peer_rows = {r["T"]: r for r in res["peer"].get("rows", [])}
+    res["info"] = device_info()
     if not args.no_ceilings:
         res["ceilings"] = bandwidth_ceilings()
     keys = jax.random.split(jax.random.key(0), 3)
@@ -77,108 +103,118 @@ def main():
         "w_down": (0.02 * jax.random.normal(keys[2], (E, I, H), jnp.float32)).astype(jnp.bfloat16),
     }
     experts, _ = compress_layer(weights, args.ratio)
-    merged_dense = jax.block_until_ready(experts.unpack(jnp.bfloat16))  # reference weights
-    mosaic_words = jax.block_until_ready(K.mosaic_layer_words(experts)) if args.mosaic else None
-    res["bytes"] = dict(dense=sum(int(w.size) * 2 for w in weights.values()), packed=experts.nbytes())
+    merged_f32 = jax.block_until_ready(experts.unpack(jnp.float32))
+    weights_f32 = {n: w.astype(jnp.float32) for n, w in weights.items()}
+    mosaic_words = jax.block_until_ready(to_mosaic_words(experts.packed)) if experts.pairs.shape[0] else None
+    expert_bytes = 2 * (2 * H * I + I * H)
+    res["bytes"] = dict(dense=sum(int(w.size) * 2 for w in weights.values()), packed=experts.nbytes(),
+                        expert=expert_bytes)
     print(res["info"], res.get("ceilings"), res["bytes"], flush=True)
+    pairs = np.asarray(experts.pairs)
+    dense_ids = set(np.asarray(experts.dense_ids).tolist())
+    ref_fn = jax.jit(lambda x, ids, tw, w: dense_moe_ffn(x.astype(jnp.float32), ids, tw, w, out_dtype=jnp.float32))
+    rng = np.random.default_rng(args.seed)
 
-    dense_fn = jax.jit(dense_moe_ffn)
-    res["seed"] = int(time.time()) if args.seed is None else args.seed
-    rng = np.random.default_rng(res["seed"])
-    for T in [int(t) for t in args.tokens.split(",")]:
-        x = jnp.asarray(rng.standard_normal((T, H)), jnp.bfloat16)
-        logits = rng.standard_normal((T, E)) + args.skew * np.linspace(1, -1, E)
-        ids_np = np.argsort(-logits, 1)[:, :k]
-        ids = jnp.asarray(ids_np, jnp.int32)
-        sel = np.take_along_axis(logits, ids_np, 1)
-        tw = jnp.asarray(np.exp(sel) / np.exp(sel).sum(1, keepdims=True), jnp.float32)
-        active = sorted(set(ids_np.ravel().tolist()))
-        pairs = np.asarray(experts.pairs)
-        active_pairs = sum(1 for p in pairs if p[0] in active or p[1] in active)
-        ref = dense_fn(x, ids, tw, merged_dense)
-        _, t_dense, s_dense, n_dense = cupti_time(dense_fn, (x, ids, tw, weights), iterations=args.iters,
-                                                  by_kernel=True)
+    def timed(fn, fargs, ref):
+        try:
+            out, t, s, names = cupti_time(jax.jit(fn), fargs, iterations=args.iters, by_kernel=True)
+        except Exception as e:  # noqa: BLE001 (a path that cannot run here is recorded)
+            return dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        err, finite = rel_err(out, ref)
+        return dict(ms=t, spread_ms=s, err=err, finite=finite, ok=finite and err < 1e-2, kernels=names)
 
-        def run(cfg_gu=None, cfg_dn=None, impl="pallas", mosaic_settings=(None, None)):
-            fn = jax.jit(lambda x, ids, tw, ex, mw: K.packed_moe_ffn(
-                x, ids, tw, ex, impl=impl, gate_up_config=cfg_gu, down_config=cfg_dn, mosaic_words=mw,
-                mosaic_settings=mosaic_settings))
-            out, t, s, names = cupti_time(fn, (x, ids, tw, experts, mosaic_words), iterations=args.iters,
-                                          by_kernel=True)
-            err, finite = rel_err(out, ref)
-            return dict(ms=t, spread_ms=s, err=err, finite=finite, ok=finite and err < 1e-2,
-                        speedup=t_dense / t, kernels=names)
-
-        row = dict(T=T, active_experts=len(active), active_pairs=active_pairs,
-                   expert_rows=np.bincount(ids_np.ravel(), minlength=E).tolist(),
-                   dense_ms=t_dense, dense_spread_ms=s_dense, dense_kernels=n_dense,
-                   packed=run())
-        P = int(experts.pairs.shape[0])
-        row["packed"]["gate_up_config"] = dataclasses.asdict(K.layer_config(T * k, H, I, P, fused=True))
-        row["packed"]["down_config"] = dataclasses.asdict(K.layer_config(T * k, I, H, P))
-        if args.mosaic:
-            row["packed_mosaic"] = run(impl="mosaic")
-            m = row["packed_mosaic"]
-            print(f"T={T:4d} impl='mosaic' {m['ms'] * 1e3:8.1f}us x{m['speedup']:.2f} err {m['err']:.1e} ok={m['ok']}",
-                  flush=True)
-            print("   per kernel (us):", {n: round(ms * 1e3, 1) for n, ms in sorted(m["kernels"].items(),
-                                                                              key=lambda kv: -kv[1])}, flush=True)
-        if args.mosaic and str(T) in args.mosaic_sweep.split(","):
-            for gu, dn in (json.loads(args.mosaic_tries) if args.mosaic_tries else MOSAIC_TRIES):
-                try:
-                    v = run(impl="mosaic", mosaic_settings=(gu, dn))
-                except Exception as e:  # noqa: BLE001 (a variant that does not compile is recorded)
-                    v = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-                v.update(T=T, gate_up=gu, down=dn)
-                v.pop("kernels", None)
-                res.setdefault("mosaic_variants", []).append(v)
-                print("mosaic variant", T, gu, dn, {kk: v.get(kk) for kk in ("ms", "speedup", "ok", "error")}, flush=True)
-        if str(T) in args.reference_at.split(","):
-            row["packed_reference_impl"] = run(impl="reference")
-            print(f"T={T:4d} impl='reference' {row['packed_reference_impl']['ms'] * 1e3:8.1f}us "
-                  f"x{row['packed_reference_impl']['speedup']:.2f}", flush=True)
+    for T in tokens:
+        x_np, ids_np, tw_np = routing(rng, T, E, H, k, args.skew)
+        x, ids, tw = jnp.asarray(x_np, jnp.bfloat16), jnp.asarray(ids_np, jnp.int32), jnp.asarray(tw_np, jnp.float32)
+        active = set(ids_np.ravel().tolist())
+        pairs_touched = sum(1 for p in pairs if p[0] in active or p[1] in active)
+        dense_touched = len(active & dense_ids)
+        packed_bytes = (pairs_touched + dense_touched) * expert_bytes
+        row = dict(T=T, active_experts=len(active), active_pairs=pairs_touched, active_kept_dense=dense_touched,
+                   limit=len(active) / max(pairs_touched + dense_touched, 1), packed_bytes=packed_bytes,
+                   dense_bytes=len(active) * expert_bytes,
+                   expert_rows=np.bincount(ids_np.ravel(), minlength=E).tolist())
+        ref_dense = ref_fn(x, ids, tw, weights_f32)
+        ref_packed = ref_fn(x, ids, tw, merged_f32)
+        unc = {"ours_dense": timed(lambda *a: K.dense_moe_ffn(*a, impl="triton"), (x, ids, tw, weights), ref_dense)}
+        if not args.no_xla:
+            unc["xla_ragged_dot"] = timed(lambda *a: K.dense_moe_ffn(*a, impl="reference"), (x, ids, tw, weights),
+                                          ref_dense)
+        for name in ("loop", "grouped"):
+            v = peer_rows.get(T, {}).get(name)
+            if v and "ms" in v:
+                unc["torch_" + name] = dict(v, ok=v.get("finite", True) and v["err"] < 1e-2)
+        row["uncompressed"] = unc
+        best = min((v for v in unc.values() if v.get("ok")), key=lambda v: v["ms"], default=None)
+        row["best_uncompressed"] = min((n for n, v in unc.items() if v.get("ok")), key=lambda n: unc[n]["ms"], default=None)
+        row["packed"] = {}
+        for impl in impls:
+            try:
+                v = timed(lambda x, ids, tw, ex, mw, impl=impl: K.packed_moe_ffn(
+                    x, ids, tw, ex, impl=impl, mosaic_words=mw if K.resolve_impl(impl) == "mosaic" else None),
+                    (x, ids, tw, experts, mosaic_words), ref_packed)
+            except Exception as e:  # noqa: BLE001 (an implementation that cannot run here is recorded)
+                v = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            if best and "ms" in v:
+                v["speedup"] = best["ms"] / v["ms"]
+                v["of_limit"] = v["speedup"] / row["limit"]
+                v["read_GBps"] = packed_bytes / v["ms"] / 1e6
+            row["packed"][impl] = v
         res["rows"].append(row)
-        p = row["packed"]
-        print(f"T={T:3d} active experts {len(active)} pairs {active_pairs}: dense {t_dense*1e3:8.1f}us "
-              f"packed {p['ms']*1e3:8.1f}us x{p['speedup']:.2f} err {p['err']:.1e} ok={p['ok']}",
-              flush=True)
+        print(f"T={T:4d} experts {len(active)} pairs {pairs_touched} limit {row['limit']:.2f}  "
+              + "  ".join(f"{n} {v['ms'] * 1e3:.1f}us{'' if v.get('ok') else ' (FAILED)'}" for n, v in unc.items())
+              + "  " + "  ".join(f"packed-{n} {v.get('ms', float('nan')) * 1e3:.1f}us x{v.get('speedup', float('nan')):.2f}"
+                                 f" err {v.get('err', float('nan')):.1e}{'' if v.get('ok') else ' (FAILED)'}"
+                                 for n, v in row["packed"].items()), flush=True)
         write_json(args.out, res)
-
         if str(T) in args.sweep.split(","):
-            base_gu = K.layer_config(T * k, H, I, 4, fused=True)
-            base_dn = K.layer_config(T * k, I, H, 4)
-            tries = [
-                (dict(evict_first=True), dict(evict_first=True)), (dict(bn=32), {}),
-                ({}, dict(bk=128)), ({}, dict(split_k=4)), (dict(num_stages=3), dict(num_stages=3)),
-                # taller row tiles: each extra row tile of a pair decodes its weights again
-                (dict(bm=32, num_warps=4), dict(bm=32, num_warps=4)),
-                (dict(bm=64), dict(bm=64)), (dict(bm=64, num_warps=8), dict(bm=64, num_warps=8)),
-                (dict(bm=128, num_warps=8), dict(bm=128, num_warps=8)),
-                (dict(bm=128, bn=128, num_warps=8), dict(bm=128, bn=128, num_warps=8)),
-            ]
-            for gu, dn in tries:
-                if time.time() - t0 > args.budget_s:
-                    break
-                cg, cd = dataclasses.replace(base_gu, **gu), dataclasses.replace(base_dn, **dn)
-                try:
-                    v = run(cg, cd)
-                except Exception as e:  # noqa: BLE001
-                    v = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-                v.update(T=T, gate_up=dataclasses.asdict(cg), down=dataclasses.asdict(cd))
-                res["variants"].append(v)
-                print("variant", T, gu, dn, {kk: v.get(kk) for kk in ("ms", "speedup", "err", "ok", "error")},
-                      flush=True)
-                write_json(args.out, res)
+            for impl in impls:
+                run = K.resolve_impl(impl)
+                tries = MOSAIC_TRIES if run == "mosaic" else TRITON_TRIES
+                for gu, dn in tries:
+                    try:
+                        if run == "mosaic":
+                            from kernels.mosaic_ffn import grouped_block_m
+                            from kernels.mosaic_gemm import mosaic_config
+                            bm = gu.get("block_m", grouped_block_m(T * k, E, T))
+                            cfgs = (dataclasses.replace(mosaic_config(bm, H, 2 * I, word_tiles=2), **gu),
+                                    dataclasses.replace(mosaic_config(bm, I, H), **dn))
+                        else:
+                            from kernels.triton_gemm import layer_config
+                            cfgs = (dataclasses.replace(layer_config(T * k, H, I, swiglu=True), **gu),
+                                    dataclasses.replace(layer_config(T * k, I, H), **dn))
+                        v = timed(lambda x, ids, tw, ex, mw, impl=impl, cfgs=cfgs: K.packed_moe_ffn(
+                            x, ids, tw, ex, impl=impl, configs=cfgs, mosaic_words=mw if run == "mosaic" else None),
+                            (x, ids, tw, experts, mosaic_words), ref_packed)
+                        v.pop("kernels", None)
+                    except Exception as e:  # noqa: BLE001 (a variant that does not compile is recorded)
+                        v = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                    v.update(T=T, impl=impl, gate_up=gu, down=dn)
+                    res["variants"].append(v)
+                    print("variant", T, impl, gu, dn, {kk: v.get(kk) for kk in ("ms", "err", "ok", "error")}, flush=True)
+            write_json(args.out, res)
     res["elapsed_s"] = time.time() - t0
     write_json(args.out, res)
-    print("\n   T  experts pairs   dense_us  packed_us  speedup   err      ok  mosaic_us speedup ok  reference_us speedup")
+    print_table(res, impls)
+
+
+def print_table(res, impls):
+    nan = float("nan")
+    unc_names = ["ours_dense", "xla_ragged_dot", "torch_loop", "torch_grouped"]
+    print(f"\n{res['shape']}  {res['info']['device']}  seed {res['seed']}  (us; speed-up vs the best uncompressed)")
+    print("   T  exp pairs limit | " + " ".join(f"{n:>14s}" for n in unc_names) + " | best           | "
+          + " ".join(f"{'packed-' + i:>14s} {'x':>5s} {'of lim':>6s} {'TB/s':>5s}" for i in impls))
     for row in res["rows"]:
-        p, m, r = row["packed"], row.get("packed_mosaic", {}), row.get("packed_reference_impl", {})
-        nan = float("nan")
-        print(f"{row['T']:4d} {row['active_experts']:7d} {row['active_pairs']:5d} {row['dense_ms']*1e3:10.1f} "
-              f"{p['ms']*1e3:10.1f} {p['speedup']:8.2f} {p['err']:.1e} {p['ok']}  "
-              f"{m.get('ms', nan)*1e3:9.1f} {m.get('speedup', nan):6.2f} {m.get('ok')}  "
-              f"{r.get('ms', nan)*1e3:10.1f} {r.get('speedup', nan):6.2f}")
+        u = row["uncompressed"]
+        cells = [f"{u[n]['ms'] * 1e3:14.1f}" if n in u else f"{'-':>14s}" for n in unc_names]
+        best = row["best_uncompressed"] or "-"
+        out = []
+        for i in impls:
+            p = row["packed"].get(i, {})
+            out.append(f"{p.get('ms', nan) * 1e3:14.1f} {p.get('speedup', nan):5.2f} {p.get('of_limit', nan):6.2f} "
+                       f"{p.get('read_GBps', nan) / 1e3:5.2f}{'' if p.get('ok') else '!'}")
+        print(f"{row['T']:4d} {row['active_experts']:4d} {row['active_pairs']:5d} {row['limit']:5.2f} | "
+              + " ".join(cells) + f" | {best:14s} | " + " ".join(out))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,12 @@ import jax
 import jax.numpy as jnp
 
 import kernels as K
-from kernels.mosaic_pair import SMEM_BYTES, _padded_tokens, k_splits, mosaic_dual_decode_gemm
+from kernels.gpu import k_splits, smem_budget
+from kernels.mosaic_gemm import MosaicConfig, mosaic_pair_gemm, padded_tokens
+from kernels.reference import pair_gemm_reference
+from kernels.triton_gemm import triton_pair_gemm
+
+SMEM_BYTES = smem_budget()
 
 VARIANTS = [  # Mosaic kernel settings tried at every (shape, M)
     dict(block_n=64, block_k=128, steps=4), dict(block_n=128, block_k=64, steps=4),
@@ -59,7 +64,7 @@ OCCUPANCY_VARIANTS = [dict(block_n=64, block_k=bk, steps=st, split_k="auto", dec
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description="Mosaic-GPU pair kernel vs the Triton pair kernel vs two XLA dots")
     ap.add_argument("--out", default="bench_mosaic.json")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--shapes", default="mixtral_w1w3,mixtral_w2")
@@ -67,7 +72,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test (Mosaic interpreter)")
     ap.add_argument("--variants", default="main", choices=["main", "controls", "decode", "default", "split", "large", "occupancy"],
-                    help="default: only dual_decode_gemm(impl='mosaic') with mosaic_config's settings")
+                    help="default: only pair_gemm(impl='mosaic') with mosaic_config's settings")
     args = ap.parse_args()
     t0 = time.time()
     res = {"info": device_info(), "command": " ".join(__import__("sys").argv), "rows": []}
@@ -89,7 +94,7 @@ def main():
                 continue
             a_i, a_j = (jax.random.normal(kk, (m, k), jnp.float32).astype(jnp.bfloat16)
                         for kk in jax.random.split(jax.random.key(m + k)))
-            ref = K.dual_decode_gemm_reference(a_i, a_j, words[0], out_dtype=jnp.float32)
+            ref = pair_gemm_reference(a_i, a_j, words[0], out_dtype=jnp.float32)
             row = dict(shape=shape, k=k, n=n, m=m, rotate=r, packed_bytes=nbytes, timings={})
 
             def timed(name, fn, ws):
@@ -109,10 +114,10 @@ def main():
             if not args.interpret:
                 timed("two_dots", lambda a_i, a_j, *ws: [(a_i @ ws[2 * q], a_j @ ws[2 * q + 1])
                                                          for q in range(len(ws) // 2)], dense)
-                timed("triton", lambda a_i, a_j, *ws: [K.dual_decode_gemm(a_i, a_j, w, impl="pallas") for w in ws], words)
+                timed("triton", lambda a_i, a_j, *ws: [triton_pair_gemm(a_i, a_j, w) for w in ws], words)
             if args.variants in ("default", "large", "occupancy"):
                 timed("mosaic_default", lambda a_i, a_j, *ws: [
-                    K.dual_decode_gemm(a_i, a_j, w, transpose_w=True, impl="mosaic", interpret=args.interpret)
+                    K.pair_gemm(a_i, a_j, w, transposed=True, impl="mosaic", interpret=args.interpret)
                     for w in ws], words_t)
             for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "decode": DECODE_VARIANTS,
                       "default": [], "split": SPLIT_VARIANTS,
@@ -121,19 +126,21 @@ def main():
                     continue   # the interpreter has no inline_mgpu
                 bn, bk = v["block_n"], v["block_k"]
                 # the rule of the runs recorded with these variant lists (>= 200 CTAs; mosaic_config now uses 128)
-                split = v.get("split_k") or k_splits(k, n, bn, bk, min_ctas=200)
+                mp, bm = padded_tokens(m, v.get("block_m"))
+                split = v.get("split_k") or k_splits(k // bk, (n // bn) * (mp // bm), 200)
                 if split == "auto":   # mosaic_config's rule
-                    mp, bm = _padded_tokens(m)
-                    split = k_splits(k, n, bn, bk, m_blocks=mp // bm)
+                    split = k_splits(k // bk, (n // bn) * (mp // bm), 128)
                 if k % (bk * split):
                     continue
-                smem = v["steps"] * 2 * bk * (bn + 2 * _padded_tokens(m, v.get("block_m"))[1])
+                smem = v["steps"] * 2 * bk * (bn + 2 * bm)
                 if smem > SMEM_BYTES:
                     continue
                 name = "mosaic_" + "_".join(f"{kk}{vv}" for kk, vv in v.items() if kk != "split_k") + f"_split{split}"
-                cfg = dict(v, split_k=split)
-                timed(name, lambda a_i, a_j, *ws, cfg=cfg: [
-                    mosaic_dual_decode_gemm(a_i, a_j, w, interpret=args.interpret, **cfg) for w in ws], words_t)
+                cfg = MosaicConfig(block_m=bm, block_n=bn, block_k=bk, num_stages=v["steps"], split_k=split,
+                                   decode=v.get("decode"), a_in_smem=v.get("a_in_smem"))
+                timed(name, lambda a_i, a_j, *ws, cfg=cfg, diag=v.get("_control"): [
+                    mosaic_pair_gemm(a_i, a_j, w, config=cfg, interpret=args.interpret, diagnostic=diag) for w in ws],
+                    words_t)
             base = row["timings"].get("two_dots", {}).get("ms")
             for t in row["timings"].values():
                 if base and "ms" in t:

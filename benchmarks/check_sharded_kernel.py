@@ -37,8 +37,8 @@ def main():
     tw = jax.nn.softmax(jax.random.normal(keys[4], (t, 2)), -1)
     mesh = make_mesh(jax.device_count(), 1)
     ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.bfloat16), jnp.float32)
-    single = jax.jit(lambda *a: moe_ffn(*a, impl="pallas", out_dtype=jnp.float32))(x, ids, tw, experts)
-    lowered = jax.jit(lambda *a: sharded_moe_ffn(*a, mesh, impl="pallas")).lower(x.astype(jnp.float32), ids, tw, experts)
+    single = jax.jit(lambda *a: moe_ffn(*a, impl="triton", out_dtype=jnp.float32))(x, ids, tw, experts)
+    lowered = jax.jit(lambda *a: sharded_moe_ffn(*a, mesh, impl="triton")).lower(x.astype(jnp.float32), ids, tw, experts)
     hlo = lowered.as_text()
     sharded = lowered.compile()(x.astype(jnp.float32), ids, tw, experts)
     rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))  # noqa: E731

@@ -7,6 +7,7 @@ from kernels.api import (  # noqa: F401
     IMPL_HELP,
     IMPLS,
     ImplError,
+    dense_moe_ffn,
     packed_moe_ffn,
     pair_gemm,
     resolve_impl,

@@ -1,13 +1,15 @@
 """The one implementation switch of the packed kernels.
 
-``IMPLS``: "auto" (the fastest that runs here: the Triton kernels on a GPU, the jnp reference
-elsewhere), "reference" (plain jnp, any backend), "triton" (Pallas-Triton kernels, any NVIDIA GPU;
+``IMPLS``: "auto" (the fastest that runs here: the Mosaic kernels on a Hopper GPU, the Triton
+kernels on other GPUs, the jnp reference elsewhere), "reference" (plain jnp, any backend), "triton" (Pallas-Triton kernels, any NVIDIA GPU;
 "pallas" is an alias), "mosaic" (Pallas Mosaic-GPU kernels, Hopper only).  ``resolve_impl`` turns
 a choice into what runs and refuses, with one line, what cannot run on this backend: a GPU kernel
 without a GPU runs only in Pallas' CPU interpreter, and only when the caller asks for it with
 ``interpret=True`` (the tests do).  Backends are imported when first used.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +20,8 @@ from kernels.reference import packed_moe_ffn_reference, pair_gemm_reference
 IMPLS = ("auto", "reference", "triton", "mosaic")
 ALIASES = {"pallas": "triton"}
 IMPL_CHOICES = IMPLS + tuple(ALIASES)   # what CLIs accept
-IMPL_HELP = ("how packed experts run: auto (the Triton kernels on a GPU, the jnp reference on a CPU), "
-             "reference, triton (alias pallas; any NVIDIA GPU) or mosaic (Hopper GPUs)")
+IMPL_HELP = ("how MoE experts run: auto (Mosaic kernels on Hopper GPUs, Triton kernels on other GPUs, "
+             "the jnp reference on a CPU), reference, triton (alias pallas; any NVIDIA GPU) or mosaic (Hopper GPUs)")
 
 # "auto" for one pair: the Triton pair kernel up to this many tokens per expert (large matrices,
 # K*N >= 2**24, e.g. Mixtral; smaller ones up to PAIR_KERNEL_MAX_M_SMALL); decode + two XLA dots above
@@ -38,7 +40,7 @@ def resolve_impl(impl: str, *, interpret: bool = False) -> str:
         raise ImplError(f"impl must be one of {', '.join(IMPL_CHOICES)}, got {impl!r}")
     on_gpu = gpu.compute_capability() is not None
     if impl == "auto":
-        return "triton" if on_gpu else "reference"
+        return ("mosaic" if gpu.is_hopper() else "triton") if on_gpu else "reference"
     if impl == "reference" or interpret:
         return impl
     if not on_gpu:
@@ -70,6 +72,8 @@ def pair_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *, transposed: b
     K, N = (words.shape[1], words.shape[0]) if transposed else words.shape
     if a_i.shape[-1] != K or a_j.shape[-1] != K:
         raise ValueError(f"activations must have K={K} columns, got {a_i.shape}, {a_j.shape}")
+    if impl == "auto" and run == "mosaic" and not transposed:   # the Mosaic kernel reads [N, K] words
+        run = "triton"
     if impl == "auto" and run == "triton" and not pair_kernel_wins(max(a_i.shape[0], a_j.shape[0]), K, N):
         run = "reference"
     if run == "reference":
@@ -100,9 +104,47 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, e
     if run == "reference" or experts.pairs.shape[0] == 0 or topk_ids.shape[0] == 0:
         return packed_moe_ffn_reference(x, topk_ids, topk_weights, experts, out_dtype)
     if run == "mosaic":
-        from kernels.mosaic_ffn import mosaic_moe_ffn  # noqa: PLC0415
-        return mosaic_moe_ffn(x, topk_ids, topk_weights, experts, mosaic_words, out_dtype=out_dtype,
-                              configs=configs, interpret=interpret)
+        if mosaic_words is None:
+            from kernels.mosaic_ffn import to_mosaic_words  # noqa: PLC0415
+            mosaic_words = to_mosaic_words(experts.packed)
+        return _mosaic_layer(x, topk_ids, topk_weights, experts, mosaic_words, out_dtype=jnp.dtype(out_dtype),
+                             configs=tuple(configs), interpret=interpret)
+    return _triton_layer(x, topk_ids, topk_weights, experts, out_dtype=jnp.dtype(out_dtype), configs=tuple(configs),
+                         interpret=interpret)
+
+
+# Each layer's kernels run inside a jit of their own: a model's layers of one shape then share one
+# lowering (one Pallas lowering and one compiled kernel per shape, not per layer).
+@functools.partial(jax.jit, static_argnames=("out_dtype", "configs", "interpret"))
+def _mosaic_layer(x, topk_ids, topk_weights, experts, words, *, out_dtype, configs, interpret):
+    from kernels.mosaic_ffn import mosaic_moe_ffn  # noqa: PLC0415
+    return mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, out_dtype=out_dtype, configs=configs,
+                          interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "configs", "interpret"))
+def _triton_layer(x, topk_ids, topk_weights, experts, *, out_dtype, configs, interpret):
     from kernels.triton_ffn import triton_moe_ffn  # noqa: PLC0415
     return triton_moe_ffn(x, topk_ids, topk_weights, experts, out_dtype=out_dtype, configs=configs,
                           interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
+def _triton_dense_layer(x, topk_ids, topk_weights, weights, *, out_dtype, interpret):
+    from kernels.triton_ffn import triton_dense_moe_ffn  # noqa: PLC0415
+    return triton_dense_moe_ffn(x, topk_ids, topk_weights, weights, out_dtype=out_dtype, interpret=interpret)
+
+
+def dense_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, weights, *, impl: str = "auto",
+                  interpret: bool = False, out_dtype=None) -> jax.Array:
+    """Routed-expert FFN of an uncompressed layer (``weights``: ``w_gate``, ``w_up``, ``w_down``
+    [E, K, N]); ids ``>= E`` contribute nothing.  "reference": grouped by expert through
+    ``jax.lax.ragged_dot`` (which streams every expert); "triton" and "mosaic": the grouped Triton
+    kernel, which reads only the experts that have tokens."""
+    run = resolve_impl(impl, interpret=interpret)
+    out_dtype = out_dtype or x.dtype
+    if run == "reference" or topk_ids.shape[0] == 0:
+        from kernels.reference import dense_moe_ffn_reference  # noqa: PLC0415
+        return dense_moe_ffn_reference(x, topk_ids, topk_weights, weights, out_dtype)
+    return _triton_dense_layer(x, topk_ids, topk_weights, dict(weights), out_dtype=jnp.dtype(out_dtype),
+                               interpret=interpret)

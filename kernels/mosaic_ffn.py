@@ -7,6 +7,7 @@ that serve with it hold that layout, and ``from_mosaic_words`` gives back the st
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -128,5 +129,7 @@ def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
     y, row = _pair_rows(x, g, words, block_m, configs, interpret)
     parts = [(y, row[g.pos], g.in_pair())]
     if g.num_dense:
-        parts.append(routing.dense_part(x, g, experts.dense))
+        from kernels.triton_ffn import dense_swiglu  # noqa: PLC0415
+        parts.append(routing.dense_part(x, g, experts.dense, swiglu=functools.partial(
+            dense_swiglu, max_rows=topk_ids.size, interpret=interpret)))
     return routing.combine(parts, topk_weights, out_dtype)

@@ -45,8 +45,8 @@ def combine(parts, topk_weights: jax.Array, out_dtype) -> jax.Array:
     return out.reshape(T, k, -1).sum(1).astype(out_dtype)
 
 
-def ragged_swiglu(xs: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-                  sizes: jax.Array) -> jax.Array:
+def ragged_swiglu(xs: jax.Array, sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                  w_down: jax.Array) -> jax.Array:
     """f32 ``down(silu(xs @ gate) * (xs @ up))`` for rows grouped by expert (``sizes`` rows each,
     the rest unused) with ``jax.lax.ragged_dot``; the hidden activation is rounded to
     ``w_down``'s dtype, as the uncompressed model does."""
@@ -98,8 +98,9 @@ def group_packed(topk_ids: jax.Array, pairs: jax.Array, dense_ids: jax.Array) ->
     return Grouped(tokens, slots[order], sizes, pos, D, P)
 
 
-def dense_part(x: jax.Array, g: Grouped, dense: dict, dtype=jnp.bfloat16):
-    """The kept-dense experts' ``(y, row, valid)`` part for ``combine`` (they are the first slots)."""
+def dense_part(x: jax.Array, g: Grouped, dense: dict, dtype=jnp.bfloat16, swiglu=None):
+    """The kept-dense experts' ``(y, row, valid)`` part for ``combine`` (they are the first slots).
+    ``swiglu``: the grouped SwiGLU to run them with (``ragged_swiglu``'s signature; default it)."""
     w = {n: dense[n].astype(dtype) for n in MATRICES}
-    y = ragged_swiglu(x[g.tokens], w["w_gate"], w["w_up"], w["w_down"], g.sizes[:g.num_dense])
+    y = (swiglu or ragged_swiglu)(x[g.tokens], g.sizes[:g.num_dense], w["w_gate"], w["w_up"], w["w_down"])
     return y, g.pos, g.in_dense()

@@ -1,12 +1,15 @@
-"""A packed MoE layer on the Triton grouped kernels: two launches per step (gate+up with the
-SwiGLU epilogue, then down) for the merged pairs; kept-dense experts through ``ragged_dot``."""
+"""MoE layers on the Triton grouped kernels: two launches per step (gate+up with the SwiGLU
+epilogue, then down), for the merged pairs (``triton_moe_ffn``) and for uncompressed experts
+(``triton_dense_moe_ffn``, ``dense_swiglu``: only experts with tokens are read)."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from kernels import routing
-from kernels.triton_gemm import TritonConfig, triton_grouped_pair_gemm
+from kernels.triton_gemm import TritonConfig, triton_grouped_gemm, triton_grouped_pair_gemm
 
 
 def triton_moe_ffn(x, topk_ids, topk_weights, experts, *, out_dtype,
@@ -28,5 +31,27 @@ def triton_moe_ffn(x, topk_ids, topk_weights, experts, *, out_dtype,
                                  config=configs[1], interpret=interpret)
     parts = [(y, g.pos, g.in_pair())]
     if D:
-        parts.append(routing.dense_part(x, g, experts.dense))
+        parts.append(routing.dense_part(x, g, experts.dense, swiglu=functools.partial(
+            dense_swiglu, max_rows=topk_ids.size, interpret=interpret)))
     return routing.combine(parts, topk_weights, out_dtype)
+
+
+def dense_swiglu(xs, sizes, w_gate, w_up, w_down, *, max_rows: int, interpret: bool = False):
+    """f32 ``down(silu(xs @ gate) * (xs @ up))`` for rows grouped by expert (``sizes`` [E] rows
+    each, from row 0; the rest unused and unwritten), as ``routing.ragged_swiglu`` computes it
+    (hidden activation rounded to bf16)."""
+    sizes = sizes.astype(jnp.int32)
+    meta = jnp.stack([jnp.cumsum(sizes) - sizes, sizes], axis=1)
+    h = triton_grouped_gemm(xs, meta, (w_gate, w_up), max_rows=max_rows, swiglu=True, out_dtype=jnp.bfloat16,
+                            interpret=interpret)
+    return triton_grouped_gemm(h, meta, w_down, max_rows=max_rows, out_dtype=jnp.float32, interpret=interpret)
+
+
+def triton_dense_moe_ffn(x, topk_ids, topk_weights, weights, *, out_dtype, interpret: bool = False) -> jax.Array:
+    """Routed-expert output of an uncompressed layer (``weights``: ``w_gate``, ``w_up``, ``w_down``
+    [E, K, N]); assignments to ids ``>= E`` contribute nothing."""
+    E = weights["w_gate"].shape[0]
+    _, tokens, sizes, pos = routing.group_by_slot(topk_ids.reshape(-1), topk_ids.shape[-1], E)
+    y = dense_swiglu(x[tokens], sizes, weights["w_gate"], weights["w_up"], weights["w_down"],
+                     max_rows=topk_ids.size, interpret=interpret)
+    return routing.combine([(y, pos, pos < jnp.sum(sizes))], topk_weights, out_dtype)

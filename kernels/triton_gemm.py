@@ -5,6 +5,9 @@
   ``O_i = A_i @ W_i`` and ``O_j = A_j @ W_j``.  Any token count (rows are padded to the MMA minimum
   of 16), any K and N (edge tiles are masked), words ``[K, N]`` or ``transposed`` ``[N, K]``,
   optional split-K (f32 partials summed by XLA).
+* ``triton_grouped_gemm(xs, meta, w)``: the same grouped launch for uncompressed bf16 experts
+  (``[E, K, N]``): program ``(m, n, e)`` streams expert ``e``'s column tile only if its row tile
+  holds rows, so a step reads only the experts that have tokens.
 * ``triton_grouped_pair_gemm(xs, meta, words)``: a whole layer's pairs in one launch, rows grouped
   by expert as for ``jax.lax.ragged_dot``.  Program ``(m, n, p)`` reads pair ``p``'s column tile
   ``n`` once per K step and multiplies it with row tile ``m`` of expert i's rows and of expert j's
@@ -125,7 +128,7 @@ def _mma(a, w, *, transposed: bool, swap_ab: bool):
 
 
 def _load_words(w_ref, k0, col0, *, bk, bn, K, N, transposed, mask_k, mask_n, ref_col0=None,
-                lead=(), evict_first=False):
+                lead=(), evict_first=False, dtype=jnp.uint16):
     """One packed tile ([bk, bn], or [bn, bk] transposed) with edges masked to word 0 (= zero).
 
     ``col0`` is the tile's first column in the whole matrix (for the edge mask); ``ref_col0``
@@ -148,7 +151,7 @@ def _load_words(w_ref, k0, col0, *, bk, bn, K, N, transposed, mask_k, mask_n, re
         mask = (nn < N) if mask is None else (mask & (nn < N))
     shape = (bn, bk) if transposed else (bk, bn)
     mask = jnp.broadcast_to(mask, shape)
-    return pltriton.load(w_ref.at[idx], mask=mask, other=jnp.uint16(0), **hint)
+    return pltriton.load(w_ref.at[idx], mask=mask, other=dtype(0), **hint)
 
 
 def _pair_kernel(ai_ref, aj_ref, w_ref, oi_ref, oj_ref, *, K, N, cfg: TritonConfig, nks,
@@ -315,5 +318,78 @@ def triton_grouped_pair_gemm(xs: jax.Array, meta: jax.Array, words, *, max_rows:
         out_shape=jax.ShapeDtypeStruct(o_shape, out_dtype if S == 1 else jnp.float32),
         compiler_params=_params(cfg), interpret=interpret,
         name="grouped_pair_gemm_" + ("gate_up" if swiglu else "down"),
+    )(meta.astype(jnp.int32), xs.astype(jnp.bfloat16), *ws)
+    return out if S == 1 else out.sum(0).astype(out_dtype)
+
+
+def _grouped_dense_kernel(meta_ref, x_ref, *refs, K, N, cfg: TritonConfig, nks, swiglu, mask_k, mask_n):
+    n_w = 2 if swiglu else 1
+    w_refs, o_ref = refs[:n_w], refs[n_w]
+    m, n, e, s = (pl.program_id(a) for a in range(4))
+    o_lead = (s,) if cfg.split_k > 1 else ()
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    start, size = meta_ref[e, 0], meta_ref[e, 1]
+    r0 = m * bm
+    ok = (lax.broadcasted_iota(jnp.int32, (bm, 1), 0) + r0) < size   # [bm, 1]
+    row = pl.ds(start + r0, bm)
+    col0 = n * bn
+
+    @pl.when(r0 < size)   # experts without rows in this tile read nothing
+    def _():
+        def body(k, accs):
+            k0 = pl.multiple_of((s * nks + k) * bk, bk)
+            a_mask = ok
+            if mask_k:
+                a_mask = ok & ((k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)) < K)
+            a = pltriton.load(x_ref.at[row, pl.ds(k0, bk)], mask=jnp.broadcast_to(a_mask, (bm, bk)),
+                              other=jnp.bfloat16(0))
+            out = []
+            for w_ref, acc in zip(w_refs, accs):
+                w = _load_words(w_ref, k0, col0, bk=bk, bn=bn, K=K, N=N, transposed=False, mask_k=mask_k,
+                                mask_n=mask_n, lead=(e,), evict_first=cfg.evict_first, dtype=jnp.bfloat16)
+                out.append(acc + jnp.dot(a, w, preferred_element_type=jnp.float32))
+            return tuple(out)
+
+        accs = lax.fori_loop(0, nks, body, (jnp.zeros((bm, bn), jnp.float32),) * n_w)
+        y = silu(accs[0]) * accs[1] if swiglu else accs[0]
+        st = ok
+        if mask_n:
+            st = ok & ((col0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < N)
+        pltriton.store(o_ref.at[o_lead + (row, pl.ds(col0, bn))], y.astype(o_ref.dtype),
+                       mask=jnp.broadcast_to(st, (bm, bn)))
+
+
+def dense_config(rows: int, k: int, n: int, *, swiglu: bool = False) -> TritonConfig:
+    """Tile table of the grouped dense kernel: ``layer_config``'s (the down projection splits K
+    until one expert's columns make >= 2 programs per SM; the SwiGLU launch never splits)."""
+    return layer_config(rows, k, n, swiglu=swiglu)
+
+
+def triton_grouped_gemm(xs: jax.Array, meta: jax.Array, w, *, max_rows: int, swiglu: bool = False,
+                        out_dtype=jnp.float32, config: TritonConfig | None = None, interpret: bool = False):
+    """Uncompressed experts of a layer in one launch: ``xs`` [R, K] rows grouped by expert, ``meta``
+    int32 [E, 2] = (start, size) per expert, ``w`` bf16 [E, K, N] (or ``(gate, up)`` with
+    ``swiglu``: ``silu(x Wg) * (x Wu)``); ``max_rows`` a static bound on any group's size.  Returns
+    [R, N] with the rows of every expert written (rows of no expert are left unwritten)."""
+    ws = tuple(w) if swiglu else (w,)
+    ws = tuple(v.astype(jnp.bfloat16) for v in ws)
+    E, K, N = ws[0].shape
+    R = xs.shape[0]
+    cfg = fit_smem(config or dense_config(max_rows, K, N, swiglu=swiglu), n_a=1, n_w=len(ws))
+    bm, bn, bk, S = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
+    if swiglu and S > 1:
+        raise ValueError("split_k > 1 cannot be used with the fused SwiGLU epilogue")
+    m_tiles, n_tiles = pl.cdiv(max(max_rows, 1), bm), pl.cdiv(N, bn)
+    nks = pl.cdiv(pl.cdiv(K, bk), S)
+    kernel = functools.partial(_grouped_dense_kernel, K=K, N=N, cfg=cfg, nks=nks, swiglu=swiglu,
+                               mask_k=S * nks * bk != K, mask_n=n_tiles * bn != N)
+    any_spec = pl.no_block_spec
+    o_shape = (R, N) if S == 1 else (S, R, N)
+    out = pl.pallas_call(
+        kernel, grid=(m_tiles, n_tiles, E, S),
+        in_specs=[any_spec] * (2 + len(ws)), out_specs=any_spec,
+        out_shape=jax.ShapeDtypeStruct(o_shape, out_dtype if S == 1 else jnp.float32),
+        compiler_params=_params(cfg), interpret=interpret,
+        name="grouped_gemm_" + ("gate_up" if swiglu else "down"),
     )(meta.astype(jnp.int32), xs.astype(jnp.bfloat16), *ws)
     return out if S == 1 else out.sum(0).astype(out_dtype)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from kernels import IMPL_CHOICES, IMPL_HELP, ImplError, resolve_impl
-from puzzlemoe_jax import evaluate
+from puzzlemoe_jax import compile_cache, evaluate
 from puzzlemoe_jax.checkpoint import convert_checkpoint, load_pretrained
 from puzzlemoe_jax.report import format_table, pair_rows, summary
 
@@ -33,7 +33,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=32)
     ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
+    compile_cache.add_argument(ap)
     args = ap.parse_args(argv)
+    compile_cache.enable(args.compile_cache)
     try:
         resolve_impl(args.impl)
     except ImplError as e:

@@ -25,7 +25,6 @@ import collections
 import dataclasses
 import functools
 import logging
-import os
 import threading
 import time
 from typing import Callable, Sequence

@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from kernels import IMPL_CHOICES, IMPL_HELP
-from puzzlemoe_jax import cli
+from puzzlemoe_jax import cli, compile_cache
 from puzzlemoe_jax.text import BYTE_VOCAB, TextCodec
 
 
@@ -97,9 +97,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-windows", type=cli.positive_int)
     ap.add_argument("--batch-size", type=cli.positive_int, default=8)
     ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
+    compile_cache.add_argument(ap)
     ap.add_argument("--json", help="also write the result as JSON here")
     ap.add_argument("--no-verify", action="store_true", help="skip the shard hash check when loading")
     args = ap.parse_args(argv)
+    compile_cache.enable(args.compile_cache)
     from puzzlemoe_jax.checkpoint import load_pretrained, read_config  # noqa: PLC0415
     from puzzlemoe_jax.safetensors_io import CheckpointError  # noqa: PLC0415
     try:

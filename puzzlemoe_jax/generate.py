@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from kernels import IMPL_CHOICES, IMPL_HELP, ImplError
-from puzzlemoe_jax import cli
+from puzzlemoe_jax import cli, compile_cache
 from puzzlemoe_jax.text import TextCodec
 
 PAD_ID = 0
@@ -255,9 +255,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", default="", help="stop token ids, comma-separated")
     ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
+    compile_cache.add_argument(ap)
     ap.add_argument("--output-ids", action="store_true", help="print the generated ids (comma-separated) last")
     ap.add_argument("--no-verify", action="store_true", help="skip the shard hash check when loading")
     args = ap.parse_args(argv)
+    compile_cache.enable(args.compile_cache)
     if args.greedy and (args.temperature is not None or args.top_p is not None):
         ap.error("--greedy excludes --temperature/--top-p")
     greedy = args.temperature is None and args.top_p is None

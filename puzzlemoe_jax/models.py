@@ -357,21 +357,22 @@ class CausalLM(nnx.Module):
     def set_impl(self, impl: str, *, interpret: bool = False) -> None:
         """Serve every packed layer with ``impl`` (``kernels.IMPLS``; refused where it cannot run,
         ``kernels.resolve_impl``); "mosaic" also re-lays the words out (``use_mosaic``)."""
-        if resolve_impl(impl, interpret=interpret) == "mosaic":
+        on_mesh = any(moe.mesh is not None for moe in self.moe_layers().values())
+        if resolve_impl(impl, interpret=interpret) == "mosaic" and not on_mesh:   # (on a mesh: Triton)
             self.use_mosaic()
         for moe in self.moe_layers().values():
             moe.impl, moe.interpret = impl, interpret
 
-    def use_mosaic(self) -> None:
+    def use_mosaic(self, on: bool = True) -> None:
         """Hold every packed layer's words in the Mosaic kernel's layout (a new experts module per
-        layer, the ``[K, N]`` words freed as each is replaced).  Call before building a ``Generator``
-        (it splits the model's state once)."""
+        layer, the ``[K, N]`` words freed as each is replaced; ``on=False``: back to ``[K, N]``).
+        Call before building a ``Generator`` (it splits the model's state once)."""
         for moe in self.moe_layers().values():
-            if isinstance(moe.experts, PackedExpertsModule) and not moe.experts.mosaic:
+            if isinstance(moe.experts, PackedExpertsModule) and moe.experts.mosaic != on:
                 w = moe.experts.weights()
                 dtype = w.dense["w_gate"].dtype
                 moe.experts = PackedExpertsModule(w.num_experts, 0, 0, int(w.pairs.shape[0]),
-                                                  int(w.dropped_ids.shape[0]), dtype=dtype, packed=w, mosaic=True)
+                                                  int(w.dropped_ids.shape[0]), dtype=dtype, packed=w, mosaic=on)
 
     def set_experts(self, layer: int, experts: PackedExperts | Mapping[str, jax.Array]) -> None:
         """Replace layer ``layer``'s routed experts with dense ``{name: [E,K,N]}`` or packed ones."""

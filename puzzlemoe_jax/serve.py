@@ -469,7 +469,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", choices=MODES, default="auto",
                     help="decode step: batched (fast), exact (slot by slot, equal to generate alone); auto: exact on CPU")
     args = ap.parse_args(argv)
-    from puzzlemoe_jax.checkpoint import CheckpointError  # noqa: PLC0415
+    from puzzlemoe_jax.safetensors_io import CheckpointError  # noqa: PLC0415
     try:
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must lie in 1..65535, got {args.port}")

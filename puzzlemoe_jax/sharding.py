@@ -17,6 +17,8 @@ Pallas call is a single-device program -- and one ``psum`` adds the shares up.
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Sequence
 
 import jax
@@ -93,6 +95,12 @@ def _owner_mask(expert_ids, split: bool, num_experts: int, owned=None):
     return owned.at[expert_ids].set(True if split else lax.axis_index("expert") == 0)
 
 
+@functools.cache
+def _warn_mosaic_on_mesh(mesh: Mesh) -> None:
+    warnings.warn(f"the Mosaic kernels run on one device: MoE layers on the {mesh.size}-device mesh run the "
+                  "Triton kernels", stacklevel=3)
+
+
 def sharded_moe_ffn(x, topk_ids, topk_weights, experts, mesh: Mesh, *, impl: str = "auto", interpret: bool = False):
     """``moe.moe_ffn`` expert parallel over ``mesh`` (``shard_map``; see the module docstring).
 
@@ -101,6 +109,10 @@ def sharded_moe_ffn(x, topk_ids, topk_weights, experts, mesh: Mesh, *, impl: str
     packed pairs) with an f32 result, and one ``psum`` over "expert" (and "model" where the intermediate
     axis is split) sums the shares.  Specs follow ``expert_weight_spec``, as ``shard_model`` places them.
     """
+    if resolve_impl(impl, interpret=interpret) == "mosaic":   # "auto" on Hopper: Mosaic runs on one device
+        _warn_mosaic_on_mesh(mesh)
+        impl = "triton"
+
     def weight_specs(mats):
         return {n: expert_weight_spec(n.split("w_", 1)[1], tuple(w.shape), mesh) for n, w in mats.items()}
 
@@ -138,8 +150,10 @@ def sharded_moe_ffn(x, topk_ids, topk_weights, experts, mesh: Mesh, *, impl: str
 def shard_model(model, mesh: Mesh, *, impl: str | None = None, interpret: bool = False):
     """Place ``model``'s variables on ``mesh`` and let its MoE layers run expert parallel on it
     (in place; returns the model).  ``impl``/``interpret``: as ``CausalLM.set_impl``."""
-    if impl is not None and resolve_impl(impl, interpret=interpret) == "mosaic":
+    if impl is not None and impl != "auto" and resolve_impl(impl, interpret=interpret) == "mosaic":
         raise ImplError('impl "mosaic" runs on one device; on a mesh use "auto" or "triton"')
+    if mesh.size > 1:
+        model.use_mosaic(False)   # layers held in the Mosaic layout go back to the [K, N] words
     if tuple(mesh.axis_names) != AXES:
         raise ValueError(f"mesh axes must be {AXES}, got {mesh.axis_names}")
     cfg = model.config

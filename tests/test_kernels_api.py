@@ -51,6 +51,33 @@ def test_resolve_impl_refuses_what_cannot_run_here():
         packed_moe_ffn(x, ids, tw, random_layer(rng_for(1), 8, 64, 96, 0.5), impl="triton")
 
 
+def test_auto_is_mosaic_on_hopper_triton_on_other_gpus(monkeypatch):
+    from kernels import gpu
+    for cc, want in (((9, 0), "mosaic"), ((8, 0), "triton"), ((10, 0), "triton"), (None, "reference")):
+        monkeypatch.setattr(gpu, "compute_capability", lambda cc=cc: cc)
+        assert resolve_impl("auto") == want, cc
+
+
+@pytest.mark.parametrize("e,h,i,t,k,dtype", [
+    (8, 128, 192, 1, 2, jnp.bfloat16),     # 2 experts with tokens, 6 never read
+    (8, 64, 96, 9, 2, jnp.bfloat16),       # masked K and N edges (96 is no multiple of 64)
+    (6, 96, 176, 5, 3, jnp.float32),       # f32 activations and weights (weights rounded to bf16)
+])
+def test_dense_grouped_kernel_matches_ragged_dot(e, h, i, t, k, dtype):
+    """kernels.dense_moe_ffn (grouped Triton kernel, interpreter) against the ragged_dot reference."""
+    rng = rng_for(e * h + t + 3)
+    w = {n: jnp.asarray(rng.normal(0, 0.05, s), dtype) for n, s in
+         (("w_gate", (e, h, i)), ("w_up", (e, h, i)), ("w_down", (e, i, h)))}
+    x, ids, tw = random_routing(rng, t, e, k, h, dtype)
+    ids = ids.at[0, 0].set(e)                # an id the layer does not hold: contributes nothing
+    ref = dense_moe_ffn(x, ids, tw, {n: v.astype(jnp.bfloat16) for n, v in w.items()}, out_dtype=jnp.float32)
+    got = jax.jit(functools.partial(kernels.dense_moe_ffn, impl="triton", interpret=True))(x, ids, tw, w)
+    assert got.dtype == dtype
+    check(got, ref, "dense_moe_ffn(impl='triton')")
+    jaxpr = str(jax.make_jaxpr(kernels.dense_moe_ffn)(x, ids, tw, w))   # auto on CPU: ragged_dot
+    assert "pallas_call" not in jaxpr and "ragged_dot" in jaxpr
+
+
 def test_pair_auto_takes_decode_and_dots_past_the_table():
     rng = rng_for(7)
     words = random_words(rng, (128, 64))

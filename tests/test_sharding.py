@@ -109,7 +109,7 @@ LAYER_SCRIPT = textwrap.dedent('''
         tw = jnp.asarray(rng.random((T, k)), jnp.float32)
         experts = compress.compress_layer(w, ratio)[0] if ratio else w
         ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.float32) if ratio else w)
-        for impl in ("reference", "triton") if ratio else ("auto",):
+        for impl in ("reference", "triton") if ratio else ("auto", "triton"):
             run = lambda *a: sharded_moe_ffn(*a, make_mesh(e, m), impl=impl, interpret=True)
             got = jax.jit(run)(x, ids, tw, experts)
             out.append(dict(case=[E, ratio, e, m, I, impl], got=np.asarray(got).tolist(), ref=np.asarray(ref).tolist()))
@@ -124,7 +124,7 @@ def test_sharded_moe_ffn_equals_single_device_layer():
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    assert len(results) == 12
+    assert len(results) == 14
     for r in results:
         got, ref = np.asarray(r["got"]), np.asarray(r["ref"])
         assert np.isfinite(got).all() and np.abs(ref).max() > 0, r["case"]

@@ -102,4 +102,5 @@ def test_packed_layer_lowers_to_triton_for_h100(ratio, t):
         num_experts=e)
     fn = functools.partial(triton_moe_ffn, out_dtype=jnp.bfloat16)
     args = (SDS((t, h), jnp.bfloat16), SDS((t, k), jnp.int32), SDS((t, k), jnp.float32), experts)
-    assert lower_for_h100(fn, *args).count("__gpu$xla.gpu.triton") == 2
+    # two launches for the pairs, two for the kept-dense experts (grouped dense kernel)
+    assert lower_for_h100(fn, *args).count("__gpu$xla.gpu.triton") == (4 if d else 2)

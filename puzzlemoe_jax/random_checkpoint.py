@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from puzzlemoe_jax.checkpoint import DTYPE_NAMES
+from puzzlemoe_jax.writer import DTYPE_NAMES
 from puzzlemoe_jax.config import ARCHS, ModelConfig
 from puzzlemoe_jax.hf_layout import hf_plan
 from puzzlemoe_jax.safetensors_io import INDEX, SINGLE

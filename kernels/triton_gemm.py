@@ -300,24 +300,31 @@ def triton_grouped_pair_gemm(xs: jax.Array, meta: jax.Array, words, *, max_rows:
     ``swiglu``); rows of no pair are left unwritten (callers select them away).
     """
     ws = tuple(words) if swiglu else (words,)
-    P, K, N = ws[0].shape
+    return _grouped_launch(_grouped_kernel, meta, xs, ws, max_rows=max_rows, swiglu=swiglu, out_dtype=out_dtype,
+                           config=config, n_a=2, interpret=interpret, name="grouped_pair_gemm")
+
+
+def _grouped_launch(kernel_fn, meta, xs, ws, *, max_rows, swiglu, out_dtype, config, n_a, interpret, name):
+    """One grouped launch over grid (row tile, column tile, group, K split) for ``ws`` [G, K, N]
+    weights (words or bf16); split-K partials summed here."""
+    G, K, N = ws[0].shape
     R = xs.shape[0]
-    cfg = fit_smem(config or layer_config(max_rows, K, N, swiglu=swiglu), n_a=2, n_w=len(ws))
+    cfg = fit_smem(config or layer_config(max_rows, K, N, swiglu=swiglu), n_a=n_a, n_w=len(ws))
     bm, bn, bk, S = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
     if swiglu and S > 1:
         raise ValueError("split_k > 1 cannot be used with the fused SwiGLU epilogue")
     m_tiles, n_tiles = pl.cdiv(max(max_rows, 1), bm), pl.cdiv(N, bn)
     nks = pl.cdiv(pl.cdiv(K, bk), S)
-    kernel = functools.partial(_grouped_kernel, K=K, N=N, cfg=cfg, nks=nks, swiglu=swiglu,
+    kernel = functools.partial(kernel_fn, K=K, N=N, cfg=cfg, nks=nks, swiglu=swiglu,
                                mask_k=S * nks * bk != K, mask_n=n_tiles * bn != N)
     any_spec = pl.no_block_spec
     o_shape = (R, N) if S == 1 else (S, R, N)
     out = pl.pallas_call(
-        kernel, grid=(m_tiles, n_tiles, P, S),
+        kernel, grid=(m_tiles, n_tiles, G, S),
         in_specs=[any_spec] * (2 + len(ws)), out_specs=any_spec,
         out_shape=jax.ShapeDtypeStruct(o_shape, out_dtype if S == 1 else jnp.float32),
         compiler_params=_params(cfg), interpret=interpret,
-        name="grouped_pair_gemm_" + ("gate_up" if swiglu else "down"),
+        name=name + ("_gate_up" if swiglu else "_down"),
     )(meta.astype(jnp.int32), xs.astype(jnp.bfloat16), *ws)
     return out if S == 1 else out.sum(0).astype(out_dtype)
 
@@ -359,37 +366,12 @@ def _grouped_dense_kernel(meta_ref, x_ref, *refs, K, N, cfg: TritonConfig, nks, 
                        mask=jnp.broadcast_to(st, (bm, bn)))
 
 
-def dense_config(rows: int, k: int, n: int, *, swiglu: bool = False) -> TritonConfig:
-    """Tile table of the grouped dense kernel: ``layer_config``'s (the down projection splits K
-    until one expert's columns make >= 2 programs per SM; the SwiGLU launch never splits)."""
-    return layer_config(rows, k, n, swiglu=swiglu)
-
-
 def triton_grouped_gemm(xs: jax.Array, meta: jax.Array, w, *, max_rows: int, swiglu: bool = False,
                         out_dtype=jnp.float32, config: TritonConfig | None = None, interpret: bool = False):
     """Uncompressed experts of a layer in one launch: ``xs`` [R, K] rows grouped by expert, ``meta``
     int32 [E, 2] = (start, size) per expert, ``w`` bf16 [E, K, N] (or ``(gate, up)`` with
     ``swiglu``: ``silu(x Wg) * (x Wu)``); ``max_rows`` a static bound on any group's size.  Returns
     [R, N] with the rows of every expert written (rows of no expert are left unwritten)."""
-    ws = tuple(w) if swiglu else (w,)
-    ws = tuple(v.astype(jnp.bfloat16) for v in ws)
-    E, K, N = ws[0].shape
-    R = xs.shape[0]
-    cfg = fit_smem(config or dense_config(max_rows, K, N, swiglu=swiglu), n_a=1, n_w=len(ws))
-    bm, bn, bk, S = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
-    if swiglu and S > 1:
-        raise ValueError("split_k > 1 cannot be used with the fused SwiGLU epilogue")
-    m_tiles, n_tiles = pl.cdiv(max(max_rows, 1), bm), pl.cdiv(N, bn)
-    nks = pl.cdiv(pl.cdiv(K, bk), S)
-    kernel = functools.partial(_grouped_dense_kernel, K=K, N=N, cfg=cfg, nks=nks, swiglu=swiglu,
-                               mask_k=S * nks * bk != K, mask_n=n_tiles * bn != N)
-    any_spec = pl.no_block_spec
-    o_shape = (R, N) if S == 1 else (S, R, N)
-    out = pl.pallas_call(
-        kernel, grid=(m_tiles, n_tiles, E, S),
-        in_specs=[any_spec] * (2 + len(ws)), out_specs=any_spec,
-        out_shape=jax.ShapeDtypeStruct(o_shape, out_dtype if S == 1 else jnp.float32),
-        compiler_params=_params(cfg), interpret=interpret,
-        name="grouped_gemm_" + ("gate_up" if swiglu else "down"),
-    )(meta.astype(jnp.int32), xs.astype(jnp.bfloat16), *ws)
-    return out if S == 1 else out.sum(0).astype(out_dtype)
+    ws = tuple(v.astype(jnp.bfloat16) for v in (tuple(w) if swiglu else (w,)))
+    return _grouped_launch(_grouped_dense_kernel, meta, xs, ws, max_rows=max_rows, swiglu=swiglu,
+                           out_dtype=out_dtype, config=config, n_a=1, interpret=interpret, name="grouped_gemm")

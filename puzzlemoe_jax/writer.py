@@ -72,10 +72,6 @@ def _umask() -> int:
     return old
 
 
-def _raise_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 class CheckpointWriter:
     """Writes shards into a temp sibling of ``out_dir``; ``finish`` renames it into place.
 
@@ -107,7 +103,7 @@ class CheckpointWriter:
             raise CheckpointError(f"{self.out}: another conversion is writing this output "
                                   f"(lock {self.lock.lock_file} is held); wait for it or choose another --out") from None
         if threading.current_thread() is threading.main_thread():
-            self._old_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             if self.out.exists() and not self.overwrite:   # created while we waited for the lock
                 raise CheckpointError(f"{self.out}: output directory already exists (pass --overwrite to replace it)")
@@ -117,6 +113,19 @@ class CheckpointWriter:
             self.__exit__(None)
             raise
         return self
+
+    def _on_sigterm(self, signum, frame):
+        """Remove the partial output and the lock, then exit at once: an exception raised from a
+        signal handler can be swallowed (e.g. inside a finalizer), leaving the output behind."""
+        trash = self.tmp.with_name(self.tmp.name + "-killed")
+        try:
+            self.tmp.rename(trash)   # writer threads now fail to create files in it
+        except OSError:
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        Path(self.lock.lock_file).unlink(missing_ok=True)
+        os._exit(128 + signum)
 
     def __exit__(self, exc_type, *_):
         try:

@@ -201,7 +201,7 @@ def test_second_conversion_to_the_same_out_fails_fast(w, tmp_path, capsys):
 
 
 def test_sigterm_removes_temp_output(tmp_path):
-    src = write_tiny_checkpoint(tmp_path / "S", "mixtral", num_layers=8, hidden_size=128)
+    src = write_tiny_checkpoint(tmp_path / "S", "mixtral", num_layers=16, hidden_size=256)   # converts for seconds
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     p = subprocess.Popen([sys.executable, "-m", "convert", "mixtral", "--src", str(src), "--out",
                           str(tmp_path / "o"), "--ratio", "0.5"], cwd=ROOT, env=env,
@@ -212,8 +212,8 @@ def test_sigterm_removes_temp_output(tmp_path):
     assert p.poll() is None, p.communicate()[1].decode()[-2000:]
     p.send_signal(signal.SIGTERM)
     p.wait(60)
-    assert p.returncode != 0
-    assert not list(tmp_path.glob(".o.*")) and not (tmp_path / "o").exists()
+    assert p.returncode == 128 + signal.SIGTERM, p.communicate()[1].decode()[-2000:]
+    assert not list(tmp_path.glob(".o*")) and not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------------------- properties
@@ -227,7 +227,7 @@ KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "first_k_dense_replace", "n_shared_experts", "routed_scaling_factor", "shared_expert_intermediate_size"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=st.sampled_from(["mixtral", "qwen2_moe", "qwen3_moe", "deepseek"]),
        changes=st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=4))
 def test_from_hf_clean_error_or_valid(arch, changes):
@@ -242,7 +242,7 @@ def test_from_hf_clean_error_or_valid(arch, changes):
     assert c.sliding_window is None or c.sliding_window >= 1
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(text=st.one_of(st.text(max_size=8), st.integers().map(str), st.floats().map(str)),
        kind=st.sampled_from([cli.positive_int, cli.positive_float, cli.probability, cli.ratio, cli.unit_float]))
 def test_flag_types_clean_error_or_in_range(text, kind):
@@ -251,6 +251,6 @@ def test_flag_types_clean_error_or_in_range(text, kind):
         v = kind(text)
     except argparse.ArgumentTypeError:
         return
-    assert np.isfinite(v)
+    assert isinstance(v, int) if kind is cli.positive_int else np.isfinite(v)   # any size of int is fine
     assert {cli.positive_int: v >= 1, cli.positive_float: v > 0, cli.probability: 0 < v <= 1,
             cli.ratio: 0 <= v <= 0.5, cli.unit_float: 0 <= v <= 1}[kind]

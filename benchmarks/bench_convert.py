@@ -186,7 +186,7 @@ def main():
                             "print(jax.default_backend(), '|', d.device_kind, '|', jax.device_count())"],
                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     device = probe.stdout.strip() or probe.stderr.strip()[-200:]
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+    commit = os.environ.get("PUZZLEMOE_COMMIT") or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     runs = {}
     for name in (["pipeline"] + ([] if args.no_sequential else ["sequential"])):

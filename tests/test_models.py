@@ -125,7 +125,8 @@ def test_v4_and_v5_config_spellings_agree():
     v4 = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 88, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 160, "num_local_experts": 6,
           "num_experts_per_tok": 2, "rope_theta": 5e5, "rope_scaling": None, "torch_dtype": "bfloat16",
-          "rms_norm_eps": v5["rms_norm_eps"], "sliding_window": None}
+          "rms_norm_eps": v5["rms_norm_eps"], "sliding_window": None,
+          "max_position_embeddings": v5["max_position_embeddings"]}
     assert ModelConfig.from_hf(v5) == ModelConfig.from_hf(v4)
     assert ModelConfig.from_hf(v4).rope_theta == 5e5
     q3 = Qwen3MoeConfig(num_experts=12, head_dim=24, num_hidden_layers=2).to_dict()   # v5: num_local_experts

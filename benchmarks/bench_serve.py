@@ -27,6 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+from kernels import IMPL_CHOICES, IMPL_HELP  # noqa: E402
 
 
 def _pct(xs, q):
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     src.add_argument("--shape", help="random-weight model of a bench_e2e shape (e.g. mixtral-8x7b)")
     ap.add_argument("--dense", action="store_true", help="--shape: uncompressed experts")
     ap.add_argument("--layers", type=int, help="--shape: layer count (default: the shape's)")
-    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--impl", default="auto", choices=IMPL_CHOICES, help=IMPL_HELP)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level")
     ap.add_argument("--max-requests", type=int, default=256, help="requests per concurrency level at most")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from starlette.requests import Request as HTTPRequest
 
+from kernels import IMPL_CHOICES, IMPL_HELP
 from puzzlemoe_jax.engine import MODES, Engine, QueueFull, Request
 from puzzlemoe_jax.openai_api import BadRequest, load_chat_template, parse_prompt, parse_sampling, render_chat
 
@@ -347,8 +348,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429")
     ap.add_argument("--max-len", type=int, help="context in tokens (default: the config's max_position_embeddings)")
     ap.add_argument("--prefill-buckets", help="padded prompt lengths, comma-separated (default: powers of two from 16)")
-    ap.add_argument("--impl", choices=("auto", "pallas", "reference", "mosaic"), default="auto",
-                    help="packed-expert implementation (as in puzzlemoe_jax.generate)")
+    ap.add_argument("--impl", choices=IMPL_CHOICES, default="auto", help=IMPL_HELP)
     ap.add_argument("--decode", choices=MODES, default="auto",
                     help="decode step: batched (fast), exact (slot by slot, equal to generate alone); auto: exact on CPU")
     args = ap.parse_args(argv)

@@ -27,7 +27,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from kernels import resolve_impl
-from puzzlemoe_jax import codec
+from puzzlemoe_jax import codec, fp8
 from puzzlemoe_jax.config import ARCHS, ConfigError, ModelConfig
 from puzzlemoe_jax.experts import MATRICES
 from puzzlemoe_jax.hf_layout import check_plan, hf_plan, read_experts, read_items
@@ -353,6 +353,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     ckpt = SafetensorsDir(src)
     plan = hf_plan(cfg, ckpt.tensors)
     check_plan(plan, ckpt, arch)
+    ckpt = fp8.dequantizing(ckpt, plan.scales) if plan.scales else ckpt   # FP8 weights read dequantized
     if dtype == "auto":
         codes = {ckpt.tensors[it.src].dtype for it in plan.head}
         dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[sorted(codes)[0]]
@@ -407,7 +408,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
         }
         bytes_out = w.nbytes
         w.copy_files(src, SIDE_FILES)
-        w.finish({**hf, "puzzlemoe": section})
+        w.finish({**{k: v for k, v in hf.items() if k != "quantization_config"}, "puzzlemoe": section})
     return ConvertReport(Path(out), arch, ratio, dtype, ckpt.nbytes(), bytes_out,
                          sum(r.expert_bytes_in for r in reports), sum(r.expert_bytes_out for r in reports),
                          time.perf_counter() - t0, reports)

@@ -213,11 +213,11 @@ def _parse_new(cls, hf, mt, need, common, rope, scaling, rope_type) -> "ModelCon
                routed_scaling_factor=hf.float("routed_scaling_factor", 2.5 if v3 else 1.0),
                scoring=scoring, topk_method=method, n_group=ng, topk_group=tg, router_fp32=True)
     if mt == "glm4_moe":
-        prf = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
-        prf = _Checked({"partial_rotary_factor": prf}).float("partial_rotary_factor")
+        prf = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))   # transformers' default: 0.5
+        prf = _Checked({"partial_rotary_factor": prf}).float("partial_rotary_factor", 0.5)
         d = common["head_dim"]
         rot = int(d * prf)
-        if not (0 < prf <= 1) or rot % 2:
+        if not (0 < prf <= 1) or rot % 2 or rot == 0:
             raise ConfigError(f"partial_rotary_factor must be in (0, 1] with an even rotary dim, got {prf} "
                               f"(head_dim {d})")
         return cls(**out, qkv_bias=bias, qk_norm=bool(hf.get("use_qk_norm", False)), rotary_dim=rot)
@@ -247,8 +247,14 @@ def _parse_new(cls, hf, mt, need, common, rope, scaling, rope_type) -> "ModelCon
                 "truncate": bool(p.get("truncate", True))}
         if vals["factor"] is None or not vals["original_max_position_embeddings"]:
             raise ConfigError("yarn rope scaling needs factor and original_max_position_embeddings")
-        if not (math.isfinite(vals["factor"]) and vals["factor"] > 0):
-            raise ConfigError(f"rope_scaling.factor must be a finite number > 0, got {vals['factor']}")
+        for k in ("factor", "beta_fast", "beta_slow", "original_max_position_embeddings"):
+            if not (math.isfinite(vals[k]) and vals[k] > 0):
+                raise ConfigError(f"rope_scaling.{k} must be a finite number > 0, got {vals[k]}")
+        for k in ("mscale", "mscale_all_dim", "attention_factor"):
+            if not (math.isfinite(vals[k]) and vals[k] >= 0):
+                raise ConfigError(f"rope_scaling.{k} must be a finite number >= 0, got {vals[k]}")
+        if common["rope_theta"] <= 1:
+            raise ConfigError(f"rope_theta must be > 1 with yarn scaling, got {common['rope_theta']}")
         yarn = tuple(sorted(vals.items()))
     return cls(**{**out, "head_dim": mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"]}, **mla,
                rope_interleave=bool(hf.get("rope_interleave", True)), rope_yarn=yarn)

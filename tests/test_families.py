@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import save_file
 
 from tests import hf_fixtures as F
-from tests.test_generate import PROMPTS, _cached_logits, hf_greedy
+from tests.test_generate import PROMPTS, hf_greedy
 from puzzlemoe_jax import load_pretrained
 from puzzlemoe_jax.checkpoint import flat_params
 from puzzlemoe_jax.config import ConfigError, ModelConfig
@@ -42,22 +43,30 @@ def test_greedy_matches_transformers(arch):
 
 @pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
 def test_mla_cache_holds_latents_and_absorbed_decode_equals_plain(arch):
-    """The cache is (latent, rope key) per token; the absorbed path gives the plain path's logits,
-    and both equal a full forward of each sequence."""
+    """The cache is (latent, rope key) per token; the absorbed path (a 7-token prefill, then a one-token
+    decode step) gives the plain path's logits, and both equal the uncached forward."""
     model = load_pretrained(F.converted(arch))
     cfg = model.config
-    c, pe = model.init_cache(2, 9)[0]
-    assert c.shape == (2, 9, cfg.kv_lora_rank) and pe.shape == (2, 9, cfg.qk_rope_head_dim)
-    tokens = generate(model, PROMPTS, 4)
-    absorbed = _cached_logits(model, PROMPTS, tokens, 4)
-    for layer in model.layers:
-        assert isinstance(layer.attn, MLAttention)
-        layer.attn.absorb = False
-    plain = _cached_logits(model, PROMPTS, tokens, 4)
+    ids = jnp.asarray(F.IDS)
+    b, s = ids.shape
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    valid = jnp.ones((b, s), bool)
+
+    def cached(absorb):
+        for layer in model.layers:
+            assert isinstance(layer.attn, MLAttention)
+            layer.attn.absorb = absorb
+        cache = model.init_cache(b, s)
+        assert cache[0][0].shape == (b, s, cfg.kv_lora_rank) and cache[0][1].shape == (b, s, cfg.qk_rope_head_dim)
+        out, step = [], nnx.jit(lambda m, *args: m.forward_cached(*args))
+        for a, z in ((0, 7), (7, 8)):
+            logits, cache = step(model, ids[:, a:z], pos[:, a:z], valid, cache, jnp.int32(a))
+            out.append(np.asarray(logits))
+        return np.concatenate(out, 1)
+
+    absorbed, plain = cached(True), cached(False)
     np.testing.assert_allclose(absorbed, plain, atol=2e-5)
-    for i, (p, t) in enumerate(zip(PROMPTS, tokens)):
-        full = np.asarray(forward(model, jnp.asarray([p + t])))[0][len(p) - 1: len(p) - 1 + len(t)]
-        np.testing.assert_allclose(absorbed[i], full, atol=2e-5)
+    np.testing.assert_allclose(absorbed, np.asarray(forward(model, ids)), atol=2e-5)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

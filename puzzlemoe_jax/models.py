@@ -1,7 +1,8 @@
 """Flax NNX causal LMs for the MoE families we compress: Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-MoE,
 OLMoE, GLM-4.5, DeepSeek-V2/V3.
 
-One decoder serves them all (MLA attention in ``mla``, grouped/sigmoid routers in ``routing``); ``config.ModelConfig`` (parsed from a Hugging Face ``config.json``)
+One decoder serves them all (MLA attention in ``mla``, grouped/sigmoid routers in ``routing``,
+shared blocks in ``layers``); ``config.ModelConfig`` (parsed from a Hugging Face ``config.json``)
 holds the differences.  Kernels use the Flax ``x @ W`` layout (``[in, out]``).
 The routed experts of each MoE layer are either dense (``DenseExperts``: ``[E, K, N]``) or merged
 pairs (``PackedExpertsModule``, the ``experts.PackedExperts`` arrays), chosen per layer.

@@ -34,6 +34,21 @@ def test_logits_match_transformers_fp32(arch):
     assert np.abs(got - ref).max() < 1e-4, np.abs(got - ref).max()
 
 
+def test_deepseek_v3_rotate_half_rope(tmp_path):
+    """rope_interleave=false: RoPE on halves instead of pairs, also equal to transformers."""
+    import torch
+    from convert import main
+    cls, cfg = F.FAMILIES["deepseek_v3"](False)
+    cfg.rope_interleave = False
+    torch.manual_seed(0)
+    m = cls(cfg).eval()
+    src = F.save(m, None, tmp_path / "src")
+    assert main(["deepseek_v3", "--src", str(src), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    ref, _ = F.reference(m, F.IDS)
+    got = np.asarray(forward(load_pretrained(tmp_path / "out"), jnp.asarray(F.IDS)))
+    assert np.abs(got - ref).max() < 1e-4
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_greedy_matches_transformers(arch):
     model = load_pretrained(F.converted(arch))

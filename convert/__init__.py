@@ -21,6 +21,10 @@ DESCRIPTIONS = {
     "qwen2_moe": "Qwen1.5-MoE / Qwen2-MoE (shared expert with sigmoid gate)",
     "qwen3_moe": "Qwen3-MoE (q/k norms, no shared expert)",
     "deepseek": "DeepSeek-MoE 16B (trust_remote_code layout; config read without running remote code)",
+    "olmoe": "OLMoE (allenai/OLMoE-1B-7B-0924: q/k norm over the projection, 64 experts top-8)",
+    "glm4_moe": "GLM-4.5 / 4.6 (zai-org/GLM-4.5-Air: sigmoid grouped routing, shared expert, partial rotary)",
+    "deepseek_v2": "DeepSeek-V2 / V2-Lite (MLA, YaRN, greedy or group-limited routing)",
+    "deepseek_v3": "DeepSeek-V3 / R1 (MLA, YaRN, noaux_tc routing; FP8 block-scaled weights dequantized)",
 }
 
 

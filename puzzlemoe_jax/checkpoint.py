@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from kernels import resolve_impl
-from puzzlemoe_jax import codec
+from puzzlemoe_jax import codec, fp8
 from puzzlemoe_jax.config import ARCHS, ConfigError, ModelConfig
 from puzzlemoe_jax.experts import MATRICES
 from puzzlemoe_jax.hf_layout import (check_plan, experts_to_flax, hf_plan, raise_nonfinite, read_experts,
@@ -225,6 +225,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     ckpt = SafetensorsDir(src)
     plan = hf_plan(cfg, ckpt.tensors)
     check_plan(plan, ckpt, arch)
+    ckpt = fp8.dequantizing(ckpt, plan.scales) if plan.scales else ckpt   # FP8 weights read dequantized
     if dtype == "auto":
         codes = {ckpt.tensors[it.src].dtype for it in plan.head}
         dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[sorted(codes)[0]]
@@ -238,6 +239,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     on_cpu = jax.default_backend() == "cpu"
     chunk = 1 << 22 if on_cpu else 1 << 26
     device_layout = (pipeline and not on_cpu) if device_layout is None else device_layout
+    device_layout = device_layout and not plan.scales   # FP8 weights are read through the dequantizing wrapper
 
     def read(job):  # reader stage: host arrays of one layer (or the head)
         L, items, experts = job
@@ -334,7 +336,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
         }
         bytes_out = w.nbytes
         w.copy_files(src, SIDE_FILES)
-        w.finish({**hf, "puzzlemoe": section})
+        w.finish({**{k: v for k, v in hf.items() if k != "quantization_config"}, "puzzlemoe": section})
     reports.sort(key=lambda r: r.layer)
     return ConvertReport(Path(out), arch, ratio, dtype, ckpt.nbytes(), bytes_out,
                          sum(r.expert_bytes_in for r in reports), sum(r.expert_bytes_out for r in reports),

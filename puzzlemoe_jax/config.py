@@ -1,7 +1,8 @@
 """Hugging Face ``config.json`` -> ``ModelConfig``: the architectures we support and what differs.
 
 ``ModelConfig.from_hf`` reads v4 Hub and v5 ``save_pretrained`` spellings of Mixtral, Qwen2-MoE,
-Qwen3-MoE and DeepSeek-MoE configs and refuses options the model cannot represent.
+Qwen3-MoE, DeepSeek-MoE, OLMoE, GLM-4.5 (``glm4_moe``) and DeepSeek-V2/V3 configs and refuses
+options the model cannot represent (a ``ConfigError`` naming the key).
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3")
+MLA_ARCHS = ("deepseek_v2", "deepseek_v3")
 
 
 class ContextError(ValueError):
@@ -40,7 +42,24 @@ class ModelConfig:
     shared_gate: bool = False       # Qwen2-MoE: shared expert output times sigmoid(x @ gate)
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: bool = False           # Qwen3-MoE: per-head RMSNorm on q and k before RoPE
+    qk_norm: bool = False           # Qwen3-MoE, GLM-4.5: per-head RMSNorm on q and k before RoPE
+    qk_norm_full: bool = False      # OLMoE: RMSNorm over the whole q / k projection instead
+    rotary_dim: int = 0             # leading head dims that RoPE rotates (GLM partial rotary); 0: all
+    # routing (``routing.select_experts``): scores "softmax" or "sigmoid"; top-k "greedy",
+    # "group_limited_greedy" (DeepSeek-V2) or "noaux_tc" (sigmoid + e_score_correction_bias, groups)
+    scoring: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    router_fp32: bool = False       # router weight (and correction bias) held and applied in fp32
+    # Multi-head Latent Attention (DeepSeek-V2/V3): kv_lora_rank > 0 turns it on
+    q_lora_rank: int = 0            # 0: plain q_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False   # RoPE on (even, odd) pairs instead of rotate_half halves
+    rope_yarn: tuple = ()           # YaRN parameters as sorted (key, value) pairs; () : plain RoPE
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     sliding_window: int | None = None
@@ -56,8 +75,13 @@ class ModelConfig:
 
     @property
     def routing_fp32(self) -> bool:
-        """Mixtral feeds fp32 routing weights to the experts; the others the activation dtype."""
-        return self.model_type == "mixtral"
+        """Mixtral, GLM-4.5 and DeepSeek-V2/V3 feed fp32 routing weights to the experts; the others
+        the activation dtype."""
+        return self.model_type in ("mixtral", "glm4_moe", "deepseek_v2", "deepseek_v3")
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
@@ -88,8 +112,9 @@ class ModelConfig:
             if v is not None and not isinstance(v, Mapping):
                 raise ConfigError(f"{key} must be an object or null, got {v!r}")
         rope_type = rope.get("rope_type", (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")))
-        if rope_type != "default":
-            raise ConfigError(f"rope scaling {rope_type!r} is not supported (only the default RoPE)")
+        if rope_type not in ("default", "yarn") or rope_type == "yarn" and mt not in MLA_ARCHS:
+            raise ConfigError(f"rope scaling {rope_type!r} is not supported for {mt} (rope_scaling / rope_parameters; "
+                              f"only the default RoPE{', and yarn' if mt in MLA_ARCHS else ''})")
         theta = (_Checked(rope, "rope_parameters.").float("rope_theta") if "rope_theta" in rope
                  else hf.float("rope_theta") if hf.get("rope_theta") is not None else (1e6 if mt == "mixtral" else 1e4))
         h, nh = (need("hidden_size")), (need("num_attention_heads"))
@@ -101,6 +126,8 @@ class ModelConfig:
                       rms_norm_eps=hf.float("rms_norm_eps", 1e-6), rope_theta=theta,
                       max_position_embeddings=hf.int("max_position_embeddings", None),
                       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        if mt in ("olmoe", "glm4_moe", *MLA_ARCHS):
+            return _parse_new(cls, hf, mt, need, common, rope, scaling, rope_type)
         if mt in ("qwen2_moe", "qwen3_moe") and hf.get("use_sliding_window"):
             raise ConfigError(f"{mt}: use_sliding_window=true is not supported")
         if mt == "mixtral":
@@ -139,6 +166,98 @@ class ModelConfig:
                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
                    shared_intermediate_size=mi * hf.int("n_shared_experts", 0),
                    routed_scaling_factor=hf.float("routed_scaling_factor", 1.0))
+
+
+def _parse_new(cls, hf, mt, need, common, rope, scaling, rope_type) -> "ModelConfig":
+    """OLMoE, GLM-4.5 and DeepSeek-V2/V3 (transformers' ``olmoe``/``glm4_moe``/``deepseek_v2``/``deepseek_v3``)."""
+    nl = common["num_layers"]
+    if mt == "olmoe":
+        if hf.get("clip_qkv") is not None:
+            raise ConfigError("olmoe: clip_qkv is not supported (must be null)")
+        return cls(**common, intermediate_size=need("intermediate_size"), moe_intermediate_size=need("intermediate_size"),
+                   num_experts=need("num_experts", "num_local_experts"), top_k=need("num_experts_per_tok"),
+                   moe_layers=tuple(range(nl)), norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                   qkv_bias=bool(hf.get("attention_bias", False)), o_bias=bool(hf.get("attention_bias", False)),
+                   qk_norm_full=True)
+    for key in ("moe_layer_freq",):
+        if hf.int(key, 1) != 1:
+            raise ConfigError(f"{mt}: {key} != 1 is not supported (every layer from first_k_dense_replace is MoE)")
+    e, mi = need("n_routed_experts", "num_local_experts", "num_experts"), need("moe_intermediate_size")
+    v3 = mt == "deepseek_v3"   # transformers' defaults where a key is absent
+    first = hf.int("first_k_dense_replace", {"glm4_moe": 1, "deepseek_v2": 0, "deepseek_v3": 3}[mt])
+    ng = hf.int("n_group", 1) or 1
+    tg = hf.int("topk_group", 1) or 1
+    if mt == "deepseek_v2":
+        method, scoring = hf.get("topk_method", "greedy"), hf.get("scoring_func", "softmax")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ConfigError(f"deepseek_v2: topk_method {method!r} is not supported (greedy, group_limited_greedy)")
+        if hf.get("norm_topk_prob"):
+            raise ConfigError("deepseek_v2: norm_topk_prob=true is not supported (transformers' DeepSeek-V2 "
+                              "never renormalises; the V2 checkpoints set false)")
+    else:
+        method, scoring = "noaux_tc", hf.get("scoring_func", "sigmoid")
+        if mt == "deepseek_v3" and hf.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise ConfigError(f"deepseek_v3: topk_method {hf['topk_method']!r} is not supported (noaux_tc)")
+    if scoring != ("softmax" if mt == "deepseek_v2" else "sigmoid"):
+        raise ConfigError(f"{mt}: scoring_func {scoring!r} is not supported")
+    if method != "greedy" and (e % ng or not 1 <= tg <= ng):
+        raise ConfigError(f"{mt}: n_group ({ng}) must divide n_routed_experts ({e}) and topk_group ({tg}) "
+                          f"must be in [1, n_group]")
+    if method == "noaux_tc" and e // ng < 2:
+        raise ConfigError(f"{mt}: noaux_tc routing needs >= 2 experts per group (n_routed_experts / n_group)")
+    bias = bool(hf.get("attention_bias", False))
+    out = dict(common, intermediate_size=need("intermediate_size"), moe_intermediate_size=mi, num_experts=e,
+               top_k=need("num_experts_per_tok"), moe_layers=tuple(range(first, nl)),
+               norm_topk_prob=bool(hf.get("norm_topk_prob", mt != "deepseek_v2")),
+               shared_intermediate_size=mi * hf.int("n_shared_experts", 2 if mt == "deepseek_v2" else 1),
+               routed_scaling_factor=hf.float("routed_scaling_factor", 2.5 if v3 else 1.0),
+               scoring=scoring, topk_method=method, n_group=ng, topk_group=tg, router_fp32=True)
+    if mt == "glm4_moe":
+        prf = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))   # transformers' default: 0.5
+        prf = _Checked({"partial_rotary_factor": prf}).float("partial_rotary_factor", 0.5)
+        d = common["head_dim"]
+        rot = int(d * prf)
+        if not (0 < prf <= 1) or rot % 2 or rot == 0:
+            raise ConfigError(f"partial_rotary_factor must be in (0, 1] with an even rotary dim, got {prf} "
+                              f"(head_dim {d})")
+        return cls(**out, qkv_bias=bias, qk_norm=bool(hf.get("use_qk_norm", False)), rotary_dim=rot)
+    # DeepSeek-V2/V3: Multi-head Latent Attention
+    if bias:
+        raise ConfigError(f"{mt}: attention_bias=true is not supported")
+    nh = common["num_heads"]
+    if hf.int("num_key_value_heads", nh) != nh:
+        raise ConfigError(f"{mt}: num_key_value_heads must equal num_attention_heads for MLA, "
+                          f"got {hf.get('num_key_value_heads')}")
+    mla = dict(q_lora_rank=hf.int("q_lora_rank", 0) or 0, kv_lora_rank=need("kv_lora_rank"),
+               qk_nope_head_dim=need("qk_nope_head_dim"), qk_rope_head_dim=need("qk_rope_head_dim"),
+               v_head_dim=need("v_head_dim"))
+    for k, v in mla.items():
+        if v < (0 if k == "q_lora_rank" else 1) or k == "qk_rope_head_dim" and v % 2:
+            raise ConfigError(f"{k} must be {'>= 0' if k == 'q_lora_rank' else '> 0'}"
+                              f"{' and even' if k == 'qk_rope_head_dim' else ''}, got {v}")
+    yarn = ()
+    if rope_type == "yarn":
+        p = _Checked(rope if rope.get("rope_type") == "yarn" else scaling, "rope_scaling.")
+        vals = {"factor": p.float("factor"), "beta_fast": p.float("beta_fast", 32.0) or 32.0,
+                "beta_slow": p.float("beta_slow", 1.0) or 1.0, "mscale": p.float("mscale", 0.0) or 0.0,
+                "mscale_all_dim": p.float("mscale_all_dim", 0.0) or 0.0,
+                "attention_factor": p.float("attention_factor", 0.0) or 0.0,
+                "original_max_position_embeddings": p.int("original_max_position_embeddings",
+                                                          common["max_position_embeddings"]),
+                "truncate": bool(p.get("truncate", True))}
+        if vals["factor"] is None or not vals["original_max_position_embeddings"]:
+            raise ConfigError("yarn rope scaling needs factor and original_max_position_embeddings")
+        for k in ("factor", "beta_fast", "beta_slow", "original_max_position_embeddings"):
+            if not (math.isfinite(vals[k]) and vals[k] > 0):
+                raise ConfigError(f"rope_scaling.{k} must be a finite number > 0, got {vals[k]}")
+        for k in ("mscale", "mscale_all_dim", "attention_factor"):
+            if not (math.isfinite(vals[k]) and vals[k] >= 0):
+                raise ConfigError(f"rope_scaling.{k} must be a finite number >= 0, got {vals[k]}")
+        if common["rope_theta"] <= 1:
+            raise ConfigError(f"rope_theta must be > 1 with yarn scaling, got {common['rope_theta']}")
+        yarn = tuple(sorted(vals.items()))
+    return cls(**{**out, "head_dim": mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"]}, **mla,
+               rope_interleave=bool(hf.get("rope_interleave", True)), rope_yarn=yarn)
 
 
 class _Checked:

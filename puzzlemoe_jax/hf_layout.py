@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from puzzlemoe_jax import fp8
 from puzzlemoe_jax.config import ModelConfig
 from puzzlemoe_jax.experts import MATRICES
 from puzzlemoe_jax.safetensors_io import DTYPES, FLOAT_CODES, CheckpointError, SafetensorsDir
@@ -30,6 +31,7 @@ class Item:
     dst: str
     shape: tuple[int, ...]   # expected HF shape
     transpose: bool
+    fp32: bool = False       # kept in float32 whatever the model dtype (fp32 routers, correction bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +56,20 @@ class ExpertsItem:
 class Plan:
     head: list[Item]                      # embeddings, final norm, lm_head
     layers: list[tuple[list[Item], ExpertsItem | None]]
-    ignored: list[str]                    # present but deliberately unused (tied lm_head, inv_freq)
+    ignored: list[str]                    # present but deliberately unused (tied lm_head, inv_freq, MTP layers)
+    scales: dict[str, str] = dataclasses.field(default_factory=dict)   # FP8 weight -> its weight_scale_inv
+
+    def sources(self) -> dict[str, tuple[int, ...]]:
+        """Every planned HF tensor name -> its expected shape."""
+        out = {it.src: it.shape for it in self.head}
+        for items, experts in self.layers:
+            out.update({it.src: it.shape for it in items})
+            out.update(experts.sources() if experts else {})
+        return out
 
 
-def _linear(src, dst, dout, din, bias=False):
-    items = [Item(src + ".weight", dst + ".kernel", (dout, din), True)]
+def _linear(src, dst, dout, din, bias=False, fp32=False):
+    items = [Item(src + ".weight", dst + ".kernel", (dout, din), True, fp32)]
     return items + ([Item(src + ".bias", dst + ".bias", (dout,), False)] if bias else [])
 
 
@@ -89,13 +100,15 @@ def hf_plan(cfg: ModelConfig, names: Iterable[str], layout: str = "auto") -> Pla
         items = [Item(p + "input_layernorm.weight", q + "input_norm.scale", (h,), False),
                  Item(p + "post_attention_layernorm.weight", q + "post_norm.scale", (h,), False)]
         a, qa = p + "self_attn.", q + "attn."
-        items += (_linear(a + "q_proj", qa + "q_proj", nh * d, h, cfg.qkv_bias)
-                  + _linear(a + "k_proj", qa + "k_proj", kv * d, h, cfg.qkv_bias)
-                  + _linear(a + "v_proj", qa + "v_proj", kv * d, h, cfg.qkv_bias)
-                  + _linear(a + "o_proj", qa + "o_proj", h, nh * d, cfg.o_bias))
-        if cfg.qk_norm:
-            items += [Item(a + "q_norm.weight", qa + "q_norm.scale", (d,), False),
-                      Item(a + "k_norm.weight", qa + "k_norm.scale", (d,), False)]
+        items += _mla(cfg, a, qa) if cfg.mla else (
+            _linear(a + "q_proj", qa + "q_proj", nh * d, h, cfg.qkv_bias)
+            + _linear(a + "k_proj", qa + "k_proj", kv * d, h, cfg.qkv_bias)
+            + _linear(a + "v_proj", qa + "v_proj", kv * d, h, cfg.qkv_bias)
+            + _linear(a + "o_proj", qa + "o_proj", h, nh * d, cfg.o_bias))
+        if cfg.qk_norm or cfg.qk_norm_full:
+            qd, kd = (nh * d, kv * d) if cfg.qk_norm_full else (d, d)
+            items += [Item(a + "q_norm.weight", qa + "q_norm.scale", (qd,), False),
+                      Item(a + "k_norm.weight", qa + "k_norm.scale", (kd,), False)]
         if L not in cfg.moe_layers:
             layers.append((items + _mlp(p + "mlp", q + "mlp", h, cfg.intermediate_size), None))
             continue
@@ -104,7 +117,9 @@ def hf_plan(cfg: ModelConfig, names: Iterable[str], layout: str = "auto") -> Pla
                 n.startswith(p + "block_sparse_moe.") for n in names)):
             m = p + "block_sparse_moe."
         e, i = cfg.num_experts, cfg.moe_intermediate_size
-        items += _linear(m + "gate", q + "mlp.router", e, h)
+        items += _linear(m + "gate", q + "mlp.router", e, h, fp32=cfg.router_fp32)
+        if cfg.topk_method == "noaux_tc":
+            items.append(Item(m + "gate.e_score_correction_bias", q + "mlp.router_bias", (e,), False, True))
         if cfg.shared_intermediate_size:
             src = m + ("shared_expert" if cfg.shared_gate else "shared_experts")
             items += _mlp(src, q + "mlp.shared", h, cfg.shared_intermediate_size)
@@ -117,15 +132,35 @@ def hf_plan(cfg: ModelConfig, names: Iterable[str], layout: str = "auto") -> Pla
             experts = ExpertsItem(q + "mlp.experts", {mat: tuple(f"{m}experts.{x}.{src}.weight" for x in range(e))
                                                       for mat, src in zip(MATRICES, hub)}, None, e, h, i)
         layers.append((items, experts))
-    return Plan(head, layers, ignored)
+    # GLM-4.5 / DeepSeek-V3 checkpoints carry multi-token-prediction layers past num_hidden_layers
+    ignored += sorted(n for n in names if n.startswith("model.layers.")
+                      and n.split(".")[2].isdigit() and int(n.split(".")[2]) >= cfg.num_layers)
+    plan = Plan(head, layers, ignored)
+    plan.scales = fp8.scale_names(plan.sources(), names)
+    return plan
+
+
+def _mla(cfg: ModelConfig, a: str, qa: str) -> list[Item]:
+    """Multi-head Latent Attention (DeepSeek-V2/V3) tensors."""
+    h, nh, r = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if cfg.q_lora_rank:
+        items = (_linear(a + "q_a_proj", qa + "q_a_proj", cfg.q_lora_rank, h)
+                 + [Item(a + "q_a_layernorm.weight", qa + "q_a_norm.scale", (cfg.q_lora_rank,), False)]
+                 + _linear(a + "q_b_proj", qa + "q_b_proj", nh * qk, cfg.q_lora_rank))
+    else:
+        items = _linear(a + "q_proj", qa + "q_proj", nh * qk, h)
+    return items + (_linear(a + "kv_a_proj_with_mqa", qa + "kv_a_proj", r + cfg.qk_rope_head_dim, h)
+                    + [Item(a + "kv_a_layernorm.weight", qa + "kv_a_norm.scale", (r,), False)]
+                    + _linear(a + "kv_b_proj", qa + "kv_b_proj", nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), r)
+                    + _linear(a + "o_proj", qa + "o_proj", h, nh * cfg.v_head_dim))
 
 
 def check_plan(plan: Plan, ckpt: SafetensorsDir, arch: str) -> None:
-    """Every expected tensor present with its shape and a float dtype; nothing unexpected."""
-    expected = {it.src: it.shape for it in plan.head}
-    for items, experts in plan.layers:
-        expected.update({it.src: it.shape for it in items})
-        expected.update(experts.sources() if experts else {})
+    """Every expected tensor present with its shape and a float dtype (FP8 with its block scales);
+    nothing unexpected."""
+    expected = plan.sources()
+    fp8.check_scales(plan.scales, ckpt, expected)
     for name, shape in expected.items():
         info = ckpt.tensors.get(name)
         if info is None:
@@ -134,10 +169,10 @@ def check_plan(plan: Plan, ckpt: SafetensorsDir, arch: str) -> None:
         if info.shape != shape:
             raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, expected "
                                   f"{list(shape)} from config.json")
-        if info.dtype not in FLOAT_CODES:
+        if info.dtype not in FLOAT_CODES and name not in plan.scales:
             raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected one of "
                                   f"{', '.join(FLOAT_CODES)}")
-    extra = sorted(set(ckpt.tensors) - set(expected) - set(plan.ignored))
+    extra = sorted(set(ckpt.tensors) - set(expected) - set(plan.ignored) - set(plan.scales.values()))
     if extra:
         raise CheckpointError(f"{ckpt.tensors[extra[0]].file}: unexpected tensor {extra[0]!r} "
                               f"({len(extra)} unexpected in all) for a {arch} model with this config.json")
@@ -147,7 +182,8 @@ def read_items(ckpt: SafetensorsDir, items: Iterable[Item], dtype) -> dict[str, 
     out = {}
     for it in items:
         a = ckpt.read(it.src)
-        out[it.dst] = np.ascontiguousarray(a.T if it.transpose else a).astype(dtype, copy=False)
+        out[it.dst] = np.ascontiguousarray(a.T if it.transpose else a).astype(np.float32 if it.fp32 else dtype,
+                                                                             copy=False)
     return out
 
 

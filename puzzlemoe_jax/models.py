@@ -1,13 +1,16 @@
-"""Flax NNX causal LMs for the MoE families we compress: Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-MoE.
+"""Flax NNX causal LMs for the MoE families we compress: Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-MoE,
+OLMoE, GLM-4.5, DeepSeek-V2/V3.
 
-One decoder serves all four; ``config.ModelConfig`` (parsed from a Hugging Face ``config.json``)
+One decoder serves them all (MLA attention in ``mla``, grouped/sigmoid routers in ``routing``,
+shared blocks in ``layers``); ``config.ModelConfig`` (parsed from a Hugging Face ``config.json``)
 holds the differences.  Kernels use the Flax ``x @ W`` layout (``[in, out]``).
 The routed experts of each MoE layer are either dense (``DenseExperts``: ``[E, K, N]``) or merged
 pairs (``PackedExpertsModule``, the ``experts.PackedExperts`` arrays), chosen per layer.
 
 Numerics follow transformers' eager PyTorch forward: RMSNorm in fp32 cast back before the scale,
 RoPE tables in fp32 cast to the activation dtype, attention softmax in fp32, router softmax in
-fp32 (Mixtral keeps fp32 routing weights, the others cast them to the activation dtype).
+fp32 (Mixtral, GLM-4.5 and DeepSeek-V2/V3 keep fp32 routing weights, the others cast them to the
+activation dtype; GLM-4.5 and DeepSeek-V2/V3 also hold the router weight in fp32).
 """
 from __future__ import annotations
 
@@ -15,76 +18,17 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from kernels import resolve_impl
 from kernels.mosaic_ffn import from_mosaic_words, to_mosaic_words
 from puzzlemoe_jax.config import ModelConfig
 from puzzlemoe_jax.experts import MATRICES, PackedExperts
+from puzzlemoe_jax.layers import MLP, Buffer, Linear, RMSNorm, _init, apply_rope, rope_tables  # noqa: F401
+from puzzlemoe_jax.mla import MLAttention
+from puzzlemoe_jax.routing import select_experts
 from puzzlemoe_jax.moe import moe_ffn
 from puzzlemoe_jax.sharding import sharded_moe_ffn
-
-
-class Buffer(nnx.Variable):
-    """Non-trainable arrays: packed uint16 words, pair and expert indices."""
-
-
-def _init(rngs, shape, dtype, std=0.02):
-    rngs = rngs or nnx.Rngs(0)
-    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
-
-
-class Linear(nnx.Module):
-    """``y = x @ kernel (+ bias)`` with kernel ``[in, out]``."""
-
-    def __init__(self, din, dout, *, bias=False, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.kernel = _init(rngs, (din, dout), dtype)
-        self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
-
-    def __call__(self, x):
-        y = x @ self.kernel[...]
-        return y if self.bias is None else y + self.bias[...]
-
-
-class RMSNorm(nnx.Module):
-    """transformers' RMSNorm: normalise in fp32, cast to the input dtype, then scale."""
-
-    def __init__(self, dim, eps, *, dtype=jnp.float32):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
-        self.eps = eps
-
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...] * xf.astype(x.dtype)
-
-
-class MLP(nnx.Module):
-    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` (dense layers and shared experts)."""
-
-    def __init__(self, hidden, inter, *, dtype, rngs):
-        self.gate = Linear(hidden, inter, dtype=dtype, rngs=rngs)
-        self.up = Linear(hidden, inter, dtype=dtype, rngs=rngs)
-        self.down = Linear(inter, hidden, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
-
-
-def rope_tables(positions, head_dim, theta, dtype):
-    """(cos, sin) ``[..., S, head_dim]`` for rotate_half RoPE, computed in fp32."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def apply_rope(x, cos, sin):
-    """x ``[B, S, heads, D]``; rotate_half (NeoX) convention used by HF checkpoints."""
-    half = x.shape[-1] // 2
-    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None] + rot * sin[:, :, None]
 
 
 class Attention(nnx.Module):
@@ -97,12 +41,14 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs):
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim, self.theta = cfg.num_heads, cfg.num_kv_heads, d, cfg.rope_theta
+        self.rotary_dim, self.norm_full = cfg.rotary_dim or d, cfg.qk_norm_full
         self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
-        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
+        qd, kd = (cfg.num_heads * d, cfg.num_kv_heads * d) if cfg.qk_norm_full else (d, d)   # OLMoE: whole projection
+        self.q_norm = RMSNorm(qd, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm or cfg.qk_norm_full else None
+        self.k_norm = RMSNorm(kd, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm or cfg.qk_norm_full else None
 
     def __call__(self, x, positions, mask, cache=None):
         """``cache=None``: attention over ``x`` itself, returns ``out``.  ``cache=(k, v, index)``
@@ -110,12 +56,15 @@ class Attention(nnx.Module):
         keys/values there, attends over all ``S_max`` slots with ``mask [B, S, S_max]`` and returns
         ``(out, (k, v))``."""
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_tables(positions, self.head_dim, self.theta, x.dtype)
+        q = q.reshape(b, s, self.num_heads, self.head_dim)
+        k = k.reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and not self.norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_tables(positions, self.rotary_dim, self.theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             return self._attend(q, k, v, mask)
@@ -221,7 +170,11 @@ class MoE(nnx.Module):
         self.top_k, self.norm_topk_prob, self.routing_fp32 = cfg.top_k, cfg.norm_topk_prob, cfg.routing_fp32
         self.scale = cfg.routed_scaling_factor
         self.impl, self.interpret, self.capture, self.mesh = impl, interpret, False, None
-        self.router = Linear(h, e, dtype=dtype, rngs=rngs)
+        self.router = Linear(h, e, dtype=jnp.float32 if cfg.router_fp32 else dtype, rngs=rngs)
+        # DeepSeek-V2/V3, GLM-4.5: fp32 router, grouped / sigmoid routing (routing.select_experts)
+        self.variant = (tuple(dict(scoring=cfg.scoring, topk_method=cfg.topk_method, n_group=cfg.n_group,
+                                   topk_group=cfg.topk_group).items()) if cfg.router_fp32 else None)   # hashable
+        self.router_bias = nnx.Param(jnp.zeros((e,), jnp.float32)) if cfg.topk_method == "noaux_tc" else None
         self.experts = (PackedExpertsModule(e, h, i, num_pairs, num_dropped, dtype=dtype) if num_pairs or num_dropped
                         else DenseExperts(e, h, i, dtype=dtype, rngs=rngs))
         self.shared = MLP(h, cfg.shared_intermediate_size, dtype=dtype, rngs=rngs) if cfg.shared_intermediate_size else None
@@ -230,11 +183,18 @@ class MoE(nnx.Module):
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        logits = self.router(x)
         experts = self.experts.weights()
-        if isinstance(experts, PackedExperts) and experts.dropped_ids.shape[0]:
-            logits = logits.at[:, experts.dropped_ids].set(-jnp.inf)   # dropped experts are never routed to
-        ids, w = route(logits, self.top_k, self.norm_topk_prob)
+        dropped = experts.dropped_ids if isinstance(experts, PackedExperts) else None
+        if self.variant is not None:
+            logits = x.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
+            bias = None if self.router_bias is None else self.router_bias[...]
+            ids, w = select_experts(logits, top_k=self.top_k, norm_topk_prob=self.norm_topk_prob, bias=bias,
+                                    blocked=dropped, **dict(self.variant))
+        else:
+            logits = self.router(x)
+            if dropped is not None and dropped.shape[0]:
+                logits = logits.at[:, dropped].set(-jnp.inf)   # dropped experts are never routed to
+            ids, w = route(logits, self.top_k, self.norm_topk_prob)
         if self.capture:
             self.sow(nnx.Intermediate, "routed", (x, ids))
         if self.scale != 1.0:
@@ -256,7 +216,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, idx: int, *, num_pairs=0, num_dropped=0, dtype, rngs, impl="auto",
                  interpret=False):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.attn = (MLAttention if cfg.mla else Attention)(cfg, dtype=dtype, rngs=rngs)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         if idx in cfg.moe_layers:
             self.mlp = MoE(cfg, num_pairs=num_pairs, num_dropped=num_dropped, dtype=dtype, rngs=rngs, impl=impl,
@@ -319,11 +279,15 @@ class CausalLM(nnx.Module):
     # ---- KV cache (used by puzzlemoe_jax.generate) ----------------------------------------
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list[tuple[jax.Array, jax.Array]]:
-        """Zeroed per-layer ``(k, v)`` caches ``[batch, max_len, kv_heads, head_dim]``."""
+        """Zeroed per-layer ``(k, v)`` caches ``[batch, max_len, kv_heads, head_dim]``; for MLA
+        ``(latent, k_pe)`` ``[batch, max_len, kv_lora_rank]`` and ``[batch, max_len, qk_rope_head_dim]``."""
         cfg = self.config
         dtype = dtype or self.embed[...].dtype
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+        if cfg.mla:
+            shapes = (batch, max_len, cfg.kv_lora_rank), (batch, max_len, cfg.qk_rope_head_dim)
+        else:
+            shapes = ((batch, max_len, cfg.num_kv_heads, cfg.head_dim),) * 2
+        return [tuple(jnp.zeros(s, dtype) for s in shapes) for _ in range(cfg.num_layers)]
 
     def cache_mask(self, valid, index, s: int):
         """``[B, S, S_max]``: the query in slot ``index + q`` sees key slots ``<= index + q`` that
@@ -377,7 +341,7 @@ class CausalLM(nnx.Module):
     def set_experts(self, layer: int, experts: PackedExperts | Mapping[str, jax.Array]) -> None:
         """Replace layer ``layer``'s routed experts with dense ``{name: [E,K,N]}`` or packed ones."""
         moe = self.moe_layers()[layer]
-        dtype = moe.router.kernel[...].dtype
+        dtype = self.embed[...].dtype
         e, h, i = self.config.num_experts, self.config.hidden_size, self.config.moe_intermediate_size
         if isinstance(experts, PackedExperts):
             moe.experts = PackedExpertsModule(e, h, i, int(experts.pairs.shape[0]), int(experts.dropped_ids.shape[0]),

@@ -46,6 +46,27 @@ def tiny_config(arch: str, *, num_layers=2, hidden_size=64, num_heads=4, num_kv_
                    decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1e6, attention_bias=False,
                    head_dim=head_dim or 2 * (hidden_size // num_heads), use_sliding_window=False,
                    sliding_window=None)
+    elif arch == "olmoe":
+        cfg.update(architectures=["OlmoeForCausalLM"], intermediate_size=moe_intermediate_size, num_experts=num_experts,
+                   norm_topk_prob=False, rope_theta=10000.0, attention_bias=False, clip_qkv=None)
+    elif arch == "glm4_moe":
+        cfg.update(architectures=["Glm4MoeForCausalLM"], intermediate_size=inter,
+                   moe_intermediate_size=moe_intermediate_size, n_routed_experts=num_experts, n_shared_experts=1,
+                   n_group=2, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                   rope_theta=10000.0, partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
+                   head_dim=head_dim or hidden_size // num_heads, num_nextn_predict_layers=0)
+    elif arch in ("deepseek_v2", "deepseek_v3"):
+        v3 = arch == "deepseek_v3"
+        cfg.update(architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"], intermediate_size=inter,
+                   moe_intermediate_size=moe_intermediate_size, n_routed_experts=num_experts, n_shared_experts=1,
+                   first_k_dense_replace=1, moe_layer_freq=1, n_group=2, topk_group=1,
+                   topk_method="noaux_tc" if v3 else "group_limited_greedy", scoring_func="sigmoid" if v3 else "softmax",
+                   norm_topk_prob=v3, routed_scaling_factor=2.5 if v3 else 1.0, num_key_value_heads=num_heads,
+                   q_lora_rank=hidden_size // 2 if v3 else None, kv_lora_rank=hidden_size // 4,
+                   qk_nope_head_dim=hidden_size // num_heads, qk_rope_head_dim=hidden_size // (2 * num_heads),
+                   v_head_dim=hidden_size // num_heads, attention_bias=False, rope_theta=10000.0,
+                   rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                                 "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
     else:
         cfg.update(architectures=["DeepseekForCausalLM"], intermediate_size=inter,
                    moe_intermediate_size=moe_intermediate_size, n_routed_experts=num_experts, n_shared_experts=2,

@@ -21,7 +21,7 @@ import numpy as np
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
-          "U16": np.uint16, "I32": np.int32}
+          "U16": np.uint16, "I32": np.int32, "F8_E4M3": ml_dtypes.float8_e4m3fn}
 FLOAT_CODES = ("BF16", "F16", "F32")
 MAX_HEADER = 100 << 20
 

@@ -11,6 +11,12 @@ experts, ``first_k_dense_replace`` dense layers) with every layer's MLA attentio
 ``LlamaAttention`` (MHA, no bias, rotate_half RoPE) and the rotary embedding by Llama's.  Its
 ``save_pretrained`` writes the DeepSeek-MoE Hub key layout; config.json is then replaced by a
 hand-written Hub-style (v4 spelling, ``rope_theta``/``torch_dtype``) DeepSeek-MoE config.
+
+OLMoE, GLM-4.5 and DeepSeek-V2/V3 are native transformers models (``FAMILIES``): GLM with attention
+biases, per-head qk norm, partial rotary, 2 expert groups and a dense first layer; DeepSeek-V2 with
+MLA without q LoRA, YaRN (mscale != mscale_all_dim) and group-limited greedy routing; DeepSeek-V3
+with q LoRA, interleaved YaRN RoPE and noaux_tc routing.  Biases (attention, correction) that
+transformers initialises to zero are randomised so that they matter.
 """
 from __future__ import annotations
 
@@ -25,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, LlamaConfig, MixtralConfig,
-                          MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+                          Glm4MoeConfig, Glm4MoeForCausalLM, LlamaConfig, MixtralConfig, MixtralForCausalLM,
+                          OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
                           Qwen3MoeForCausalLM)
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
@@ -37,9 +44,51 @@ COMMON = dict(hidden_size=H, num_attention_heads=4, num_key_value_heads=2, vocab
               initializer_range=0.1, rms_norm_eps=1e-6)
 
 
+def _mla_sizes(**kw):
+    return dict(hidden_size=H, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=4, intermediate_size=120,
+                moe_intermediate_size=88, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=3,
+                first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                max_position_embeddings=256, initializer_range=0.1, rms_norm_eps=1e-6, **kw, **EAGER)
+
+
+FAMILIES = {   # arch -> (transformers class, config)
+    "olmoe": lambda tie: (OlmoeForCausalLM, OlmoeConfig(intermediate_size=88, num_hidden_layers=2, num_experts=8,
+                                                        num_experts_per_tok=3, norm_topk_prob=False,
+                                                        tie_word_embeddings=tie, **COMMON, **EAGER)),
+    "glm4_moe": lambda tie: (Glm4MoeForCausalLM, Glm4MoeConfig(
+        intermediate_size=120, moe_intermediate_size=88, num_hidden_layers=3, n_routed_experts=8,
+        num_experts_per_tok=3, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+        norm_topk_prob=True, routed_scaling_factor=1.8, attention_bias=True, use_qk_norm=True, head_dim=24,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        tie_word_embeddings=tie, **COMMON, **EAGER)),
+    "deepseek_v2": lambda tie: (DeepseekV2ForCausalLM, DeepseekV2Config(**_mla_sizes(
+        q_lora_rank=None, n_group=4, topk_group=2, topk_method="group_limited_greedy", n_shared_experts=2,
+        routed_scaling_factor=1.5, norm_topk_prob=False, tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                         "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}))),
+    "deepseek_v3": lambda tie: (DeepseekV3ForCausalLM, DeepseekV3Config(**_mla_sizes(
+        q_lora_rank=24, n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        rope_interleave=True, tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+                         "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}))),
+}
+
+
 def build(arch: str, *, tie: bool = False):
     """A random eval-mode transformers model of ``arch`` (fp32) and, for deepseek, its Hub config."""
-    torch.manual_seed({"mixtral": 0, "qwen2_moe": 1, "qwen3_moe": 2, "deepseek": 3}[arch])
+    torch.manual_seed({"mixtral": 0, "qwen2_moe": 1, "qwen3_moe": 2, "deepseek": 3, "olmoe": 4, "glm4_moe": 5,
+                       "deepseek_v2": 6, "deepseek_v3": 7}[arch])
+    if arch in FAMILIES:
+        cls, cfg = FAMILIES[arch](tie)
+        m = cls(cfg).eval()
+        with torch.no_grad():
+            for name, p in m.named_parameters(recurse=True):
+                if name.endswith("bias"):
+                    p.normal_(0.0, 0.1)
+            for name, b in m.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    b.normal_(0.0, 0.1)
+        return m, None
     if arch == "mixtral":
         cfg = MixtralConfig(intermediate_size=88, num_hidden_layers=2, num_local_experts=6, num_experts_per_tok=2,
                             sliding_window=5, rope_theta=1e6, tie_word_embeddings=tie, **COMMON, **EAGER)

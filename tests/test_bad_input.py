@@ -224,11 +224,14 @@ KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "intermediate_size", "moe_intermediate_size", "num_local_experts", "num_experts", "num_experts_per_tok",
         "rope_theta", "rms_norm_eps", "sliding_window", "max_position_embeddings", "decoder_sparse_step",
         "mlp_only_layers", "rope_scaling", "rope_parameters", "n_routed_experts", "moe_layer_freq",
-        "first_k_dense_replace", "n_shared_experts", "routed_scaling_factor", "shared_expert_intermediate_size"]
+        "first_k_dense_replace", "n_shared_experts", "routed_scaling_factor", "shared_expert_intermediate_size",
+        "n_group", "topk_group", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+        "partial_rotary_factor", "topk_method", "scoring_func"]
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(arch=st.sampled_from(["mixtral", "qwen2_moe", "qwen3_moe", "deepseek"]),
+@given(arch=st.sampled_from(["mixtral", "qwen2_moe", "qwen3_moe", "deepseek", "olmoe", "glm4_moe", "deepseek_v2",
+                             "deepseek_v3"]),
        changes=st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=4))
 def test_from_hf_clean_error_or_valid(arch, changes):
     hf = {**tiny_config(arch), **changes}

@@ -87,9 +87,14 @@ def test_pair_kernel_lowers_to_triton_for_h100(m, k, n, transposed, cfg):
     assert lower_for_h100(fn, a, a, w).count("__gpu$xla.gpu.triton") == 1
 
 
-@pytest.mark.parametrize("ratio,t", [(0.5, 64), (0.25, 64), (0.5, 1024)])   # t = 1024: 128-row tiles
-def test_packed_layer_lowers_to_triton_for_h100(ratio, t):
-    e, h, i, k = 8, 4096, 14336, 2      # Mixtral layer shapes
+MIXTRAL = (8, 4096, 14336, 2)       # experts, hidden, expert intermediate, top-k
+DEEPSEEK_V3 = (256, 7168, 2048, 8)  # DeepSeek-V3 / R1 / Kimi-K2 routed experts
+
+
+@pytest.mark.parametrize("ratio,t,shape", [(0.5, 64, MIXTRAL), (0.25, 64, MIXTRAL), (0.5, 1024, MIXTRAL),  # t = 1024: 128-row tiles
+                                           (0.5, 64, DEEPSEEK_V3), (0.25, 256, DEEPSEEK_V3)])
+def test_packed_layer_lowers_to_triton_for_h100(ratio, t, shape):
+    e, h, i, k = shape
     p = int(ratio * e)
     d = e - 2 * p
     experts = PackedExperts(

@@ -5,8 +5,8 @@ subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.  Models:
 tiny dense Mixtral fixture (6 experts: expert-parallel on a 2-wide axis) and the packed DeepSeek-MoE
 fixture (4 merged pairs + shared experts + a dense first layer: pairs expert-parallel on 2- and
 4-wide axes), on ("expert", "model") meshes 2x4 and 4x2; the packed model also with the Pallas
-kernel (interpret mode) inside ``shard_map``.  And ``sharded_moe_ffn`` alone on fresh random
-layers where experts, pairs or the intermediate axis do and do not divide the mesh.
+kernel (interpret mode) inside ``shard_map``; then OLMoE (dense) and packed DeepSeek-V3 (MLA).
+And ``sharded_moe_ffn`` alone on fresh random layers where experts, pairs or the intermediate axis do and do not divide the mesh.
 """
 import json
 import os
@@ -88,6 +88,33 @@ def test_sharded_equals_single_device():
             assert s["layers.1.mlp.experts.packed_w_down"] == "('expert', 'model', None)", where
             assert s["layers.1.mlp.experts.pairs"] == "()", where
             assert s["layers.0.mlp.gate.kernel"] == "(None, 'model')", where
+
+
+def test_sharded_new_families_equal_single_device():
+    """The same check on the issue #20 families: OLMoE dense (q/k norm over the projection) and
+    packed DeepSeek-V3 (tensor-parallel MLA, correction bias, packed pairs expert parallel)."""
+    paths = [F.converted("olmoe"), F.converted("deepseek_v3", ratio=0.5)]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = SCRIPT.replace('if "deepseek" in path:', 'if False:')   # (the Pallas run: the test above)
+    p = subprocess.run([sys.executable, "-c", script, *map(str, paths)], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert len(results) == 2 * len(paths)
+    for r in results:
+        s, where = r["summary"], f"{r['path'].rsplit('/', 1)[-1]} mesh {r['mesh']}"
+        assert r["devices"] == 8 and r["finite"] and r["max_diff"] < 1e-4, (where, r["max_diff"])
+        assert r["tokens"] == r["ref_tokens"], where
+        assert s["layers.1.attn.o_proj.kernel"] == "('model', None)", (where, s)
+        if "deepseek_v3" in r["path"]:   # MLA with q LoRA: per-head projections split, latent ones replicated
+            assert s["layers.1.attn.q_b_proj.kernel"] == s["layers.1.attn.kv_b_proj.kernel"] == "(None, 'model')"
+            assert s["layers.1.attn.kv_a_proj.kernel"] == s["layers.1.attn.q_a_proj.kernel"] == "()", where
+            assert s["layers.1.mlp.experts.packed_w_gate"] == "('expert', None, 'model')", where
+            assert s["layers.1.mlp.router_bias"] == "()", where
+        if "olmoe" in r["path"]:         # 8 dense experts over both meshes
+            assert s["layers.1.mlp.experts.w_gate"] == "('expert', None, 'model')", where
+            assert s["layers.1.attn.q_norm.scale"] == "()", where
 
 
 LAYER_SCRIPT = textwrap.dedent('''

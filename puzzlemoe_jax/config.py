@@ -279,6 +279,8 @@ class _Checked:
         whole = isinstance(v, int) or (isinstance(v, float) and math.isfinite(v) and v == int(v))
         if isinstance(v, bool) or not whole:
             raise ConfigError(f"{self.prefix}{key} must be an integer, got {v!r}")
+        if abs(v) >= 2 ** 31:   # sizes and counts are int32 everywhere downstream
+            raise ConfigError(f"{self.prefix}{key} must be below 2**31, got {v!r}")
         return int(v)
 
     def float(self, key, default=None):

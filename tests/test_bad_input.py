@@ -257,3 +257,9 @@ def test_flag_types_clean_error_or_in_range(text, kind):
     assert isinstance(v, int) if kind is cli.positive_int else np.isfinite(v)   # any size of int is fine
     assert {cli.positive_int: v >= 1, cli.positive_float: v > 0, cli.probability: 0 < v <= 1,
             cli.ratio: 0 <= v <= 0.5, cli.unit_float: 0 <= v <= 1}[kind]
+
+
+def test_huge_whole_float_sizes_refused_not_allocated():
+    """A size given as a huge whole float (1e300) is an error, not a billion-layer model."""
+    with pytest.raises(ConfigError, match="num_hidden_layers must be below 2"):
+        ModelConfig.from_hf({**tiny_config("mixtral"), "num_hidden_layers": 1e300})

@@ -97,12 +97,6 @@ def _sample_rows(logits, seeds, counts, temperature, top_p):
     return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
 
 
-def _head(model, x):
-    """Final norm and output projection (as ``CausalLM.forward_cached``)."""
-    x = model.final_norm(x)
-    return x @ (model.embed[...].T if model.lm_head is None else model.lm_head.kernel[...])
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
 def _prefill(graphdef, state, ids, length, seed, temperature, top_p, *, max_len: int):
     """One prompt ``ids [P]`` (right-padded, ``length`` real tokens) into a fresh cache row of
@@ -120,7 +114,7 @@ def _prefill(graphdef, state, ids, length, seed, temperature, top_p, *, max_len:
         x, kv = layer(x, positions, mask, (ck, cv, 0))
         new.append(kv)
     x = jax.lax.dynamic_slice_in_dim(x, length - 1, 1, axis=1)
-    logits = _head(model, x)[:, -1].astype(jnp.float32)
+    logits = model.head(x)[:, -1].astype(jnp.float32)
     tok = _sample_rows(logits, seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_p[None])
     return tok[0], new, jnp.all(jnp.isfinite(logits))
 
@@ -167,7 +161,7 @@ def _decode_batched(model, tokens, pos, active, cache):
         x = x + a
         x = x + layer.mlp(layer.post_norm(x))
         new.append((k, v))
-    return _head(model, x)[:, -1], new
+    return model.head(x)[:, -1], new
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("cache",))

@@ -273,6 +273,10 @@ class CausalLM(nnx.Module):
         x = self.embed[...][input_ids]
         for layer in self.layers:
             x = layer(x, positions, mask)
+        return self.head(x)
+
+    def head(self, x):
+        """Final norm and output projection: hidden states -> logits."""
         x = self.final_norm(x)
         return x @ (self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...])
 
@@ -312,8 +316,7 @@ class CausalLM(nnx.Module):
             new.append(kv)
         if last_only:
             x = x[:, -1:]
-        x = self.final_norm(x)
-        return x @ (self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]), new
+        return self.head(x), new
 
     def moe_layers(self) -> dict[int, MoE]:
         return {i: layer.mlp for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)}

@@ -162,32 +162,44 @@ def test_pair_share_counts_matrices_read_per_token():
     assert s["matrices_per_token"] == (1 + 2 + 1 + 2) / 4 and s["shared_fraction"] == 0.5
 
 
-@pytest.mark.parametrize("method", ["reap", "naee", "hc-smoe", "wanda-2:4"])
-def test_baselines_convert_from_the_cli_and_load(tmp_path, method):
-    src = write_tiny_checkpoint(tmp_path / "hf", "mixtral", vocab_size=256, num_experts=8)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A byte-level tiny Mixtral checkpoint, its calibration text and statistics."""
+    tmp = tmp_path_factory.mktemp("baselines")
+    src = write_tiny_checkpoint(tmp / "hf", "mixtral", vocab_size=256, num_experts=8)
     tokens = np.random.default_rng(4).integers(0, 128, 512)
-    (tmp_path / "cal.txt").write_bytes(bytes(int(t) for t in tokens))
+    (tmp / "cal.txt").write_bytes(bytes(int(t) for t in tokens))
+    cal = calibrate.calibrate(load_pretrained(convert_checkpoint_dense(src, tmp / "dense"), impl="reference"),
+                              tokens, seq_len=32)
+    return src, tmp / "cal.txt", cal, tokens
+
+
+def convert_checkpoint_dense(src, out):
+    from puzzlemoe_jax.checkpoint import convert_checkpoint  # noqa: PLC0415
+    convert_checkpoint(src, out, "mixtral")
+    return out
+
+
+@pytest.mark.parametrize("method", ["reap", "naee", "hc-smoe", "wanda-2:4"])
+def test_baselines_convert_and_load(tmp_path, tiny, method):
+    from puzzlemoe_jax.checkpoint import convert_checkpoint  # noqa: PLC0415
+    src, _, cal, tokens = tiny
     out = tmp_path / "o"
-    assert convert_main(["mixtral", "--src", str(src), "--out", str(out), "--ratio", "0.5", "--method", method,
-                         "--calibration-text", str(tmp_path / "cal.txt"), "--calibration-seq-len", "32",
-                         "--quiet"]) == 0
+    convert_checkpoint(src, out, "mixtral", ratio=0.5, merge=MergeConfig(method=method), calibration=cal)
     section = json.loads((out / "config.json").read_text())["puzzlemoe"]
-    dropped = sum(section["dropped_experts"].values())
-    assert dropped == (8 if method in ("reap", "naee") else 0)
+    assert sum(section["dropped_experts"].values()) == (8 if method in ("reap", "naee") else 0)
     model = load_pretrained(out, impl="reference")
-    logits = model(np.asarray(tokens[:64]).reshape(2, 32).astype(np.int32))
-    assert finite(logits)
+    assert finite(model(np.asarray(tokens[:64]).reshape(2, 32).astype(np.int32)))
     if method == "wanda-2:4":
         w = model.moe_layers()[0].experts.weights()["w_up"]
         assert np.all((np.asarray(w, np.float32) != 0).reshape(w.shape[0], -1, 4, w.shape[-1]).sum(2) <= 2)
 
 
-def test_preset_paper_from_the_cli(tmp_path):
-    src = write_tiny_checkpoint(tmp_path / "hf", "mixtral", vocab_size=256, num_experts=8)
-    (tmp_path / "cal.txt").write_bytes(bytes(range(128)) * 4)
+def test_preset_paper_from_the_cli(tmp_path, tiny):
+    src, text, _, _ = tiny
     out = tmp_path / "o"
     assert convert_main(["mixtral", "--src", str(src), "--out", str(out), "--ratio", "0.5", "--preset", "paper",
-                         "--seed", "3", "--calibration-text", str(tmp_path / "cal.txt"),
+                         "--seed", "3", "--calibration-text", str(text),
                          "--calibration-seq-len", "32", "--quiet"]) == 0
     merge = json.loads((out / "config.json").read_text())["puzzlemoe"]["merge"]
     assert (merge["similarity_rule"], merge["similarity_threshold"], merge["saliency"], merge["pairing"],

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,26 @@ LN2 = math.log(2.0)
 
 
 # --------------------------------------------------------------------------- config
-def make_config(args, num_experts: int, top_k: int) -> MixtralConfig:
+def n_experts(cfg) -> int:
+    return getattr(cfg, "num_local_experts", None) or cfg.num_experts
+
+
+def model_class(args):
+    return Qwen2MoeForCausalLM if args.arch == "qwen2_moe" else MixtralForCausalLM
+
+
+def make_config(args, num_experts: int, top_k: int):
+    if args.arch == "qwen2_moe":  # fine-grained: many small routed experts + a shared expert (Qwen1.5-MoE)
+        return Qwen2MoeConfig(
+            vocab_size=256, hidden_size=args.hidden, intermediate_size=args.shared_intermediate,
+            moe_intermediate_size=args.intermediate, shared_expert_intermediate_size=args.shared_intermediate,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+            hidden_act="silu", max_position_embeddings=args.seq_len, initializer_range=0.02, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
+            decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False,
+            router_aux_loss_coef=args.aux_coef, qkv_bias=True, use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)
     cfg = MixtralConfig(
         vocab_size=256,
         hidden_size=args.hidden,
@@ -159,7 +178,7 @@ def expert_usage(model, data: torch.Tensor, seq: int, device, batch: int = 64, m
     """Fraction of top-k assignments per expert, per layer, on the first max_bytes held-out bytes."""
     model.eval()
     cfg = model.config
-    E, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    E, k = n_experts(cfg), cfg.num_experts_per_tok
     counts = torch.zeros(cfg.num_hidden_layers, E, dtype=torch.float64)
     d = data[:max_bytes]
     n_full = d.numel() // seq
@@ -234,7 +253,7 @@ def train_phase(model, batcher, args, device, *, name, budget_s, peak_lr, warmup
     calibration of the first `calib` steps so that the phase fills budget_s (or max_steps if given)."""
     opt = make_optim(model, peak_lr, args.weight_decay)
     per_layer = args.aux_mode == "per-layer"
-    E, k = model.config.num_local_experts, model.config.num_experts_per_tok
+    E, k = n_experts(model.config), model.config.num_experts_per_tok
     # per-layer mode: switch off transformers' built-in aux term (one global balance over all layers' tokens
     # concatenated, which lets single layers collapse) and add the per-layer mean ourselves
     model.router_aux_loss_coef = 0.0 if per_layer else args.aux_coef
@@ -393,6 +412,9 @@ def main():
     ap.add_argument("--attn-impl", default=None, help="default: sdpa on CUDA, eager on CPU")
     ap.add_argument("--cpu-bf16", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", choices=["mixtral", "qwen2_moe"], default="mixtral",
+                    help="qwen2_moe: fine-grained experts (--intermediate is each routed expert's) + a shared expert")
+    ap.add_argument("--shared-intermediate", type=int, default=192, help="qwen2_moe: shared expert's intermediate size")
     args = ap.parse_args()
 
     t_all = time.perf_counter()
@@ -418,7 +440,7 @@ def main():
 
     if args.from_scratch:
         recipe = "from-scratch"
-        model = MixtralForCausalLM(moe_cfg).to(device)
+        model = model_class(args)(moe_cfg).to(device)
         set_attn_impl(model, attn_impl)
         extra["experts_impl_selection"] = pick_experts_impl(model, batcher, device, candidates, True, amp)
         phases.append(train_phase(model, batcher, args, device, name="moe", budget_s=args.time_budget,
@@ -484,15 +506,18 @@ def main():
     # ---- held-out on the SAVED weights, reloaded by transformers
     held_res = {}
     for tag, dt in (("fp32_compute", torch.float32), ("bf16_compute", torch.bfloat16)):
-        m = MixtralForCausalLM.from_pretrained(out, dtype=dt, attn_implementation=attn_impl).to(device)
+        m = model_class(args).from_pretrained(out, dtype=dt, attn_implementation=attn_impl).to(device)
         held_res[tag] = heldout_loss(m, held, args.seq_len, device, args.eval_batch, args.eval_max_bytes)
         print(f"held-out (saved bf16 weights, {tag}, attn={attn_impl}): {json.dumps(held_res[tag])}", flush=True)
         del m
 
-    n_params = sum(v.numel() for v in MixtralForCausalLM(moe_cfg).state_dict().values())
+    n_params = sum(v.numel() for v in model_class(args)(moe_cfg).state_dict().values())
     record = {
         "recipe": recipe,
-        "description": ("8-expert top-2 Mixtral trained from random init with load-balancing aux loss"
+        "description": (f"{args.experts}-expert top-{args.top_k} {model_class(args).__name__} trained from random init "
+                        "with load-balancing aux loss" + (f" (expert intermediate {args.intermediate}, shared expert "
+                                                          f"{args.shared_intermediate}, sigmoid-gated)"
+                                                          if args.arch == "qwen2_moe" else "")
                         if args.from_scratch else
                         f"dense model (1 FFN) trained for {args.dense_frac:.0%} of the time budget, FFN copied into "
                         f"all {args.experts} experts + fresh router, then MoE training for the time left "
@@ -507,7 +532,7 @@ def main():
                 "(aux_mode per-layer: mean over layers of transformers' load_balancing_loss_func applied to each "
                 "layer's router logits alone; global: transformers' built-in term); train_lm_loss excludes the aux "
                 "term; aux_loss is ~top_k (=2) when balanced",
-        "model": {"architecture": "MixtralForCausalLM", "n_params": n_params,
+        "model": {"architecture": model_class(args).__name__, "n_params": n_params,
                   "safetensors_bytes_bf16": size, "shards": shards, "saved_config": cfg_json},
         "phases": phases,
         "total_train_steps": sum(p["steps"] for p in phases),
@@ -546,6 +571,11 @@ def main():
 
 def model_readme(r: dict, name: str) -> str:
     c = r["model"]["saved_config"]
+    arch = r["model"]["architecture"]
+    experts = c.get("num_local_experts") or c.get("num_experts")
+    inter = c.get("moe_intermediate_size") or c["intermediate_size"]
+    shared = (f", shared expert intermediate {c['shared_expert_intermediate_size']} (sigmoid gate)"
+              if c.get("shared_expert_intermediate_size") else "")
     h = r["heldout"]
     hp = r["hyperparameters"]
     usage = "\n".join(f"- layer {i}: min {min(u):.3f}, max {max(u):.3f}"
@@ -554,7 +584,7 @@ def model_readme(r: dict, name: str) -> str:
                    f"{p['final_train_lm_loss_last_log_window']} |" for p in r["phases"])
     return f"""# {name}
 
-Tiny byte-level (vocab 256) `MixtralForCausalLM`, recipe **{r['recipe']}**: {r['description']}.
+Tiny byte-level (vocab 256) `{arch}`, recipe **{r['recipe']}**: {r['description']}.
 Trained by `benchmarks/train_tiny_moe.py` on {r['device']} (torch {r['versions']['torch']},
 transformers {r['versions']['transformers']}). All figures below are copied from `training_record.json`,
 written by that run.
@@ -564,8 +594,8 @@ Corpus: reST sources of the Python 3.11 docs from Debian package `{r['corpus']['
 held-out `data/heldout.txt` ({r['corpus']['heldout_bytes']} bytes, whole files held out).
 
 Shape: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads
-({c['num_key_value_heads']} KV heads), {c['num_local_experts']} experts top-{c['num_experts_per_tok']},
-expert intermediate {c['intermediate_size']}, untied embeddings; {r['model']['n_params']} parameters,
+({c['num_key_value_heads']} KV heads), {experts} experts top-{c['num_experts_per_tok']},
+expert intermediate {inter}{shared}, untied embeddings; {r['model']['n_params']} parameters,
 {r['model']['safetensors_bytes_bf16']} bytes of bf16 safetensors in {len(r['model']['shards'])} shards.
 
 | phase | steps | wall s | tokens | peak LR | final train LM loss (nats/byte) |
@@ -576,9 +606,8 @@ Held-out (saved bf16 weights, fp32 compute, windows of {h['saved_bf16_weights'][
 scored alone): **{h['nats_per_byte']:.4f} nats/byte = {h['bits_per_byte']:.4f} bits/byte**
 (bf16 compute: {h['saved_bf16_weights']['bf16_compute']['bits_per_byte']:.4f} bits/byte).
 
-Load: `MixtralForCausalLM.from_pretrained("models/{name}")`; input ids are raw UTF-8 bytes (no tokenizer,
-no BOS/EOS). The checkpoint uses the standard Mixtral key names
-(`model.layers.N.block_sparse_moe.experts.E.w1/w2/w3.weight`, `...block_sparse_moe.gate.weight`). The config
+Load: `{arch}.from_pretrained("models/{name}")`; input ids are raw UTF-8 bytes (no tokenizer,
+no BOS/EOS). The checkpoint uses the standard key names as transformers saves them. The config
 sets no attention or experts implementation, so loading with `attn_implementation="eager"` works.
 
 Recipe details: batch {hp['batch']} x {hp['seq_len']} bytes (random windows), AdamW (betas 0.9/0.95,

@@ -8,11 +8,12 @@ output directory is left behind.  The work is done by ``puzzlemoe_jax.checkpoint
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from puzzlemoe_jax import cli
 from puzzlemoe_jax.config import ARCHS
-from puzzlemoe_jax.merge import DEFAULT_SIMILARITY, METHODS, MergeConfig
+from puzzlemoe_jax.merge import METHODS, PAIRINGS, SALIENCIES, MergeConfig
 from puzzlemoe_jax.report import format_table, pair_rows, summary
 from puzzlemoe_jax.safetensors_io import CheckpointError
 
@@ -42,19 +43,32 @@ def parser() -> argparse.ArgumentParser:
                        help="fraction of expert memory to save by merging pairs, 0..0.5 (0: no merging)")
         s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="dtype of the unpacked parameters (auto: the checkpoint's)")
-        s.add_argument("--similarity-threshold", type=cli.unit_float, default=DEFAULT_SIMILARITY,
-                       help="share an element when | |a|-|b| | <= t * max(|a|,|b|) (default 2-sqrt(2))")
-        s.add_argument("--pairing", choices=["min_error", "sequential"], default="min_error",
-                       help="how experts are paired within a layer")
+        s.add_argument("--similarity-threshold", type=cli.unit_float, default=None,
+                       help="share an element when | |a|-|b| | <= t * max(|a|,|b|) (default 2-sqrt(2); --similarity-rule sum: t*(|a|+|b|))")
+        s.add_argument("--pairing", choices=PAIRINGS, default=None,
+                       help="how experts are paired within a layer (default min_error): random (seeded), cosine "
+                            "(weight similarity), coactivation (experts routed together; calibration)")
+        s.add_argument("--seed", type=int, default=0, help="seed of --pairing random")
+        s.add_argument("--coactivation-weight", type=cli.unit_float, default=1.0,
+                       help="--pairing coactivation: 1 = pure coactivation, <1 blends in the merge error")
+        s.add_argument("--similarity-rule", choices=["max", "sum"], default=None,
+                       help="max: | |a|-|b| | <= t*max(|a|,|b|) (default); sum: <= t*(|a|+|b|) (the paper's)")
+        s.add_argument("--preset", choices=["paper"], default=None,
+                       help="paper: the paper's settings (sum rule, t=0.4, wanda saliency, random pairing with "
+                            "--seed); explicit flags override")
         s.add_argument("--pairing-sample", type=cli.positive_int, default=MergeConfig.pairing_sample,
                        help="elements per matrix used to estimate pair costs")
         s.add_argument("--method", choices=METHODS, default="puzzle",
                        help="puzzle (dual-mask merge, default) or a baseline: average (uniform merge), "
-                            "frequency (routing-frequency-weighted merge), drop (remove the least-routed experts)")
+                            "frequency (routing-frequency-weighted merge), drop (remove the least-routed experts), "
+                            "reap, naee (expert pruning), hc-smoe (clustering merge), wanda-2:4 (2:4 weight "
+                            "pruning, stored dense); all but puzzle/average need --calibration-text")
         s.add_argument("--align-neurons", action="store_true",
                        help="permute each pair's second expert's neurons to match the first before merging")
-        s.add_argument("--saliency", choices=["magnitude", "activation"], default="magnitude",
-                       help="who wins elements the two experts disagree on: |W|^2, or |W|^2 * E[x^2] (calibration)")
+        s.add_argument("--saliency", choices=SALIENCIES, default=None,
+                       help="who wins elements the two experts disagree on: |W|^2 (magnitude, default), "
+                            "|W|^2 * E[x^2] (activation) or |W| * ||X||_2 (wanda, the paper's); the last two need "
+                            "calibration")
         s.add_argument("--calibration-text", metavar="FILE",
                        help="text for routing frequencies / input statistics (needed by --method frequency|drop "
                             "and --saliency activation; loads the whole dense model)")
@@ -100,13 +114,18 @@ def main(argv=None) -> int:
         cli.check_out_vs_src(args.src, args.out)
         if args.calibration_text:
             cli.check_path(args.calibration_text, "file", "--calibration-text")
-        merge = MergeConfig(similarity_threshold=args.similarity_threshold, pairing=args.pairing,
-                            pairing_sample=args.pairing_sample, strict=args.strict, method=args.method,
-                            align_neurons=args.align_neurons, saliency=args.saliency)
+        base = MergeConfig.paper() if args.preset == "paper" else MergeConfig()
+        given = {k: v for k, v in dict(similarity_threshold=args.similarity_threshold, pairing=args.pairing,
+                                       saliency=args.saliency, similarity_rule=args.similarity_rule).items()
+                 if v is not None}
+        merge = dataclasses.replace(base, **given, pairing_sample=args.pairing_sample, strict=args.strict,
+                                    method=args.method, align_neurons=args.align_neurons, seed=args.seed,
+                                    coactivation_weight=args.coactivation_weight)
         calibration = None
-        if args.method in ("frequency", "drop") or args.saliency == "activation":
+        if merge.needs_calibration:
             if not args.calibration_text:
-                raise ValueError(f"--method {args.method} --saliency {args.saliency} needs --calibration-text FILE")
+                raise ValueError(f"--method {merge.method} --saliency {merge.saliency} --pairing {merge.pairing} "
+                                 "needs --calibration-text FILE")
             from puzzlemoe_jax.calibrate import calibrate_checkpoint  # noqa: PLC0415
             calibration = calibrate_checkpoint(args.src, args.arch, args.calibration_text, dtype=args.dtype,
                                                seq_len=args.calibration_seq_len, max_windows=args.calibration_windows)

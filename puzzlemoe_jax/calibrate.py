@@ -7,6 +7,13 @@ merge is training- and data-free.  Per MoE layer:
 * ``importance``: per-expert input second moments ``E[x_k**2]`` over the tokens routed to the
   expert: ``[E, H]`` for ``w_gate``/``w_up`` (the layer input) and ``[E, I]`` for ``w_down``
   (the expert's ``silu(x @ w_gate) * (x @ w_up)``).
+* ``counts [E]``: (token, slot) assignments per expert (Wanda's ``||X||_2**2 = counts * E[x**2]``);
+* ``coactivation [E, E]``: tokens whose top-k holds both experts (diagonal: ``counts``);
+* ``reap [E]``: REAP's score, the mean over the tokens routed to the expert of its renormalised
+  top-k router weight times ``||expert output||_2`` (0 for an expert never routed to);
+* ``mean_output [E, H]``: each expert's mean output over *all* calibration tokens (HC-SMoE);
+* ``samples``: the first ``sample_tokens`` layer inputs ``x [T, H]`` and router logits ``[T, E]``,
+  with ``top_k``/``norm_topk_prob``, for output-reconstruction searches (NAEE).
 """
 from __future__ import annotations
 
@@ -32,26 +39,37 @@ def routed_inputs(model: CausalLM, ids):
 
 
 @jax.jit
-def _layer_sums(x, ids, w_gate, w_up):
-    """(assignment counts [E], sum x^2 [E, H], sum h^2 [E, I]) for one batch of routed tokens."""
-    e = w_gate.shape[0]
-    _, tokens, sizes, _ = routing.group_by_slot(ids.reshape(-1), ids.shape[-1], e)
+def _layer_sums(x, ids, logits, w_gate, w_up, w_down):
+    """Sums over one batch of routed tokens: (assignment counts [E], sum x^2 [E, H], sum h^2 [E, I],
+    coactivation [E, E], sum of REAP terms [E], sum of every expert's output over all tokens [E, H])."""
+    e, k = w_gate.shape[0], ids.shape[-1]
+    order, tokens, sizes, _ = routing.group_by_slot(ids.reshape(-1), k, e)
     xs = x[tokens].astype(jnp.float32)
     expert = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=xs.shape[0])
     dot = lambda a, w: jax.lax.ragged_dot(a, w.astype(jnp.float32), sizes, preferred_element_type=jnp.float32)
     h = jax.nn.silu(dot(xs, w_gate)) * dot(xs, w_up)
+    out_norm = jnp.linalg.norm(dot(h, w_down), axis=-1)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    gate = jnp.take_along_axis(probs, ids, axis=-1)
+    gate = (gate / jnp.sum(gate, axis=-1, keepdims=True)).reshape(-1)[order]   # renormalised top-k weight
     seg = lambda v: jax.ops.segment_sum(v, expert, num_segments=e)
-    return sizes, seg(xs * xs), seg(h * h)
+    onehot = jnp.sum(jax.nn.one_hot(ids, e, dtype=jnp.float32), axis=1)            # [T, E]
+    xf, f32 = x.astype(jnp.float32), lambda w: w.astype(jnp.float32)
+    hall = jax.nn.silu(jnp.einsum("th,ehi->eti", xf, f32(w_gate))) * jnp.einsum("th,ehi->eti", xf, f32(w_up))
+    mean_out = jnp.einsum("eti,eih->eh", hall, f32(w_down))
+    return sizes, seg(xs * xs), seg(h * h), onehot.T @ onehot, seg(gate * out_norm), mean_out
 
 
 def calibrate(model: CausalLM, tokens: np.ndarray, *, seq_len: int = 256, max_windows: int = 32,
-              batch_size: int = 8) -> dict[int, dict]:
+              batch_size: int = 8, sample_tokens: int = 2048) -> dict[int, dict]:
     """Run ``tokens`` (cut into windows as in ``evaluate``) through a dense model; stats per MoE layer."""
     layers = model.moe_layers()
     for i, m in layers.items():
         if not isinstance(m.experts, DenseExperts):
             raise ValueError(f"layer {i}: calibration needs the original (dense) experts")
     sums: dict[int, list] = {}
+    samples: dict[int, list] = {i: [] for i in layers}
+    n_tokens = 0
     w = evaluate.windows(tokens, seq_len, max_windows)
     for m in layers.values():
         m.capture = True
@@ -61,16 +79,25 @@ def calibrate(model: CausalLM, tokens: np.ndarray, *, seq_len: int = 256, max_wi
             for i, m in layers.items():
                 x, ids = routed[i]
                 weights = m.experts.weights()
-                part = [np.asarray(a, np.float64) for a in _layer_sums(x, ids, weights["w_gate"], weights["w_up"])]
+                logits = m.router(x)
+                part = [np.asarray(a, np.float64) for a in _layer_sums(x, ids, logits, weights["w_gate"],
+                                                                       weights["w_up"], weights["w_down"])]
                 sums[i] = part if i not in sums else [a + b for a, b in zip(sums[i], part)]
+                if sum(len(a) for a, _ in samples[i]) < sample_tokens:
+                    samples[i].append((np.asarray(x, np.float32), np.asarray(logits, np.float32)))
+            n_tokens += int(np.prod(w[start:start + batch_size].shape))
     finally:
         for m in layers.values():
             m.capture = False
     out = {}
-    for i, (counts, x2, h2) in sums.items():
+    for i, (counts, x2, h2, coact, reap, out_sum) in sums.items():
         per = np.maximum(counts, 1)[:, None]
-        out[i] = {"frequencies": counts / counts.sum(),
-                  "importance": {"w_gate": x2 / per, "w_up": x2 / per, "w_down": h2 / per}}
+        xs, lg = (np.concatenate([s[j] for s in samples[i]])[:sample_tokens] for j in (0, 1))
+        out[i] = {"frequencies": counts / counts.sum(), "counts": counts,
+                  "importance": {"w_gate": x2 / per, "w_up": x2 / per, "w_down": h2 / per},
+                  "coactivation": coact, "reap": reap / per[:, 0], "mean_output": out_sum / max(n_tokens, 1),
+                  "samples": {"x": xs, "logits": lg},
+                  "top_k": layers[i].top_k, "norm_topk_prob": bool(layers[i].norm_topk_prob)}
     return out
 
 

@@ -269,7 +269,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
         if pairs_for_ratio(experts.num_experts, ratio):
             cal = (calibration or {}).get(L, {})
             packed, stats = compress_layer(weights, ratio, merge, importance=cal.get("importance"),
-                                           frequencies=cal.get("frequencies"), chunk_elems=chunk)
+                                           frequencies=cal.get("frequencies"), chunk_elems=chunk,
+                                           calibration=cal, layer=L)
             del weights
             p, d = int(packed.pairs.shape[0]), int(packed.dropped_ids.shape[0])
             pairs_of[L], dropped_of[L], pairs_list[L] = p, d, _np(packed.pairs).tolist()
@@ -281,6 +282,13 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                 tensors[f"{experts.dst}.dense_{n}"] = _np(packed.dense[n])
             del packed
             rep.kind, rep.pairs, rep.dropped, rep.stats = "packed", p, d, stats
+            if not p and not d:   # weight-editing baselines (hc-smoe, wanda-2:4): plain dense experts
+                for n in MATRICES:
+                    del tensors[f"{experts.dst}.packed_{n}"]
+                    tensors[f"{experts.dst}.{n}"] = tensors.pop(f"{experts.dst}.dense_{n}")
+                for t in ID_TENSORS:
+                    del tensors[f"{experts.dst}.{t}"]
+                rep.kind = "experts"
             if p:
                 rep.frac_similar = float(np.mean([stats[n]["frac_similar"] for n in MATRICES]))
                 rep.rel_err = float(np.mean([np.concatenate([stats[n]["rel_err_i"], stats[n]["rel_err_j"]])

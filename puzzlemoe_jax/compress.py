@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from puzzlemoe_jax import baselines
 from puzzlemoe_jax.experts import PackedExperts
 from puzzlemoe_jax.merge import MergeConfig, _importance, _merge_rows, align_neurons
 from puzzlemoe_jax.pairing import choose_pairs, pairs_for_ratio
@@ -25,7 +26,8 @@ def _permute_expert(w, b: int, perm: np.ndarray, axis: int):
 def compress_layer(weights: Mapping[str, jax.Array], ratio: float = 0.5,
                    config: MergeConfig = MergeConfig(),
                    importance: Mapping[str, jax.Array] | None = None,
-                   frequencies=None, chunk_elems: int = 1 << 24):
+                   frequencies=None, chunk_elems: int = 1 << 24,
+                   calibration: Mapping | None = None, layer: int = 0):
     """Compress one layer's experts ``{name: [E, K, N]}`` at ``ratio``: (PackedExperts, stats).
 
     stats maps each matrix name to ``merge_pairs`` statistics (one entry per pair) and holds
@@ -33,23 +35,43 @@ def compress_layer(weights: Mapping[str, jax.Array], ratio: float = 0.5,
     (activation saliency).  ``frequencies``: ``[E]`` routing frequencies on calibration text,
     needed by the "frequency" and "drop" baselines.  Numpy weights stay on the host and are
     merged in row chunks of about ``chunk_elems`` elements, so memory stays near the layer's size.
+    ``calibration``: the layer's whole ``calibrate`` entry (importance/frequencies are taken from it
+    when not given), needed by reap, naee, hc-smoe, wanda-2:4, wanda saliency and coactivation
+    pairing; ``layer`` seeds random pairing.  hc-smoe and wanda-2:4 edit the weights and keep
+    every expert dense (no pairs, nothing dropped: the checkpoint stores them as dense experts).
     """
+    cal = calibration or {}
+    importance = importance if importance is not None else cal.get("importance")
+    frequencies = frequencies if frequencies is not None else cal.get("frequencies")
     shapes = {name: tuple(np.shape(w)) for name, w in weights.items()}
     if not weights or len({s[0] for s in shapes.values()}) != 1 or any(len(s) != 3 for s in shapes.values()):
         raise ValueError(f"expected {{name: [E, K, N]}} with one expert count E, got {shapes}")
     e = next(iter(shapes.values()))[0]
     n_merge = pairs_for_ratio(e, ratio)
-    if config.method in ("frequency", "drop"):
+    if config.method in ("frequency", "drop", "hc-smoe"):
         if frequencies is None or np.shape(frequencies) != (e,):
             raise ValueError(f"method {config.method!r} needs routing frequencies of shape ({e},)")
         frequencies = np.asarray(frequencies, np.float64)
+    if config.saliency == "wanda":   # ||X_e||_2**2 = tokens routed to e * E[x**2]
+        (counts,) = baselines._need(cal, "counts")
+        importance = {n: np.asarray(v) * np.asarray(counts, np.float64)[:, None] for n, v in importance.items()}
     weights = dict(weights)
-    if config.method == "drop":   # NAEE-style: the least-routed experts go
-        pairs = np.zeros((0, 2), np.int32)
+    pairs, dropped, extra = np.zeros((0, 2), np.int32), np.zeros((0,), np.int32), {}
+    if config.method == "drop":   # the least-routed experts go
         dropped = np.sort(np.argsort(frequencies, kind="stable")[:n_merge]).astype(np.int32)
+    elif config.method == "reap":
+        dropped = baselines.reap_drop(cal, n_merge)
+    elif config.method == "naee":
+        dropped, extra["naee"] = baselines.naee_drop(weights, cal, n_merge)
+    elif config.method == "hc-smoe":
+        extra["groups"] = baselines.hc_smoe_groups(cal, e - n_merge)
+        weights = baselines.hc_smoe_weights(weights, extra["groups"], frequencies)
+    elif config.method == "wanda-2:4":
+        if importance is None:
+            raise ValueError("method 'wanda-2:4' needs input second moments (calibration)")
+        weights = baselines.wanda_2_4(weights, importance)
     else:
-        pairs = choose_pairs(weights, n_merge, config, importance)
-        dropped = np.zeros((0,), np.int32)
+        pairs = choose_pairs(weights, n_merge, config, importance, coactivation=cal.get("coactivation"), layer=layer)
     if config.align_neurons:
         for a, b in pairs:
             perm = align_neurons(weights, a, b, signed=config.method != "puzzle")
@@ -61,7 +83,7 @@ def compress_layer(weights: Mapping[str, jax.Array], ratio: float = 0.5,
         f_i, f_j = frequencies[pairs[:, 0]], frequencies[pairs[:, 1]]
         alpha = np.where(f_i + f_j > 0, f_i / np.maximum(f_i + f_j, 1e-30), 0.5)
     dense_ids = np.setdiff1d(np.arange(e), np.concatenate([pairs.ravel(), dropped])).astype(np.int32)
-    packed, dense, stats = {}, {}, {"pairs": pairs, "dropped": dropped}
+    packed, dense, stats = {}, {}, {"pairs": pairs, "dropped": dropped, **extra}
     for name, w in weights.items():
         k, n = shapes[name][1:]
         imp = (importance or {}).get(name)

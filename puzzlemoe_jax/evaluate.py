@@ -29,9 +29,12 @@ from puzzlemoe_jax.text import BYTE_VOCAB, TextCodec
 
 @nnx.jit
 def _window_nll(model, ids):
-    """Summed next-token NLL (f32) of each window in ``ids [B, L]``: [B]."""
-    logp = jax.nn.log_softmax(model(ids)[:, :-1].astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0], axis=-1)
+    """Summed next-token NLL (f32) of each window in ``ids [B, L]``: [B], and the number of
+    next tokens that are the argmax prediction: [B]."""
+    logits = model(ids)[:, :-1].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    hits = jnp.sum(jnp.argmax(logits, axis=-1) == ids[:, 1:], axis=-1)
+    return -jnp.sum(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0], axis=-1), hits
 
 
 def windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
@@ -50,21 +53,23 @@ def windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) ->
 
 def evaluate(model, tokens: np.ndarray, seq_len: int, *, max_windows: int | None = None,
              batch_size: int = 8, bytes_per_token: float | None = None, progress: bool = False) -> dict:
-    """Score ``tokens`` with ``model``: nll_per_token, perplexity, bits_per_byte, tokens, windows."""
+    """Score ``tokens`` with ``model``: nll_per_token, perplexity, bits_per_byte, top1_accuracy
+    (share of next tokens that are the model's argmax), tokens, windows."""
     model.config.check_context(seq_len, "seq_len")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     w = windows(tokens, seq_len, max_windows)
-    total = 0.0
+    total, hits = 0.0, 0
     batches = range(0, len(w), batch_size)
     for start in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, file=sys.stderr):
-        total += float(jnp.sum(_window_nll(model, jnp.asarray(w[start:start + batch_size]))))
+        nll, hit = _window_nll(model, jnp.asarray(w[start:start + batch_size]))
+        total, hits = total + float(jnp.sum(nll)), hits + int(jnp.sum(hit))
     predicted = w.shape[0] * (seq_len - 1)
     nll = total / predicted
     if not math.isfinite(nll):
         raise FloatingPointError(f"non-finite NLL {nll}: the model produced NaN/Inf logits")
     bpb = nll / math.log(2) / bytes_per_token if bytes_per_token else None
-    return {"nll_per_token": nll, "perplexity": math.exp(nll), "bits_per_byte": bpb,
+    return {"nll_per_token": nll, "perplexity": math.exp(nll), "bits_per_byte": bpb, "top1_accuracy": hits / predicted,
             "tokens": predicted, "windows": int(w.shape[0]), "seq_len": seq_len}
 
 

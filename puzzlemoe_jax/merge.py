@@ -35,7 +35,9 @@ import numpy as np
 from puzzlemoe_jax import codec
 from puzzlemoe_jax.experts import MATRICES
 
-METHODS = ("puzzle", "average", "frequency", "drop")
+METHODS = ("puzzle", "average", "frequency", "drop", "reap", "hc-smoe", "naee", "wanda-2:4")
+PAIRINGS = ("min_error", "sequential", "random", "cosine", "coactivation")
+SALIENCIES = ("magnitude", "activation", "wanda")
 DEFAULT_SIMILARITY = 2.0 - math.sqrt(2.0)
 
 
@@ -47,20 +49,47 @@ class MergeConfig:
     pairing: str = "min_error"        # "min_error" | "sequential" ((0,1), (2,3), ...)
     pairing_sample: int = 1 << 16     # elements per matrix used to estimate pair costs
     strict: bool = False              # raise when a magnitude saturates the 5-bit exponent
-    method: str = "puzzle"            # "puzzle" | baselines: "average", "frequency", "drop"
+    method: str = "puzzle"            # "puzzle" | baselines (see METHODS and puzzlemoe_jax.baselines)
     align_neurons: bool = False       # permute expert j's neurons to match expert i first
+    similarity_rule: str = "max"      # "max": | |a|-|b| | <= t*max(|a|,|b|); "sum" (paper): <= t*(|a|+|b|)
+    seed: int = 0                     # pairing="random": the layer's pairs come from (seed, layer)
+    coactivation_weight: float = 1.0  # pairing="coactivation": 1 = pure coactivation; <1 blends merge error in
 
     def __post_init__(self):
         if not 0.0 <= self.similarity_threshold <= 1.0:
             raise ValueError(f"similarity_threshold must be in [0, 1], got {self.similarity_threshold}")
-        if self.saliency not in ("magnitude", "activation"):
-            raise ValueError(f"saliency must be 'magnitude' or 'activation', got {self.saliency!r}")
-        if self.pairing not in ("min_error", "sequential"):
-            raise ValueError(f"pairing must be 'min_error' or 'sequential', got {self.pairing!r}")
+        if self.saliency not in SALIENCIES:
+            raise ValueError(f"saliency must be one of {SALIENCIES}, got {self.saliency!r}")
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}")
+        if self.similarity_rule not in ("max", "sum"):
+            raise ValueError(f"similarity_rule must be 'max' or 'sum', got {self.similarity_rule!r}")
+        if not 0.0 <= self.coactivation_weight <= 1.0:
+            raise ValueError(f"coactivation_weight must be in [0, 1], got {self.coactivation_weight}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.pairing_sample < 1:
             raise ValueError(f"pairing_sample must be positive, got {self.pairing_sample}")
+
+
+    @classmethod
+    def paper(cls, seed: int = 0, **kw) -> "MergeConfig":
+        """The paper's settings: | |Wi|-|Wj| | / (|Wi|+|Wj|) <= 0.4, Wanda saliency |W| * ||X||_2 over
+        the tokens routed to each expert, random pairing (``seed``)."""
+        return cls(similarity_threshold=0.4, similarity_rule="sum", saliency="wanda", pairing="random",
+                   seed=seed, **kw)
+
+    @property
+    def max_threshold(self) -> float:
+        """The threshold of the "max" rule equal to this config's: | |a|-|b| | <= t (|a|+|b|) is
+        | |a|-|b| | <= 2t/(1+t) max(|a|,|b|) (so the paper's 0.4 is 0.571, near our 2-sqrt(2) = 0.586)."""
+        t = self.similarity_threshold
+        return 2.0 * t / (1.0 + t) if self.similarity_rule == "sum" else t
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (self.method not in ("puzzle", "average") or self.saliency != "magnitude"
+                or self.pairing == "coactivation")
 
 
 def merge_rule(a, b, score_a, score_b, threshold):
@@ -126,7 +155,7 @@ def _importance(config: MergeConfig, imp, rows: int):
     if config.saliency == "magnitude":
         return jnp.float32(1.0)
     if imp is None:
-        raise ValueError("saliency='activation' needs input second moments for every expert")
+        raise ValueError(f"saliency={config.saliency!r} needs input second moments for every expert")
     imp = jnp.asarray(imp, jnp.float32)
     if imp.shape[-1] != rows:
         raise ValueError(f"input second moments have {imp.shape[-1]} features, the matrix has {rows} input rows")
@@ -139,7 +168,7 @@ def _merge_rows(get_rows, k: int, n: int, batch: int, config: MergeConfig, alpha
     ``[..., K, N]``; the words are joined along the rows and the statistics combined exactly."""
     rows = max(1, chunk_elems // max(1, batch * n))
     alpha = jnp.asarray(alpha, jnp.float32)[..., None, None]
-    thr = jnp.float32(config.similarity_threshold)
+    thr = jnp.float32(config.max_threshold)
     words, sums = [], None
     for r0 in range(0, k, rows):
         w_i, w_j, imp_i, imp_j = get_rows(r0, min(k, r0 + rows))

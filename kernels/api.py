@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import gpu
-from kernels.reference import packed_moe_ffn_reference, pair_gemm_reference
+from kernels.reference import dense_moe_ffn_reference, packed_moe_ffn_reference, pair_gemm_reference
 
 IMPLS = ("auto", "reference", "triton", "mosaic")
 ALIASES = {"pallas": "triton"}
@@ -144,7 +144,6 @@ def dense_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, we
     run = resolve_impl(impl, interpret=interpret)
     out_dtype = out_dtype or x.dtype
     if run == "reference" or topk_ids.shape[0] == 0:
-        from kernels.reference import dense_moe_ffn_reference  # noqa: PLC0415
         return dense_moe_ffn_reference(x, topk_ids, topk_weights, weights, out_dtype)
     return _triton_dense_layer(x, topk_ids, topk_weights, dict(weights), out_dtype=jnp.dtype(out_dtype),
                                interpret=interpret)

@@ -69,7 +69,4 @@ def packed_moe_ffn_reference(x, topk_ids, topk_weights, experts, out_dtype=None)
 def dense_moe_ffn_reference(x, topk_ids, topk_weights, weights, out_dtype=None):
     """``sum_k topk_weights[t,k] * expert_{topk_ids[t,k]}(x[t])`` with uncompressed ``[E, K, N]``
     weights, grouped by expert through ``jax.lax.ragged_dot`` (ids ``>= E`` contribute nothing)."""
-    E = weights["w_gate"].shape[0]
-    _, tokens, sizes, pos = routing.group_by_slot(topk_ids.reshape(-1), topk_ids.shape[-1], E)
-    y = routing.ragged_swiglu(x[tokens], sizes, weights["w_gate"], weights["w_up"], weights["w_down"])
-    return routing.combine([(y, pos, pos < jnp.sum(sizes))], topk_weights, out_dtype or x.dtype)
+    return routing.dense_layer(x, topk_ids, topk_weights, weights, out_dtype or x.dtype)

@@ -98,6 +98,15 @@ def group_packed(topk_ids: jax.Array, pairs: jax.Array, dense_ids: jax.Array) ->
     return Grouped(tokens, slots[order], sizes, pos, D, P)
 
 
+def dense_layer(x, topk_ids, topk_weights, weights, out_dtype, swiglu=None):
+    """An uncompressed layer ``[E, K, N]`` (ids ``>= E`` contribute nothing): group by expert, run
+    ``swiglu`` (``ragged_swiglu``'s signature; default it), gather back into tokens."""
+    E = weights["w_gate"].shape[0]
+    _, tokens, sizes, pos = group_by_slot(topk_ids.reshape(-1), topk_ids.shape[-1], E)
+    y = (swiglu or ragged_swiglu)(x[tokens], sizes, weights["w_gate"], weights["w_up"], weights["w_down"])
+    return combine([(y, pos, pos < jnp.sum(sizes))], topk_weights, out_dtype)
+
+
 def dense_part(x: jax.Array, g: Grouped, dense: dict, dtype=jnp.bfloat16, swiglu=None):
     """The kept-dense experts' ``(y, row, valid)`` part for ``combine`` (they are the first slots).
     ``swiglu``: the grouped SwiGLU to run them with (``ragged_swiglu``'s signature; default it)."""

@@ -50,8 +50,5 @@ def dense_swiglu(xs, sizes, w_gate, w_up, w_down, *, max_rows: int, interpret: b
 def triton_dense_moe_ffn(x, topk_ids, topk_weights, weights, *, out_dtype, interpret: bool = False) -> jax.Array:
     """Routed-expert output of an uncompressed layer (``weights``: ``w_gate``, ``w_up``, ``w_down``
     [E, K, N]); assignments to ids ``>= E`` contribute nothing."""
-    E = weights["w_gate"].shape[0]
-    _, tokens, sizes, pos = routing.group_by_slot(topk_ids.reshape(-1), topk_ids.shape[-1], E)
-    y = dense_swiglu(x[tokens], sizes, weights["w_gate"], weights["w_up"], weights["w_down"],
-                     max_rows=topk_ids.size, interpret=interpret)
-    return routing.combine([(y, pos, pos < jnp.sum(sizes))], topk_weights, out_dtype)
+    swiglu = functools.partial(dense_swiglu, max_rows=topk_ids.size, interpret=interpret)
+    return routing.dense_layer(x, topk_ids, topk_weights, weights, out_dtype, swiglu=swiglu)

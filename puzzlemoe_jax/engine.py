@@ -100,21 +100,13 @@ def _sample_rows(logits, seeds, counts, temperature, top_p):
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
 def _prefill(graphdef, state, ids, length, seed, temperature, top_p, *, max_len: int):
     """One prompt ``ids [P]`` (right-padded, ``length`` real tokens) into a fresh cache row of
-    ``max_len`` positions; returns (first token, row cache, logits finite).  The layers run as in
-    ``CausalLM.forward_cached``; only the hidden state of the last real token reaches the head."""
+    ``max_len`` positions; returns (first token, row cache, logits finite).  Only the hidden state of
+    the last real token reaches the head."""
     model = nnx.merge(graphdef, state)
-    p = ids.shape[0]
-    row = model.init_cache(1, max_len)
-    positions = jnp.arange(p, dtype=jnp.int32)[None]
-    valid = jnp.ones((1, max_len), bool)
-    mask = model.cache_mask(valid, 0, p)
-    x = model.embed[...][ids[None]]
-    new = []
-    for layer, (ck, cv) in zip(model.layers, row):
-        x, kv = layer(x, positions, mask, (ck, cv, 0))
-        new.append(kv)
-    x = jax.lax.dynamic_slice_in_dim(x, length - 1, 1, axis=1)
-    logits = model.head(x)[:, -1].astype(jnp.float32)
+    positions = jnp.arange(ids.shape[0], dtype=jnp.int32)[None]
+    logits, new = model.forward_cached(ids[None], positions, jnp.ones((1, max_len), bool),
+                                       model.init_cache(1, max_len), 0, last_index=length - 1)
+    logits = logits[:, -1].astype(jnp.float32)
     tok = _sample_rows(logits, seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_p[None])
     return tok[0], new, jnp.all(jnp.isfinite(logits))
 

@@ -112,7 +112,7 @@ def _prefill(graphdef, state, ids, positions, valid, key, temperature, top_p, *,
     for s0 in range(0, L, chunk):     # chunked prefill: the same function, fewer tokens per step
         s1 = min(L, s0 + chunk)
         logits, cache = model.forward_cached(ids[:, s0:s1], positions[:, s0:s1], valid, cache, jnp.int32(s0),
-                                             last_only=True)
+                                             last_index=s1 - s0 - 1)
     logits = logits[:, -1].astype(jnp.float32)
     tok = sample_logits(logits, key, greedy=greedy, temperature=temperature, top_p=top_p)
     return tok, cache, jnp.all(jnp.isfinite(logits))

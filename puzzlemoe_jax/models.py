@@ -304,9 +304,10 @@ class CausalLM(nnx.Module):
             m &= (qs[:, None] - ks[None, :]) < self.config.sliding_window
         return m[None] & valid[:, None, :]
 
-    def forward_cached(self, input_ids, positions, valid, cache, index, *, last_only: bool = False):
+    def forward_cached(self, input_ids, positions, valid, cache, index, *, last_index=None):
         """One prefill or decode step: ``input_ids``/``positions`` ``[B, S]`` go into cache slots
-        ``index .. index+S-1``; returns ``(logits [B, S or 1, V], new cache)``."""
+        ``index .. index+S-1``; returns ``(logits [B, S, V], new cache)``, or only position
+        ``last_index``'s logits ``[B, 1, V]`` (an int or a traced index; right-padded prompts)."""
         s = input_ids.shape[1]
         mask = self.cache_mask(valid, index, s)
         x = self.embed[...][input_ids]
@@ -314,8 +315,8 @@ class CausalLM(nnx.Module):
         for layer, (ck, cv) in zip(self.layers, cache):
             x, kv = layer(x, positions, mask, (ck, cv, index))
             new.append(kv)
-        if last_only:
-            x = x[:, -1:]
+        if last_index is not None:
+            x = jax.lax.dynamic_slice_in_dim(x, last_index, 1, axis=1)
         return self.head(x), new
 
     def moe_layers(self) -> dict[int, MoE]:

@@ -1,6 +1,6 @@
 """Converter CLI: Hugging Face safetensors MoE checkpoints -> PuzzleMoE Flax checkpoints.
 
-    python -m convert {mixtral,qwen2_moe,qwen3_moe,deepseek} --src HF_DIR --out OUT_DIR [--ratio 0.5]
+    python -m convert ARCH --src HF_DIR --out OUT_DIR [--ratio 0.5]
 
 Bad input exits with status 2 and one line ``error: ...`` naming the file/tensor at fault; no
 output directory is left behind.  The work is done by ``puzzlemoe_jax.checkpoint.convert_checkpoint``.
@@ -12,7 +12,7 @@ import dataclasses
 import sys
 
 from puzzlemoe_jax import cli
-from puzzlemoe_jax.config import ARCHS
+from puzzlemoe_jax.config import CLI_ARCHS
 from puzzlemoe_jax.merge import METHODS, PAIRINGS, SALIENCIES, MergeConfig
 from puzzlemoe_jax.report import format_table, pair_rows, summary
 from puzzlemoe_jax.safetensors_io import CheckpointError
@@ -26,6 +26,7 @@ DESCRIPTIONS = {
     "glm4_moe": "GLM-4.5 / 4.6 (zai-org/GLM-4.5-Air: sigmoid grouped routing, shared expert, partial rotary)",
     "deepseek_v2": "DeepSeek-V2 / V2-Lite (MLA, YaRN, greedy or group-limited routing)",
     "deepseek_v3": "DeepSeek-V3 / R1 (MLA, YaRN, noaux_tc routing; FP8 block-scaled weights dequantized)",
+    "kimi_k2": "Kimi-K2 (moonshotai/Kimi-K2-Instruct: the DeepSeek-V3 architecture under its own model_type)",
 }
 
 
@@ -34,8 +35,8 @@ def parser() -> argparse.ArgumentParser:
                                 description="Convert a Hugging Face safetensors MoE checkpoint to a Flax "
                                             "checkpoint, optionally merging expert pairs (PuzzleMoE).")
     sub = p.add_subparsers(dest="arch", required=True, metavar="ARCH",
-                           help=" | ".join(ARCHS))
-    for arch in ARCHS:
+                           help=" | ".join(CLI_ARCHS))
+    for arch in CLI_ARCHS:
         s = sub.add_parser(arch, help=DESCRIPTIONS[arch], description=DESCRIPTIONS[arch])
         s.add_argument("--src", required=True, help="HF checkpoint directory (config.json + *.safetensors)")
         s.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")

@@ -24,7 +24,7 @@ from flax import nnx
 
 from kernels import resolve_impl
 from puzzlemoe_jax import codec, fp8
-from puzzlemoe_jax.config import ARCHS, ConfigError, ModelConfig
+from puzzlemoe_jax.config import CLI_ARCHS, ConfigError, ModelConfig, canonical_arch
 from puzzlemoe_jax.experts import MATRICES
 from puzzlemoe_jax.hf_layout import (check_plan, experts_to_flax, hf_plan, raise_nonfinite, read_experts,
                                      read_experts_raw, read_items)
@@ -214,8 +214,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     if not 0.0 <= ratio <= 0.5:
         raise CheckpointError(f"--ratio must be in [0, 0.5] (pairwise merging saves at most half), got {ratio}")
     hf = load_hf_config(src)
-    if hf.get("model_type") != arch:
-        if hf.get("model_type") in ARCHS:
+    if canonical_arch(hf.get("model_type")) != canonical_arch(arch):
+        if hf.get("model_type") in CLI_ARCHS:
             raise CheckpointError(f"{src / 'config.json'}: model_type is {hf['model_type']!r}, not {arch!r}; "
                                   f"use: python -m convert {hf['model_type']}")
     try:

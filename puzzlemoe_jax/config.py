@@ -12,6 +12,15 @@ from typing import Any, Mapping
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek", "olmoe", "glm4_moe", "deepseek_v2", "deepseek_v3")
 MLA_ARCHS = ("deepseek_v2", "deepseek_v3")
+# model_types that reuse an architecture above under another name (Kimi-K2: DeepSeek-V3's, with
+# 384 experts, one group and one dense first layer, all expressed by its config's keys)
+ALIASES = {"kimi_k2": "deepseek_v3"}
+CLI_ARCHS = ARCHS + tuple(ALIASES)   # what ``python -m convert`` accepts
+
+
+def canonical_arch(model_type):
+    """The architecture a config's ``model_type`` names (an alias's target, else itself)."""
+    return ALIASES.get(model_type, model_type)
 
 
 class ContextError(ValueError):
@@ -96,9 +105,10 @@ class ModelConfig:
 
     @classmethod
     def _parse(cls, hf: "_Checked") -> "ModelConfig":
-        mt = hf.get("model_type")
+        mt = canonical_arch(hf.get("model_type"))
         if mt not in ARCHS:
-            raise ConfigError(f"unknown model_type {mt!r} in config.json; supported: {', '.join(ARCHS)}")
+            raise ConfigError(f"unknown model_type {hf.get('model_type')!r} in config.json; supported: "
+                              f"{', '.join(CLI_ARCHS)}")
 
         def need(*keys):
             for k in keys:

@@ -49,6 +49,52 @@ def test_deepseek_v3_rotate_half_rope(tmp_path):
     assert np.abs(got - ref).max() < 1e-4
 
 
+def test_kimi_k2_converts_as_deepseek_v3(tmp_path):
+    """Kimi-K2's config.json names its DeepSeek-V3 architecture ``kimi_k2`` (one expert group, one
+    dense first layer, routed_scaling_factor 2.827): ``python -m convert kimi_k2`` converts it, the
+    logits equal transformers' DeepSeek-V3, and the converted checkpoint loads back."""
+    import torch
+    from convert import main
+    cls, cfg = F.FAMILIES["deepseek_v3"](False)
+    cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor = 1, 1, 2.827
+    torch.manual_seed(11)
+    m = cls(cfg).eval()
+    with torch.no_grad():
+        for name, b in m.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
+    src = F.save(m, None, tmp_path / "src")
+    hf = json.loads((src / "config.json").read_text())
+    hf["model_type"] = "kimi_k2"
+    (src / "config.json").write_text(json.dumps(hf))
+    assert main(["kimi_k2", "--src", str(src), "--out", str(tmp_path / "out"), "--ratio", "0.25", "--quiet"]) == 0
+    assert main(["kimi_k2", "--src", str(src), "--out", str(tmp_path / "dense"), "--quiet"]) == 0
+    ref, _ = F.reference(m, F.IDS)
+    model = load_pretrained(tmp_path / "dense")
+    assert model.config.model_type == "deepseek_v3"
+    got = np.asarray(forward(model, jnp.asarray(F.IDS)))
+    assert np.abs(got - ref).max() < 1e-4, np.abs(got - ref).max()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "kimi_k2"
+    packed = np.asarray(forward(load_pretrained(tmp_path / "out"), jnp.asarray(F.IDS)))
+    assert np.isfinite(packed).all() and packed.shape == ref.shape
+
+
+def test_kimi_k2_checkpoint_refused_under_another_arch(tmp_path, capsys):
+    """A kimi_k2 checkpoint converted as mixtral names the right command."""
+    from convert import main
+    src = F.converted("deepseek_v3")   # any DeepSeek-V3 source, relabelled in a copy of its config
+    dst = tmp_path / "src"
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    (dst / "config.json").unlink()
+    hf = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(dict(hf, model_type="kimi_k2")))
+    assert main(["mixtral", "--src", str(dst), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "python -m convert kimi_k2" in err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_greedy_matches_transformers(arch):
     model = load_pretrained(F.converted(arch))

@@ -180,6 +180,13 @@ def worker(args) -> dict:
     from flax import nnx  # noqa: PLC0415
     res["weights_bytes"] = sum(int(a.nbytes) for a in jax.tree.leaves(nnx.state(model)))
     gen = Generator(model)
+    compile_events = {}   # jax's compile-stage durations (trace, lower to MLIR, backend compile), summed
+
+    def on_event(name, secs, **_):
+        if name.startswith("/jax/core/compile/"):
+            key = name.rsplit("/", 1)[-1].removesuffix("_duration")
+            compile_events[key] = compile_events.get(key, 0.0) + secs
+    jax.monitoring.register_event_duration_secs_listener(on_event)
     rng = np.random.default_rng(0)
     cfg = model.config
     for b in args.batches:
@@ -191,11 +198,13 @@ def worker(args) -> dict:
         batch = prepare_batch(prompts, args.decode, cfg.vocab_size)
         run = {"batch": b}
         try:
+            compile_events.clear()
             t0 = time.perf_counter()
             first, cache, ok = gen.prefill(batch, args.decode)
             out, steps, ok2 = gen.decode(batch, first, cache, args.decode)
             jax.block_until_ready(out)
             run["compile_and_first_s"] = time.perf_counter() - t0
+            run["compile_stages_s"] = dict(compile_events)
             pre, dec = [], []
             for _ in range(args.reps):
                 t0 = time.perf_counter()
@@ -305,8 +314,14 @@ def _per_gpu(r) -> str:
     return " / ".join(_gib(v) for v in per)
 
 
+def _stages(run) -> str:
+    st = run.get("compile_stages_s", {})
+    return " / ".join(f"{st[k]:.1f}" if k in st else "-" for k in
+                      ("jaxpr_trace", "jaxpr_to_mlir_module", "backend_compile"))
+
+
 def table(results) -> str:
-    rows = ["| model | layers | batch | compile s | prefill s | decode loop s | ms/step | tok/s e2e | tok/s decode | weights GiB | peak GiB per GPU |",
+    rows = ["| model | layers | batch | compile s (trace / lower / backend) | prefill s | decode loop s | ms/step | tok/s e2e | tok/s decode | weights GiB | peak GiB per GPU |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         name = _name(r)
@@ -317,7 +332,7 @@ def table(results) -> str:
             if "tokens_per_s" not in run:
                 rows.append(f"| {name} | {r['layers']} | {run['batch']} | {run.get('skipped') or run.get('error', '')[:80]} | | | | | | |")
                 continue
-            rows.append(f"| {name} | {r['layers']} | {run['batch']} | {run['compile_and_first_s']:.1f} | {run['prefill_s']:.3f} | {run['decode_loop_s']:.3f} | "
+            rows.append(f"| {name} | {r['layers']} | {run['batch']} | {run['compile_and_first_s']:.1f} ({_stages(run)}) | {run['prefill_s']:.3f} | {run['decode_loop_s']:.3f} | "
                         f"{run['ms_per_step']:.2f} | {run['tokens_per_s']:.1f} | {run['decode_tokens_per_s']:.1f} | "
                         f"{r['weights_bytes'] / GiB:.2f} | {_per_gpu(r)} |")
     return "\n".join(rows)

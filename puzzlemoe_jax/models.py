@@ -341,6 +341,10 @@ class CausalLM(nnx.Module):
                 dtype = w.dense["w_gate"].dtype
                 moe.experts = PackedExpertsModule(w.num_experts, 0, 0, int(w.pairs.shape[0]),
                                                   int(w.dropped_ids.shape[0]), dtype=dtype, packed=w, mosaic=on)
+                del w
+                # wait for this layer's copy before the next: with asynchronous dispatch every layer's
+                # new words would otherwise be allocated before any old ones are freed (twice the memory)
+                jax.block_until_ready(nnx.state(moe.experts))
 
     def set_experts(self, layer: int, experts: PackedExperts | Mapping[str, jax.Array]) -> None:
         """Replace layer ``layer``'s routed experts with dense ``{name: [E,K,N]}`` or packed ones."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from concurrent.futures import Executor
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -205,25 +205,41 @@ def read_experts(ckpt: SafetensorsDir, ex: ExpertsItem, dtype) -> dict[str, np.n
     return out
 
 
-def read_experts_raw(ckpt: SafetensorsDir, ex: ExpertsItem, pool: Executor | None = None):
+def read_experts_raw(ckpt: SafetensorsDir, ex: ExpertsItem, pool: Executor | None = None,
+                     put: Callable | None = None):
     """Routed experts as stored (torch orientation and dtype), each matrix read straight into one
     stacked buffer with no copy and no finite check (``experts_to_flax`` counts NaN/Inf):
     hub ``{w_gate, w_up: [E,I,H], w_down: [E,H,I]}``, fused ``{gate_up: [E,2I,H], w_down: [E,H,I]}``.
-    ``pool`` runs the reads of one matrix concurrently.  None when one matrix's experts are stored
-    in different dtypes (then ``read_experts`` is the way)."""
+    ``pool`` runs the reads of one matrix concurrently.  ``put`` (e.g. ``jax.device_put``) takes
+    each matrix as soon as it is read; the next matrix is read while it copies, and the one before
+    is waited for, so at most two matrices are in host memory.  None when one matrix's experts are
+    stored in different dtypes (then ``read_experts`` is the way)."""
+    if not ex.fused and any(len({ckpt.tensors[n].dtype for n in names}) != 1 for names in ex.per_expert.values()):
+        return None
+    out, last = {}, None
+
+    def done(mat, buf):
+        nonlocal last
+        out[mat] = put(buf) if put else buf
+        if put and last is not None:
+            jax.block_until_ready(out[last])
+        last = mat
     if ex.fused:
-        return {"gate_up": ckpt.read(ex.fused[0], check_finite=False),
-                "w_down": ckpt.read(ex.fused[1], check_finite=False)}
-    out = {}
+        done("gate_up", ckpt.read(ex.fused[0], check_finite=False))
+        done("w_down", ckpt.read(ex.fused[1], check_finite=False))
+        return out
     for mat, names in ex.per_expert.items():
-        infos = [ckpt.tensors[n] for n in names]
-        if len({i.dtype for i in infos}) != 1:
-            return None
-        buf = np.empty((len(names),) + infos[0].shape, DTYPES[infos[0].dtype])
-        read = lambda x: ckpt.read(names[x], check_finite=False, out=buf[x])
-        list(pool.map(read, range(len(names))) if pool else map(read, range(len(names))))
-        out[mat] = buf
+        done(mat, _read_stacked(ckpt, names, pool))
     return out
+
+
+def _read_stacked(ckpt: SafetensorsDir, names, pool: Executor | None) -> np.ndarray:
+    """Same-shape tensors read straight into one stacked buffer ``[len(names), ...]``."""
+    info = ckpt.tensors[names[0]]
+    buf = np.empty((len(names),) + info.shape, DTYPES[info.dtype])
+    read = lambda x: ckpt.read(names[x], check_finite=False, out=buf[x])
+    list(pool.map(read, range(len(names))) if pool else map(read, range(len(names))))
+    return buf
 
 
 @functools.partial(jax.jit, static_argnames="dtype")

@@ -165,18 +165,23 @@ def _importance(config: MergeConfig, imp, rows: int):
 def _merge_rows(get_rows, k: int, n: int, batch: int, config: MergeConfig, alpha, name: str,
                 chunk_elems: int, to_host: bool):
     """Merge row chunks ``get_rows(r0, r1) -> (w_i, w_j, imp_i, imp_j)`` of ``batch`` matrices
-    ``[..., K, N]``; the words are joined along the rows and the statistics combined exactly."""
+    ``[..., K, N]``; the words are joined along the rows and the statistics combined exactly.
+    ``to_host``: numpy words, each chunk fetched as it is done; else the words stay where jax runs
+    and nothing waits until the chunks' (small) statistics are fetched together at the end."""
     rows = max(1, chunk_elems // max(1, batch * n))
     alpha = jnp.asarray(alpha, jnp.float32)[..., None, None]
     thr = jnp.float32(config.max_threshold)
-    words, sums = [], None
+    words, parts = [], []
     for r0 in range(0, k, rows):
         w_i, w_j, imp_i, imp_j = get_rows(r0, min(k, r0 + rows))
         chunk, s = _merge_core(jnp.asarray(w_i), jnp.asarray(w_j), imp_i, imp_j, thr, alpha, method=config.method)
         words.append(np.asarray(chunk) if to_host else chunk)
+        parts.append(s)
+    sums = None
+    for s in jax.device_get(parts):   # summed on the host in f64/int64, chunk by chunk
         s = {key: np.asarray(v, np.float64 if key.startswith("sq") else np.int64) for key, v in s.items()}
         sums = s if sums is None else {key: sums[key] + s[key] for key in s}
-    joined = np.concatenate(words, axis=-2) if to_host else jnp.concatenate(words, axis=-2)
+    joined = words[0] if len(words) == 1 else (np if to_host else jnp).concatenate(words, axis=-2)
     return joined, _finish_stats(sums, k * n, config, name)
 
 

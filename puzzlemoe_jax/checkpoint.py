@@ -258,19 +258,17 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
         L, items, experts = job
         with timer("read"):
             tensors = read_items(ckpt, items, np_dtype)
-            raw = (read_experts_raw(ckpt, experts, io_pool, put=jax.device_put)
-                   if experts is not None and device_layout else None)
+            raw = read_experts_raw(ckpt, experts, io_pool) if experts is not None and device_layout else None
             if experts is not None and raw is None:
                 return [tensors, read_experts(ckpt, experts, np_dtype), False]
             return [tensors, raw, raw is not None]
 
     def compile_on_zeros(job):  # warm-up: the device path of one MoE layer on zeros of its shapes
         L, _, experts = job
-        infos = {n: ckpt.tensors[names[0]] for n, names in (experts.per_expert or {}).items()}
-        shapes = ({n: ((experts.num_experts,) + i.shape, DTYPES[i.dtype]) for n, i in infos.items()} or
-                  {n: (ckpt.tensors[f].shape, DTYPES[ckpt.tensors[f].dtype])
-                   for n, f in zip(("gate_up", "w_down"), experts.fused)})
-        weights, _ = experts_to_flax({n: jnp.zeros(*sd) for n, sd in shapes.items()}, jnp.dtype(np_dtype))
+        zeros = lambda name: jnp.zeros(ckpt.tensors[name].shape, DTYPES[ckpt.tensors[name].dtype])
+        raw = ({m: [zeros(n) for n in names] for m, names in experts.per_expert.items()} if experts.per_expert
+               else dict(zip(("gate_up", "w_down"), map(zeros, experts.fused))))   # as read_experts_raw gives
+        weights, _ = experts_to_flax(raw, jnp.dtype(np_dtype))
         if pairs_for_ratio(experts.num_experts, ratio):
             jax.block_until_ready(compress_layer(weights, ratio, merge, chunk_elems=chunk, layer=L))
 

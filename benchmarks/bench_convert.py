@@ -147,7 +147,7 @@ def run_convert(arch: str, src: Path, out: Path, ratio: float, sequential: bool)
         import resource  # noqa: PLC0415
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # max over children so far
     m = re.search(r"time split[^:]*: (.*)", p.stdout)
-    split = {k: float(v) for k, v in re.findall(r"(\w[\w ]*?) ([\d.]+) s", m.group(1) if m else "")}
+    split = {k: float(v) for k, v in re.findall(r"(\w[\w -]*?) ([\d.]+) s", m.group(1) if m else "")}
     return {"command": " ".join(cmd), "wall_s": wall, "peak_rss_gib": rss, "split_s": split,
             "summary_tail": p.stdout.splitlines()[-4:]}
 

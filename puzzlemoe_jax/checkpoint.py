@@ -327,7 +327,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
             w.write_shard(tensors)
 
     with CheckpointWriter(out, overwrite) as w:
-        # at most three layers in host memory: one being read, one merging, one being written
+        # at most three layers in host memory: one being read, one merging, one being written (with
+        # device_layout only the reads in flight and the results of two layers: merged, being written)
         stages = ThreadPoolExecutor(3) if pipeline else None
         io_pool = ThreadPoolExecutor(read_threads) if pipeline and read_threads > 1 else None
         try:

@@ -4,8 +4,8 @@
 (the NNX state paths of ``models.CausalLM`` joined with "."); ``check_plan`` checks every name
 and shape against the config before anything is converted; ``read_items``/``read_experts`` read
 the planned tensors in our layout on the host; ``read_experts_raw`` + ``experts_to_flax`` do the
-same for the experts with one plain read per tensor into a stacked buffer and the transposes and
-dtype casts on the device (the converter's fast path).
+same for the experts with one plain read per tensor, each put on the device as soon as it is read,
+and the stacking, transposes and dtype casts there (the converter's fast path).
 """
 from __future__ import annotations
 
@@ -205,7 +205,8 @@ def read_experts(ckpt: SafetensorsDir, ex: ExpertsItem, dtype) -> dict[str, np.n
     return out
 
 
-def read_experts_raw(ckpt: SafetensorsDir, ex: ExpertsItem, pool: Executor | None = None, put: Callable = jax.device_put):
+def read_experts_raw(ckpt: SafetensorsDir, ex: ExpertsItem, pool: Executor | None = None,
+                     put: Callable = jax.device_put):
     """Routed experts as stored (torch orientation and dtype), each tensor read with one plain read
     into its own buffer, handed to ``put`` (the device) as soon as it is read and waited for there,
     with no finite check (``experts_to_flax`` counts NaN/Inf): hub ``{w_gate, w_up: E x [I,H],

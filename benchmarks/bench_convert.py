@@ -147,7 +147,7 @@ def run_convert(arch: str, src: Path, out: Path, ratio: float, sequential: bool)
         import resource  # noqa: PLC0415
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # max over children so far
     m = re.search(r"time split[^:]*: (.*)", p.stdout)
-    split = {k: float(v) for k, v in re.findall(r"(\w[\w ]*?) ([\d.]+) s", m.group(1) if m else "")}
+    split = {k: float(v) for k, v in re.findall(r"(\w[\w -]*?) ([\d.]+) s", m.group(1) if m else "")}
     return {"command": " ".join(cmd), "wall_s": wall, "peak_rss_gib": rss, "split_s": split,
             "summary_tail": p.stdout.splitlines()[-4:]}
 
@@ -197,15 +197,17 @@ def main():
         shutil.rmtree(out, ignore_errors=True)
         print(f"{name}: {r['wall_s']:.1f} s, {r['gb_per_s']:.3f} GB/s, peak RSS {r['peak_rss_gib']:.2f} GiB",
               flush=True)
+    rss_limit = (3 * layer_bytes + 1e9) / 2**30   # issue 21: 3 layers' expert bytes + 1 GB
     result = {"shape": args.shape, "arch": arch, "layers": layers, "input_gb": gb,
-              "expert_gb_per_layer": layer_bytes / 1e9, "ratio": args.ratio, "cache": how,
+              "expert_gb_per_layer": layer_bytes / 1e9, "rss_limit_gib": rss_limit, "ratio": args.ratio, "cache": how,
               "disk_read_gb_per_s": disk, "device": device, "cpus": os.cpu_count(), "commit": commit,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "runs": runs}
     cols = ("run", "wall s", "GB/s", "s/layer", "read s", "merge s", "write s", "peak RSS GiB")
     print(f"\n{args.shape}: {layers} layers, {gb:.2f} GB input, {layer_bytes / 1e9:.2f} GB experts/layer, "
           f"ratio {args.ratio}; device {device}; {os.cpu_count()} CPUs; disk sequential read "
-          f"{disk:.2f} GB/s (cache: {how}); commit {commit}")
+          f"{disk:.2f} GB/s (cache: {how}); commit {commit}; peak RSS limit (3 layers' experts + 1 GB) "
+          f"{rss_limit:.2f} GiB")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for name, r in runs.items():
         s = r["split_s"]

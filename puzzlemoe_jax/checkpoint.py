@@ -33,7 +33,7 @@ from puzzlemoe_jax.models import CausalLM, PackedExpertsModule
 from puzzlemoe_jax.compress import compress_layer
 from puzzlemoe_jax.pairing import pairs_for_ratio
 from puzzlemoe_jax.report import ConvertReport, LayerReport
-from puzzlemoe_jax.safetensors_io import INDEX, CheckpointError, SafetensorsDir
+from puzzlemoe_jax.safetensors_io import DTYPES, INDEX, CheckpointError, SafetensorsDir
 from puzzlemoe_jax.writer import DTYPE_NAMES, HASHES, ID_TENSORS, CheckpointWriter, check_expert_ids, file_hash
 
 FORMAT_VERSION = 1
@@ -58,6 +58,13 @@ class StageTimer:
 
 def _np(a) -> np.ndarray:
     return np.asarray(jax.device_get(a))
+
+
+def _to_host_async(a):
+    """Start copying a device array to the host (the writer thread fetches it); numpy as is."""
+    if isinstance(a, jax.Array):
+        a.copy_to_host_async()
+    return a
 
 
 def flat_params(model: CausalLM) -> dict[str, np.ndarray]:
@@ -192,8 +199,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                        dtype: str = "auto", overwrite: bool = False,
                        progress: Callable[[Iterable], Iterable] = lambda it: it,
                        calibration: Mapping[int, Mapping[str, Any]] | None = None,
-                       pipeline: bool = True, read_threads: int = 4, device_layout: bool | None = None
-                       ) -> ConvertReport:
+                       pipeline: bool = True, read_threads: int = 4, device_layout: bool | None = None,
+                       warm_up: bool | None = None) -> ConvertReport:
     """Convert an HF safetensors checkpoint of ``arch`` to our format, one layer at a time.
 
     ``ratio`` 0 keeps every expert dense; ``ratio`` r in (0, 0.5] merges r*E pairs per MoE layer
@@ -204,7 +211,11 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
 
     ``pipeline`` (default): a reader thread reads the next layer (experts with ``read_threads``
     concurrent reads into stacked buffers) while this thread transposes, casts and merges the
-    current one where jax runs, and a writer thread writes the previous one.  ``pipeline=False``
+    current one where jax runs, and a writer thread writes the previous one.  With
+    ``device_layout`` (default on an accelerator) each expert matrix goes to the device as soon as
+    it is read, everything up to the packed words stays there, and the results' copies back start
+    asynchronously, fetched by the writer; ``warm_up`` (default likewise) compiles that path on a
+    zero layer of the same shapes while the first layer is read.  ``pipeline=False``
     is the plain one-thread host path (numpy stacking), kept as the oracle the pipeline's output
     is tested against bit for bit.  ``progress`` wraps the list of ``(layer, input bytes)`` steps
     (the last step, layer None, is the embeddings and head).
@@ -240,6 +251,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     chunk = 1 << 22 if on_cpu else 1 << 26
     device_layout = (pipeline and not on_cpu) if device_layout is None else device_layout
     device_layout = device_layout and not plan.scales   # FP8 weights are read through the dequantizing wrapper
+    warm_up = (device_layout and not on_cpu) if warm_up is None else warm_up and device_layout
+    warm_up = warm_up and calibration is None and not merge.needs_calibration
 
     def read(job):  # reader stage: host arrays of one layer (or the head)
         L, items, experts = job
@@ -249,6 +262,15 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
             if experts is not None and raw is None:
                 return [tensors, read_experts(ckpt, experts, np_dtype), False]
             return [tensors, raw, raw is not None]
+
+    def compile_on_zeros(job):  # warm-up: the device path of one MoE layer on zeros of its shapes
+        L, _, experts = job
+        zeros = lambda name: jnp.zeros(ckpt.tensors[name].shape, DTYPES[ckpt.tensors[name].dtype])
+        raw = ({m: [zeros(n) for n in names] for m, names in experts.per_expert.items()} if experts.per_expert
+               else dict(zip(("gate_up", "w_down"), map(zeros, experts.fused))))   # as read_experts_raw gives
+        weights, _ = experts_to_flax(raw, jnp.dtype(np_dtype))
+        if pairs_for_ratio(experts.num_experts, ratio):
+            jax.block_until_ready(compress_layer(weights, ratio, merge, chunk_elems=chunk, layer=L))
 
     def compress(job, data):  # merge stage: experts -> tensors to write
         L, _, experts = job
@@ -278,8 +300,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
             tensors[experts.dst + ".dense_ids"] = _np(packed.dense_ids)
             tensors[experts.dst + ".dropped_ids"] = _np(packed.dropped_ids)
             for n in MATRICES:
-                tensors[f"{experts.dst}.packed_{n}"] = _np(packed.packed[n])
-                tensors[f"{experts.dst}.dense_{n}"] = _np(packed.dense[n])
+                tensors[f"{experts.dst}.packed_{n}"] = _to_host_async(packed.packed[n])
+                tensors[f"{experts.dst}.dense_{n}"] = _to_host_async(packed.dense[n])
             del packed
             rep.kind, rep.pairs, rep.dropped, rep.stats = "packed", p, d, stats
             if not p and not d:   # weight-editing baselines (hc-smoe, wanda-2:4): plain dense experts
@@ -294,7 +316,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                 rep.rel_err = float(np.mean([np.concatenate([stats[n]["rel_err_i"], stats[n]["rel_err_j"]])
                                              for n in MATRICES]))
         else:
-            tensors.update({f"{experts.dst}.{n}": _np(weights[n]) for n in MATRICES})
+            tensors.update({f"{experts.dst}.{n}": _to_host_async(weights[n]) for n in MATRICES})
             del weights
         rep.expert_bytes_out = sum(v.nbytes for k, v in tensors.items() if k.startswith(experts.dst + "."))
         reports.append(rep)
@@ -305,11 +327,14 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
             w.write_shard(tensors)
 
     with CheckpointWriter(out, overwrite) as w:
-        # at most three layers in host memory: one being read, one merging, one being written
-        stages = ThreadPoolExecutor(2) if pipeline else None
+        # at most three layers in host memory: one being read, one merging, one being written (with
+        # device_layout only the reads in flight and the results of two layers: merged, being written)
+        stages = ThreadPoolExecutor(3) if pipeline else None
         io_pool = ThreadPoolExecutor(read_threads) if pipeline and read_threads > 1 else None
         try:
             nxt = stages.submit(read, jobs[0]) if pipeline else None
+            first_moe = next((job for job in jobs if job[2] is not None), None)
+            warming = stages.submit(compile_on_zeros, first_moe) if warm_up and pipeline and first_moe else None
             writing = None
             for k, _ in enumerate(progress(steps)):
                 if pipeline:
@@ -318,6 +343,9 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                     nxt = stages.submit(read, jobs[k + 1]) if k + 1 < len(jobs) else None
                 else:
                     data = read(jobs[k])
+                if warming and jobs[k][2] is not None:
+                    with timer("wait warm-up"):
+                        warming = warming.result()
                 with timer("merge"):
                     tensors = compress(jobs[k], data)
                 if pipeline:

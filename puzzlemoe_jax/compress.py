@@ -10,7 +10,7 @@ import numpy as np
 
 from puzzlemoe_jax import baselines
 from puzzlemoe_jax.experts import PackedExperts
-from puzzlemoe_jax.merge import MergeConfig, _importance, _merge_rows, align_neurons
+from puzzlemoe_jax.merge import MergeConfig, _importance, _merge_rows, align_neurons, merge_layer_matrix
 from puzzlemoe_jax.pairing import choose_pairs, pairs_for_ratio
 
 
@@ -34,7 +34,9 @@ def compress_layer(weights: Mapping[str, jax.Array], ratio: float = 0.5,
     ``"pairs"`` and ``"dropped"``.  ``importance``: per-expert input second moments ``[E, K]``
     (activation saliency).  ``frequencies``: ``[E]`` routing frequencies on calibration text,
     needed by the "frequency" and "drop" baselines.  Numpy weights stay on the host and are
-    merged in row chunks of about ``chunk_elems`` elements, so memory stays near the layer's size.
+    merged in row chunks of about ``chunk_elems`` elements, so memory stays near the layer's size;
+    jax arrays are merged where they are, one compiled program per matrix shape
+    (``merge.merge_layer_matrix``), and the results stay there.
     ``calibration``: the layer's whole ``calibrate`` entry (importance/frequencies are taken from it
     when not given), needed by reap, naee, hc-smoe, wanda-2:4, wanda saliency and coactivation
     pairing; ``layer`` seeds random pairing.  hc-smoe and wanda-2:4 edit the weights and keep
@@ -90,11 +92,15 @@ def compress_layer(weights: Mapping[str, jax.Array], ratio: float = 0.5,
         imp_i, imp_j = ((None, None) if imp is None else
                         (np.asarray(imp)[pairs[:, 0]], np.asarray(imp)[pairs[:, 1]]))
         imp_i, imp_j = _importance(config, imp_i, k), _importance(config, imp_j, k)
+        if not isinstance(w, np.ndarray):   # where jax runs: one program per matrix
+            packed[name], dense[name], stats[name] = merge_layer_matrix(w, pairs, dense_ids, config, imp_i, imp_j,
+                                                                        alpha, name, chunk_elems)
+            continue
         cut = lambda imp, r0, r1: imp if imp.ndim == 0 else imp[:, r0:r1]
         get_rows = lambda r0, r1, w=w, imp_i=imp_i, imp_j=imp_j: (
             w[pairs[:, 0], r0:r1], w[pairs[:, 1], r0:r1], cut(imp_i, r0, r1), cut(imp_j, r0, r1))
         packed[name], stats[name] = _merge_rows(get_rows, k, n, len(pairs), config, alpha, name, chunk_elems,
-                                                to_host=isinstance(w, np.ndarray))
+                                                to_host=True)
         dense[name] = w[dense_ids]
     xp = np if all(isinstance(w, np.ndarray) for w in weights.values()) else jnp
     return (PackedExperts(xp.asarray(pairs), packed, xp.asarray(dense_ids), dense, e, xp.asarray(dropped)),

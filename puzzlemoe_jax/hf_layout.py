@@ -4,15 +4,15 @@
 (the NNX state paths of ``models.CausalLM`` joined with "."); ``check_plan`` checks every name
 and shape against the config before anything is converted; ``read_items``/``read_experts`` read
 the planned tensors in our layout on the host; ``read_experts_raw`` + ``experts_to_flax`` do the
-same for the experts with one plain read per tensor into a stacked buffer and the transposes and
-dtype casts on the device (the converter's fast path).
+same for the experts with one plain read per tensor, each put on the device as soon as it is read,
+and the stacking, transposes and dtype casts there (the converter's fast path).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 from concurrent.futures import Executor
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import numpy as np
 from puzzlemoe_jax import fp8
 from puzzlemoe_jax.config import ModelConfig
 from puzzlemoe_jax.experts import MATRICES
-from puzzlemoe_jax.safetensors_io import DTYPES, FLOAT_CODES, CheckpointError, SafetensorsDir
+from puzzlemoe_jax.safetensors_io import FLOAT_CODES, CheckpointError, SafetensorsDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,31 +205,35 @@ def read_experts(ckpt: SafetensorsDir, ex: ExpertsItem, dtype) -> dict[str, np.n
     return out
 
 
-def read_experts_raw(ckpt: SafetensorsDir, ex: ExpertsItem, pool: Executor | None = None):
-    """Routed experts as stored (torch orientation and dtype), each matrix read straight into one
-    stacked buffer with no copy and no finite check (``experts_to_flax`` counts NaN/Inf):
-    hub ``{w_gate, w_up: [E,I,H], w_down: [E,H,I]}``, fused ``{gate_up: [E,2I,H], w_down: [E,H,I]}``.
-    ``pool`` runs the reads of one matrix concurrently.  None when one matrix's experts are stored
-    in different dtypes (then ``read_experts`` is the way)."""
+def read_experts_raw(ckpt: SafetensorsDir, ex: ExpertsItem, pool: Executor | None = None,
+                     put: Callable = jax.device_put):
+    """Routed experts as stored (torch orientation and dtype), each tensor read with one plain read
+    into its own buffer, handed to ``put`` (the device) as soon as it is read and waited for there,
+    with no finite check (``experts_to_flax`` counts NaN/Inf): hub ``{w_gate, w_up: E x [I,H],
+    w_down: E x [H,I]}`` (lists of per-expert arrays), fused ``{gate_up: [E,2I,H], w_down: [E,H,I]}``.
+    ``pool`` runs the reads concurrently; host memory holds only the tensors in flight (one per
+    thread).  None when one matrix's experts are stored in different dtypes (then ``read_experts``
+    is the way)."""
+    if not ex.fused and any(len({ckpt.tensors[n].dtype for n in names}) != 1 for names in ex.per_expert.values()):
+        return None
+
+    def read(name):
+        a = put(ckpt.read(name, check_finite=False))
+        jax.block_until_ready(a)   # the host buffer is free once this returns
+        return a
     if ex.fused:
-        return {"gate_up": ckpt.read(ex.fused[0], check_finite=False),
-                "w_down": ckpt.read(ex.fused[1], check_finite=False)}
-    out = {}
-    for mat, names in ex.per_expert.items():
-        infos = [ckpt.tensors[n] for n in names]
-        if len({i.dtype for i in infos}) != 1:
-            return None
-        buf = np.empty((len(names),) + infos[0].shape, DTYPES[infos[0].dtype])
-        read = lambda x: ckpt.read(names[x], check_finite=False, out=buf[x])
-        list(pool.map(read, range(len(names))) if pool else map(read, range(len(names))))
-        out[mat] = buf
-    return out
+        return {"gate_up": read(ex.fused[0]), "w_down": read(ex.fused[1])}
+    names = [(m, n) for m, ns in ex.per_expert.items() for n in ns]
+    arrays = list(pool.map(read, [n for _, n in names]) if pool else map(read, [n for _, n in names]))
+    return {m: [a for (mm, _), a in zip(names, arrays) if mm == m] for m in ex.per_expert}
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
 def experts_to_flax(raw: Mapping[str, jax.Array], dtype):
-    """``read_experts_raw``'s buffers in our layout and ``dtype`` (what ``read_experts`` gives),
-    computed where jax runs, and the NaN/Inf count of each stored matrix."""
+    """``read_experts_raw``'s arrays (stacked here where they are per-expert lists) in our layout and
+    ``dtype`` (what ``read_experts`` gives), computed where jax runs, and the NaN/Inf count of each
+    stored matrix."""
+    raw = {k: jnp.stack(v) if isinstance(v, (list, tuple)) else v for k, v in raw.items()}
     bad = {k: jnp.sum(~jnp.isfinite(v), dtype=jnp.int32) for k, v in raw.items()}
     t = lambda a: jnp.swapaxes(a, 1, 2).astype(dtype)
     if "gate_up" in raw:

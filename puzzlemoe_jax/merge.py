@@ -162,22 +162,64 @@ def _importance(config: MergeConfig, imp, rows: int):
     return imp[..., :, None]
 
 
+def _sum_chunks(parts) -> dict[str, np.ndarray]:
+    """Per-chunk ``_merge_core`` sums (fetched to the host) added up in f64/int64, chunk by chunk."""
+    sums = None
+    for s in jax.device_get(parts):
+        s = {key: np.asarray(v, np.float64 if key.startswith("sq") else np.int64) for key, v in s.items()}
+        sums = s if sums is None else {key: sums[key] + s[key] for key in s}
+    return sums
+
+
+def _chunk_rows(batch: int, n: int, chunk_elems: int) -> int:
+    return max(1, chunk_elems // max(1, batch * n))
+
+
 def _merge_rows(get_rows, k: int, n: int, batch: int, config: MergeConfig, alpha, name: str,
                 chunk_elems: int, to_host: bool):
     """Merge row chunks ``get_rows(r0, r1) -> (w_i, w_j, imp_i, imp_j)`` of ``batch`` matrices
-    ``[..., K, N]``; the words are joined along the rows and the statistics combined exactly."""
-    rows = max(1, chunk_elems // max(1, batch * n))
+    ``[..., K, N]``; the words are joined along the rows and the statistics combined exactly.
+    ``to_host``: numpy words, each chunk fetched as it is done."""
+    rows = _chunk_rows(batch, n, chunk_elems)
     alpha = jnp.asarray(alpha, jnp.float32)[..., None, None]
     thr = jnp.float32(config.max_threshold)
-    words, sums = [], None
+    words, parts = [], []
     for r0 in range(0, k, rows):
         w_i, w_j, imp_i, imp_j = get_rows(r0, min(k, r0 + rows))
         chunk, s = _merge_core(jnp.asarray(w_i), jnp.asarray(w_j), imp_i, imp_j, thr, alpha, method=config.method)
         words.append(np.asarray(chunk) if to_host else chunk)
-        s = {key: np.asarray(v, np.float64 if key.startswith("sq") else np.int64) for key, v in s.items()}
-        sums = s if sums is None else {key: sums[key] + s[key] for key in s}
-    joined = np.concatenate(words, axis=-2) if to_host else jnp.concatenate(words, axis=-2)
-    return joined, _finish_stats(sums, k * n, config, name)
+        parts.append(s)
+    joined = words[0] if len(words) == 1 else (np if to_host else jnp).concatenate(words, axis=-2)
+    return joined, _finish_stats(_sum_chunks(parts), k * n, config, name)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "rows"))
+def _merge_layer_matrix(w, pairs, dense_ids, imp_i, imp_j, threshold, alpha, method, rows):
+    """One matrix of a layer ``w [E, K, N]`` as one program: every pair merged in the same row
+    chunks as ``_merge_rows``; (words [P, K, N], experts ``dense_ids`` [D, K, N], chunk sums)."""
+    w_i, w_j = w[pairs[:, 0]], w[pairs[:, 1]]
+    cut = lambda x, r0: x if x.ndim == 0 else x[..., r0:r0 + rows, :]
+    words, parts = [], []
+    for r0 in range(0, w.shape[1], rows):
+        chunk, s = _merge_core(cut(w_i, r0), cut(w_j, r0), cut(imp_i, r0), cut(imp_j, r0), threshold, alpha,
+                               method=method)
+        words.append(chunk)
+        parts.append(s)
+    return jnp.concatenate(words, axis=-2), w[dense_ids], parts
+
+
+def merge_layer_matrix(w: jax.Array, pairs: np.ndarray, dense_ids: np.ndarray, config: MergeConfig, imp_i, imp_j,
+                       alpha, name: str, chunk_elems: int):
+    """Device counterpart of ``_merge_rows`` over a whole layer's matrix ``w [E, K, N]`` (a jax
+    array): one compiled program per shape, nothing waits for it but the (small) statistics.
+    Returns (words [P, K, N], dense [D, K, N], stats); ``imp_*`` as ``_importance`` gives them."""
+    e, k, n = w.shape
+    rows = min(k, _chunk_rows(len(pairs), n, chunk_elems))
+    words, dense, parts = _merge_layer_matrix(
+        w, jnp.asarray(pairs, jnp.int32), jnp.asarray(dense_ids, jnp.int32), imp_i, imp_j,
+        jnp.float32(config.max_threshold), jnp.asarray(alpha, jnp.float32)[..., None, None],
+        method=config.method, rows=rows)
+    return words, dense, _finish_stats(_sum_chunks(parts), k * n, config, name)
 
 
 def merge_pairs(w_i, w_j, config: MergeConfig = MergeConfig(), imp_i=None, imp_j=None,

@@ -37,6 +37,12 @@ def _pair_costs_row(w_row, w_all, imp_row, imp_all, threshold):
     return num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)
 
 
+@jax.jit
+def _sample(w, idx):
+    """Elements ``idx`` of each expert's flattened matrix, in f32: [E, len(idx)]."""
+    return w.reshape(w.shape[0], -1)[:, idx].astype(jnp.float32)
+
+
 def pair_costs(weights: Mapping[str, jax.Array], config: MergeConfig = MergeConfig(),
                importance: Mapping[str, jax.Array] | None = None) -> np.ndarray:
     """[E, E] matrix of summed relative merge errors over the matrices (diagonal = inf)."""
@@ -45,7 +51,8 @@ def pair_costs(weights: Mapping[str, jax.Array], config: MergeConfig = MergeConf
     for name, w in weights.items():
         e, k, n = w.shape
         idx = np.sort(rng.choice(k * n, size=min(config.pairing_sample, k * n), replace=False))
-        samples.append(jnp.asarray(w.reshape(e, k * n)[:, idx], jnp.float32))  # gathers on the host for numpy
+        samples.append(jnp.asarray(w.reshape(e, k * n)[:, idx], jnp.float32) if isinstance(w, np.ndarray)
+                       else _sample(w, jnp.asarray(idx, jnp.int32)))   # numpy is sampled on the host
         if config.saliency != "magnitude":
             imps.append(_importance(config, (importance or {}).get(name), k)[..., 0][:, idx // n])
         else:

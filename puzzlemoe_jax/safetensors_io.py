@@ -1,4 +1,5 @@
-"""Streaming safetensors reading: a checkpoint directory's tensors, one at a time.
+"""Streaming safetensors I/O: a checkpoint directory's tensors read one at a time, and files
+written tensor by tensor (``write_file``).
 
 ``SafetensorsDir`` reads a directory of safetensors (one ``model.safetensors`` or shards named by
 ``model.safetensors.index.json``) tensor by tensor with plain file reads: no torch, no mmap, so
@@ -13,16 +14,23 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+import xxhash
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
           "U16": np.uint16, "I32": np.int32, "F8_E4M3": ml_dtypes.float8_e4m3fn}
 FLOAT_CODES = ("BF16", "F16", "F32")
+# every dtype ``write_file`` writes, in the order safetensors' serializer ranks them (it writes
+# the tensors by rank, highest first, then by name)
+WRITE_CODES = {np.dtype(t): c for c, t in [
+    ("BOOL", np.bool_), ("U8", np.uint8), ("I8", np.int8), ("I16", np.int16), ("U16", np.uint16),
+    ("F16", np.float16), ("BF16", ml_dtypes.bfloat16), ("I32", np.int32), ("U32", np.uint32),
+    ("F32", np.float32), ("F64", np.float64), ("I64", np.int64), ("U64", np.uint64)]}
 MAX_HEADER = 100 << 20
 
 
@@ -167,3 +175,43 @@ class SafetensorsDir:
 
     def nbytes(self, names: Iterable[str] | None = None) -> int:
         return sum(self.tensors[n].nbytes for n in (self.tensors if names is None else names))
+
+
+def write_file(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
+               check: Callable[[str, np.ndarray], None] | None = None) -> str:
+    """Write ``tensors`` (numpy or jax arrays) as one safetensors file, byte for byte what
+    ``safetensors.numpy.save_file`` writes, but straight from each tensor's buffer with one large
+    write per tensor (save_file first copies the whole file into memory).  Each tensor is fetched
+    with ``np.asarray`` only when its turn comes (jax arrays may still be copying to the host) and
+    passed to ``check(name, array)`` before it is written.  Returns the file's xxh3_64 (hex)."""
+    def code(name, a):
+        c = WRITE_CODES.get(np.dtype(a.dtype))
+        if c is None:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {a.dtype}, which safetensors cannot store")
+        return c
+    rank = list(WRITE_CODES.values())
+    order = sorted(tensors, key=lambda n: (-rank.index(code(n, tensors[n])), n))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for n in order:
+        a = tensors[n]
+        size = math.prod(a.shape) * np.dtype(a.dtype).itemsize
+        header[n] = {"dtype": code(n, a), "shape": list(a.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    h = xxhash.xxh3_64()
+    with open(path, "wb", buffering=0) as f:
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            h.update(chunk)
+        for n in order:
+            a = np.ascontiguousarray(np.asarray(tensors[n]))
+            if check is not None:
+                check(n, a)
+            view = memoryview(a.reshape(-1).view(np.uint8))
+            done = 0
+            while done < len(view):   # raw writes may be short
+                done += f.write(view[done:])
+            h.update(view)
+    return h.hexdigest()

@@ -15,12 +15,11 @@ import ml_dtypes
 import numpy as np
 import xxhash
 from filelock import FileLock, Timeout
-from safetensors.numpy import save_file
-
-from puzzlemoe_jax.safetensors_io import INDEX, CheckpointError
+from puzzlemoe_jax.safetensors_io import DTYPES, EXPONENT, INDEX, CheckpointError, count_nonfinite, write_file
 
 DTYPE_NAMES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 FLOAT_DTYPES = {np.dtype(t) for t in (*DTYPE_NAMES.values(), np.float64)}
+CODES = {np.dtype(t): c for c, t in DTYPES.items()}
 
 
 HASHES = "puzzlemoe_hashes"   # index metadata: {shard file: xxh3_64 hex of its bytes}
@@ -61,7 +60,10 @@ def check_expert_ids(tensors: Mapping[str, np.ndarray], where: str) -> None:
 
 
 def _check_finite(name: str, a: np.ndarray, where: str) -> None:
-    if a.dtype in FLOAT_DTYPES and not np.isfinite(a.astype(np.float32)).all():
+    code = CODES.get(a.dtype)
+    bad = (count_nonfinite(a, code) if code in EXPONENT else
+           int(np.count_nonzero(~np.isfinite(a))) if a.dtype in FLOAT_DTYPES else 0)
+    if bad:
         raise CheckpointError(f"{where}: tensor {name!r} has non-finite values in {a.dtype} "
                               f"(overflow after the dtype cast? try --dtype bfloat16 or float32)")
 
@@ -141,17 +143,17 @@ class CheckpointWriter:
     def _written(self, path: Path) -> None:
         os.chmod(path, self.mode)
 
-    def write_shard(self, tensors: Mapping[str, np.ndarray]) -> None:
+    def write_shard(self, tensors: Mapping[str, Any]) -> None:
+        """Write one shard of numpy or jax arrays (each fetched to the host only when written, so
+        device arrays whose host copies were started with ``copy_to_host_async`` overlap)."""
         name = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
-        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        for k, v in tensors.items():
-            _check_finite(k, v, str(self.out))
-        check_expert_ids(tensors, str(self.out))
-        save_file(tensors, self.tmp / name, metadata={"format": "flax"})
+        check_expert_ids({k: np.asarray(v) for k, v in tensors.items() if k.rsplit(".", 1)[-1] in ID_TENSORS},
+                         str(self.out))
+        self.hashes[name] = write_file(self.tmp / name, tensors, {"format": "flax"},
+                                       check=lambda k, v: _check_finite(k, v, str(self.out)))
         self._written(self.tmp / name)
-        self.hashes[name] = file_hash(self.tmp / name)
         self.weight_map.update({k: name for k in tensors})
-        self.nbytes += sum(v.nbytes for v in tensors.values())
+        self.nbytes += sum(int(v.nbytes) for v in tensors.values())
 
     def copy_files(self, src: Path, names: Iterable[str]) -> None:
         """Copy the files of ``names`` that exist in ``src`` (tokenizer, generation config) as they are."""

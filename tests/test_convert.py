@@ -276,14 +276,16 @@ def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dt
     from puzzlemoe_jax.checkpoint import convert_checkpoint
     src = write_tiny_checkpoint(tmp_path / "src", arch, layout=layout, num_layers=3, dtype=src_dtype)
     outs = {}
-    for k, kw in enumerate([dict(pipeline=False), dict(device_layout=True), dict(device_layout=False)]):
+    variants = [dict(pipeline=False), dict(device_layout=True, warm_up=True), dict(device_layout=False),
+                dict(device_layout=True, warm_up=False, read_threads=1)]
+    for k, kw in enumerate(variants):
         out = tmp_path / f"out-{k}"
         convert_checkpoint(src, out, arch, ratio=ratio, dtype=dtype, **kw)
         ckpt = SafetensorsDir(out)
         outs[k] = ({n: ckpt.read(n, check_finite=False) for n in ckpt.tensors},
                    (out / "config.json").read_text(), json.loads((out / INDEX).read_text()))
     ref, ref_cfg, ref_index = outs[0]
-    for got, got_cfg, got_index in (outs[1], outs[2]):
+    for got, got_cfg, got_index in list(outs.values())[1:]:
         assert got_cfg == ref_cfg and got_index == ref_index and sorted(got) == sorted(ref)
         for n in ref:
             assert got[n].dtype == ref[n].dtype and got[n].shape == ref[n].shape, n
@@ -311,3 +313,30 @@ def test_pipeline_names_nonfinite_expert_tensor(layout, tmp_path):
         errors.append(str(e.value))
         assert not (tmp_path / f"o{k}").exists()
     assert errors[0] == errors[1] and name in errors[0] and "NaN/Inf" in errors[0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_write_file_byte_identical_to_save_file(seed, tmp_path):
+    """The streaming writer gives exactly safetensors' bytes (every dtype it writes, empty and 0-d
+    tensors, names in any order, numpy or jax arrays), and its hash is the file's."""
+    import jax
+    from puzzlemoe_jax.safetensors_io import WRITE_CODES, write_file
+    from puzzlemoe_jax.writer import file_hash
+    rng = np.random.default_rng(seed)
+    dtypes = list(WRITE_CODES)
+    tensors = {}
+    for k in range(int(rng.integers(1, 24))):
+        shape = tuple(int(d) for d in rng.integers(0 if k % 7 == 0 else 1, 5, size=int(rng.integers(0, 4))))
+        dt = dtypes[int(rng.integers(len(dtypes)))]
+        raw = rng.integers(0, 256, size=int(np.prod(shape)) * dt.itemsize, dtype=np.uint8)
+        tensors[f"layers.{int(rng.integers(30))}.t{k}.{dt.name}"] = raw.view(dt).reshape(shape)
+    if seed % 2:   # jax arrays where jax holds the dtype
+        tensors = {n: jax.device_put(a) if a.dtype.itemsize < 8 else a for n, a in tensors.items()}
+    names = list(tensors)
+    rng.shuffle(names)
+    tensors = {n: tensors[n] for n in names}
+    meta = {"format": "flax"} if seed < 2 else None
+    save_file({n: np.asarray(a) for n, a in tensors.items()}, tmp_path / "ref.safetensors", metadata=meta)
+    h = write_file(tmp_path / "got.safetensors", tensors, meta)
+    assert (tmp_path / "got.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert h == file_hash(tmp_path / "got.safetensors")

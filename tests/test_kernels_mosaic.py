@@ -156,6 +156,8 @@ def test_word_layout_round_trips():
     (9, 0.5, False, (MosaicConfig(block_m=8), None)),      # a token block other than grouped_block_m's
     (9, 0.5, False, (MosaicConfig(block_m=64), None)),     # SwiGLU epilogue, down reads h^T as it comes
     (9, 0.25, True, (MosaicConfig(block_m=128), None)),    # SwiGLU in XLA on the transposed result
+    (9, 0.5, False, (MosaicConfig(block_m=8, block_k=64, split_k=2), None)),   # gate+up split-K, SwiGLU in XLA
+    (5, 0.25, True, (None, MosaicConfig(block_m=8, block_k=64, split_k=3))),   # down split-K partials summed
 ])
 def test_mosaic_layer_matches_dense_reference(t, ratio, drop, configs):
     """The grouped Mosaic layer (interpreter) on random routing, with dense and dropped experts."""

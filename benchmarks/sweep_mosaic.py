@@ -94,7 +94,11 @@ def sweep_shape(args, shape, tokens, res, t0):
                mosaic_config(bm, I, H, m_blocks=P))
         tries = [("old", old, None)] + [(f"v{n}", *variant_configs(base, over, bm, H, I))
                                         for n, over in enumerate(VARIANTS)]
+        seen = set()
         for name, cfgs, skip in tries:
+            if cfgs is not None and not skip:
+                skip = "same as an earlier variant" if cfgs in seen else None
+                seen.add(cfgs)
             v = dict(shape=shape, T=T, variant=name, block_m=bm, active_pairs=touched,
                      packed_bytes=touched * expert_bytes)
             if cfgs is not None:

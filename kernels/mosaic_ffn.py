@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import routing
-from kernels.gpu import cdiv
+from kernels.gpu import cdiv, num_sms
 from kernels.mosaic_gemm import MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config, mosaic_grouped_pair_gemm
 
 
@@ -91,12 +91,14 @@ def live_tiles(rows: int, num_pairs: int, block_m: int) -> int:
 
 def layer_configs(block_m: int, rows: int, num_pairs: int, hidden: int, inter: int) -> tuple[MosaicConfig, MosaicConfig]:
     """Default (gate+up, down) launch settings of a layer with ``rows`` routed rows: ``mosaic_config``
-    sized for the tiles that carry work (``live_tiles``), not for every pair.  The gate+up launch
-    has the SwiGLU epilogue (no K split) when ``block_m`` fits it."""
+    sized for the tiles that carry work (``live_tiles``), not for every pair, and the down launch's K
+    split until its live CTAs fill two per SM (at a few live pairs one CTA column per SM left half
+    the read bandwidth unused: ``benchmarks/sweep_mosaic.py``).  The gate+up launch has the SwiGLU
+    epilogue (no K split) when ``block_m`` fits it."""
     live = live_tiles(rows, num_pairs, block_m)
     fused = block_m <= SWIGLU_MAX_BLOCK_M
     gate_up = mosaic_config(block_m, hidden, 2 * inter, m_blocks=live, word_tiles=2 if fused else 1)
-    return gate_up, mosaic_config(block_m, inter, hidden, m_blocks=live)
+    return gate_up, mosaic_config(block_m, inter, hidden, m_blocks=live, min_ctas=2 * num_sms())
 
 
 def _pair_rows(x, g: routing.Grouped, words, block_m: int, configs, interpret: bool):

@@ -74,11 +74,13 @@ def padded_tokens(m: int, block_m: int | None = None) -> tuple[int, int]:
     return cdiv(mp, block_m) * block_m, block_m
 
 
-def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tiles: int = 1) -> MosaicConfig:
-    """Default settings: 64-row word tiles, K split until the launch has about one CTA per SM,
+def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tiles: int = 1,
+                  min_ctas: int = MIN_CTAS) -> MosaicConfig:
+    """Default settings: 64-row word tiles, K split until the launch has about ``min_ctas`` CTAs,
     more than ``MAX_BLOCK_M`` tokens split over CTAs (each re-reads the words, mostly from L2).
     A launch that fits one wave at one CTA per SM gets up to 4 stages of 128-deep K tiles; a larger
-    one gets 2 stages small enough for two CTAs per SM (128-deep K tiles if they fit).
+    one runs two CTAs per SM and gets as many stages (2 to 4) as fit that (128-deep K tiles if two
+    stages of them fit, else 64).
     ``m_blocks``: token blocks of the launch when not ``m``'s (the grouped kernel: its live tiles).
     ``word_tiles``: word tiles per CTA and K step (2: the SwiGLU launch streams gate and up rows;
     its ``n`` output columns are ``n / 2`` CTA columns, and it never splits K)."""
@@ -88,11 +90,11 @@ def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tile
     stage = lambda bk: 2 * bk * (word_tiles * block_n + 2 * block_m)  # noqa: E731 (bytes of one stage)
     block_k = 128 if k % 128 == 0 else 64
     n //= word_tiles
-    split = 1 if word_tiles > 1 else k_splits(k // block_k, (n // block_n) * m_blocks, MIN_CTAS)
+    split = 1 if word_tiles > 1 else k_splits(k // block_k, (n // block_n) * m_blocks, min_ctas)
     if (n // block_n) * m_blocks * split > num_sms():
-        stages = 2
         if 2 * stage(block_k) > smem_two_per_sm():
             block_k = 64
+        stages = max(2, min(4, smem_two_per_sm() // stage(block_k)))
     else:
         budget = smem_budget()
         stages = min(4, budget // stage(block_k))

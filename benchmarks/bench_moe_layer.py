@@ -30,6 +30,9 @@ import subprocess
 import sys
 import time
 
+# the references upcast whole layers inside their jit: let JAX pool most of the GPU's memory
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+
 from common import bandwidth_ceilings, cupti_time, device_info, rel_err, write_json
 from peer_torch import routing
 
@@ -49,6 +52,14 @@ SHAPES = {"mixtral": (8, 4096, 14336, 2), "deepseek-v2-lite": (64, 2048, 1408, 6
 TRITON_TRIES = [({"evict_first": True}, {"evict_first": True}), ({}, {"block_k": 128}), ({}, {"split_k": 4}),
                 ({"block_m": 32}, {"block_m": 32}), ({"block_m": 64, "num_warps": 8}, {"block_m": 64, "num_warps": 8})]
 MOSAIC_TRIES = [({"num_stages": 4}, {"num_stages": 4}), ({"block_m": 64}, {"block_m": 64})]
+
+
+def random_weights(E: int, H: int, I: int) -> dict:
+    """bf16 SwiGLU experts ``[E, K, N]``, std 0.02, drawn on the device one matrix at a time."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    shapes = {"w_gate": (E, H, I), "w_up": (E, H, I), "w_down": (E, I, H)}
+    return {n: (0.02 * jax.random.normal(kk, shapes[n], jnp.float32)).astype(jnp.bfloat16)
+            for kk, n in zip(keys, shapes)}
 
 
 def run_peer(args, shape, tokens) -> dict:
@@ -96,15 +107,9 @@ def main():
     res["info"] = device_info()
     if not args.no_ceilings:
         res["ceilings"] = bandwidth_ceilings()
-    keys = jax.random.split(jax.random.key(0), 3)
-    weights = {
-        "w_gate": (0.02 * jax.random.normal(keys[0], (E, H, I), jnp.float32)).astype(jnp.bfloat16),
-        "w_up": (0.02 * jax.random.normal(keys[1], (E, H, I), jnp.float32)).astype(jnp.bfloat16),
-        "w_down": (0.02 * jax.random.normal(keys[2], (E, I, H), jnp.float32)).astype(jnp.bfloat16),
-    }
+    weights = random_weights(E, H, I)
     experts, _ = compress_layer(weights, args.ratio)
-    merged_f32 = jax.block_until_ready(experts.unpack(jnp.float32))
-    weights_f32 = {n: w.astype(jnp.float32) for n, w in weights.items()}
+    merged = jax.block_until_ready(experts.unpack(jnp.bfloat16))   # decoded weights are bf16 values
     mosaic_words = jax.block_until_ready(to_mosaic_words(experts.packed)) if experts.pairs.shape[0] else None
     expert_bytes = 2 * (2 * H * I + I * H)
     res["bytes"] = dict(dense=sum(int(w.size) * 2 for w in weights.values()), packed=experts.nbytes(),
@@ -112,7 +117,10 @@ def main():
     print(res["info"], res.get("ceilings"), res["bytes"], flush=True)
     pairs = np.asarray(experts.pairs)
     dense_ids = set(np.asarray(experts.dense_ids).tolist())
-    ref_fn = jax.jit(lambda x, ids, tw, w: dense_moe_ffn(x.astype(jnp.float32), ids, tw, w, out_dtype=jnp.float32))
+    # f32 copies of the weights only inside the reference's jit (DeepSeek-V3's would not fit beside the rest)
+    ref_fn = jax.jit(lambda x, ids, tw, w: dense_moe_ffn(x.astype(jnp.float32), ids, tw,
+                                                         {n: v.astype(jnp.float32) for n, v in w.items()},
+                                                         out_dtype=jnp.float32))
     rng = np.random.default_rng(args.seed)
 
     def timed(fn, fargs, ref):
@@ -134,8 +142,8 @@ def main():
                    limit=len(active) / max(pairs_touched + dense_touched, 1), packed_bytes=packed_bytes,
                    dense_bytes=len(active) * expert_bytes,
                    expert_rows=np.bincount(ids_np.ravel(), minlength=E).tolist())
-        ref_dense = ref_fn(x, ids, tw, weights_f32)
-        ref_packed = ref_fn(x, ids, tw, merged_f32)
+        ref_dense = ref_fn(x, ids, tw, weights)
+        ref_packed = ref_fn(x, ids, tw, merged)
         unc = {"ours_dense": timed(lambda *a: K.dense_moe_ffn(*a, impl="triton"), (x, ids, tw, weights), ref_dense)}
         if not args.no_xla:
             unc["xla_ragged_dot"] = timed(lambda *a: K.dense_moe_ffn(*a, impl="reference"), (x, ids, tw, weights),
@@ -174,11 +182,10 @@ def main():
                 for gu, dn in tries:
                     try:
                         if run == "mosaic":
-                            from kernels.mosaic_ffn import grouped_block_m
-                            from kernels.mosaic_gemm import mosaic_config
+                            from kernels.mosaic_ffn import grouped_block_m, layer_configs
                             bm = gu.get("block_m", grouped_block_m(T * k, E, T))
-                            cfgs = (dataclasses.replace(mosaic_config(bm, H, 2 * I, word_tiles=2), **gu),
-                                    dataclasses.replace(mosaic_config(bm, I, H), **dn))
+                            base = layer_configs(bm, T * k, int(pairs.shape[0]), H, I)
+                            cfgs = (dataclasses.replace(base[0], **gu), dataclasses.replace(base[1], **dn))
                         else:
                             from kernels.triton_gemm import layer_config
                             cfgs = (dataclasses.replace(layer_config(T * k, H, I, swiglu=True), **gu),

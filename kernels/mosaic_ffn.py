@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import routing
-from kernels.mosaic_gemm import MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_grouped_pair_gemm
+from kernels.gpu import cdiv, num_sms
+from kernels.mosaic_gemm import MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config, mosaic_grouped_pair_gemm
 
 
 def to_mosaic_words(packed) -> dict[str, jax.Array]:
@@ -82,6 +83,23 @@ def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
     return pad_start, tiles, padded_rows
 
 
+def live_tiles(rows: int, num_pairs: int, block_m: int) -> int:
+    """A static bound on the live tiles of ``grouped_layout`` for ``rows`` routed rows: every live
+    tile holds at least one row, and there are at most ``rows / block_m + P`` of them."""
+    return max(1, min(rows, cdiv(rows, block_m) + num_pairs))
+
+
+def layer_configs(block_m: int, rows: int, num_pairs: int, hidden: int, inter: int) -> tuple[MosaicConfig, MosaicConfig]:
+    """Default (gate+up, down) launch settings of a layer with ``rows`` routed rows: ``mosaic_config``
+    sized for the tiles that carry work (``live_tiles``), not for every pair, and the down launch's K
+    split until its live CTAs fill two per SM (at a few live pairs one CTA column per SM left half
+    the read bandwidth unused: ``benchmarks/sweep_mosaic.py``).  The gate+up launch has the SwiGLU
+    epilogue (no K split) when ``block_m`` fits it."""
+    live = live_tiles(rows, num_pairs, block_m)
+    fused = block_m <= SWIGLU_MAX_BLOCK_M
+    gate_up = mosaic_config(block_m, hidden, 2 * inter, m_blocks=live, word_tiles=2 if fused else 1)
+    return gate_up, mosaic_config(block_m, inter, hidden, m_blocks=live, min_ctas=2 * num_sms())
+
 
 def _pair_rows(x, g: routing.Grouped, words, block_m: int, configs, interpret: bool):
     """The merged pairs' down-projected outputs for the R = T*k routed rows of ``g``.
@@ -103,15 +121,17 @@ def _pair_rows(x, g: routing.Grouped, words, block_m: int, configs, interpret: b
     xs_pad = jnp.where(real[:, None], x[src_token], 0).astype(jnp.bfloat16)
     slot_r = jnp.clip(slots, D, D + 2 * P - 1)
     row = jnp.clip(pad_start[slot_r] + jnp.arange(R) - starts[slot_r], 0, padded_rows - 1)
+    default = layer_configs(block_m, R, P, x.shape[1], inter)
+    cfg_gu, cfg_down = (c or d for c, d in zip(configs, default))
     gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, **kw)  # noqa: E731
-    if block_m <= SWIGLU_MAX_BLOCK_M:   # SwiGLU in the kernel's epilogue
-        h_t = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=configs[0])
+    if block_m <= SWIGLU_MAX_BLOCK_M and cfg_gu.split_k == 1:   # SwiGLU in the kernel's epilogue
+        h_t = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=cfg_gu, name="mosaic_gate_up")
     else:
-        gu_t = gemm(xs=xs_pad, words=words["gate_up"], config=configs[0])
+        gu_t = gemm(xs=xs_pad, words=words["gate_up"], config=cfg_gu, name="mosaic_gate_up")
         h_t = (jax.nn.silu(gu_t[:inter]) * gu_t[inter:]).astype(jnp.bfloat16)
     # h^T [I, R_pad] as it comes when its token blocks fill whole swizzle rows, else transposed
     h_in = dict(xs=h_t, xs_transposed=True) if block_m % 64 == 0 else dict(xs=h_t.T)
-    y_t = gemm(words=words["down"], config=configs[1], **h_in)
+    y_t = gemm(words=words["down"], config=cfg_down, name="mosaic_down", **h_in)
     return y_t.T, row
 
 
@@ -121,7 +141,9 @@ def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
     """Routed-expert output of a packed layer (``experts`` as ``puzzlemoe_jax.experts.PackedExperts``
     for the pair table and the kept-dense experts; ``words``: ``to_mosaic_words`` of its packed
     words, else made here per call).  ``configs`` override the (gate+up, down) launches' settings;
-    the gate+up config's ``block_m`` sets the layout's token block (default ``grouped_block_m``)."""
+    the gate+up config's ``block_m`` sets the layout's token block (default ``grouped_block_m``);
+    a None launch gets ``layer_configs``'s.  A gate+up config with ``split_k > 1`` runs the SwiGLU in
+    XLA between the launches."""
     g = routing.group_packed(topk_ids, experts.pairs, experts.dense_ids)
     words = words or to_mosaic_words(experts.packed)
     block_m = configs[0].block_m if configs[0] is not None else grouped_block_m(

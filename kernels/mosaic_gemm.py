@@ -74,11 +74,13 @@ def padded_tokens(m: int, block_m: int | None = None) -> tuple[int, int]:
     return cdiv(mp, block_m) * block_m, block_m
 
 
-def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tiles: int = 1) -> MosaicConfig:
-    """Default settings: 64-row word tiles, K split until the launch has about one CTA per SM,
+def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tiles: int = 1,
+                  min_ctas: int = MIN_CTAS) -> MosaicConfig:
+    """Default settings: 64-row word tiles, K split until the launch has about ``min_ctas`` CTAs,
     more than ``MAX_BLOCK_M`` tokens split over CTAs (each re-reads the words, mostly from L2).
     A launch that fits one wave at one CTA per SM gets up to 4 stages of 128-deep K tiles; a larger
-    one gets 2 stages small enough for two CTAs per SM (128-deep K tiles if they fit).
+    one runs two CTAs per SM and gets as many stages (2 to 4) as fit that (128-deep K tiles if two
+    stages of them fit, else 64).
     ``m_blocks``: token blocks of the launch when not ``m``'s (the grouped kernel: its live tiles).
     ``word_tiles``: word tiles per CTA and K step (2: the SwiGLU launch streams gate and up rows;
     its ``n`` output columns are ``n / 2`` CTA columns, and it never splits K)."""
@@ -88,11 +90,11 @@ def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tile
     stage = lambda bk: 2 * bk * (word_tiles * block_n + 2 * block_m)  # noqa: E731 (bytes of one stage)
     block_k = 128 if k % 128 == 0 else 64
     n //= word_tiles
-    split = 1 if word_tiles > 1 else k_splits(k // block_k, (n // block_n) * m_blocks, MIN_CTAS)
+    split = 1 if word_tiles > 1 else k_splits(k // block_k, (n // block_n) * m_blocks, min_ctas)
     if (n // block_n) * m_blocks * split > num_sms():
-        stages = 2
         if 2 * stage(block_k) > smem_two_per_sm():
             block_k = 64
+        stages = max(2, min(4, smem_two_per_sm() // stage(block_k)))
     else:
         budget = smem_budget()
         stages = min(4, budget // stage(block_k))
@@ -129,14 +131,15 @@ def mosaic_pair_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *, config
         tile(w_gmem, ai_gmem, aj_gmem, t, t, oi_gmem, oj_gmem)
 
     out = jax.ShapeDtypeStruct((cfg.split_k, N, mp), jnp.float32)
-    kernel = _kernel(body, (out, out), (mp // block_m, N // cfg.block_n, cfg.split_k), interpret)
+    kernel = _kernel(body, (out, out), (mp // block_m, N // cfg.block_n, cfg.split_k), interpret, "mosaic_pair_gemm")
     o_i, o_j = kernel(_pad_rows(a_i, mp), _pad_rows(a_j, mp), words.astype(jnp.uint16))
     return _finish(o_i, a_i.shape[0], out_dtype), _finish(o_j, a_j.shape[0], out_dtype)
 
 
-def _kernel(body, out_type, grid, interpret):
+def _kernel(body, out_type, grid, interpret, name):
+    """``name``: the launch's kernel name (benchmarks time each launch of a layer by it)."""
     return plgpu.kernel(
-        body, out_type=out_type, grid=grid, grid_names=("m", "n", "s"),
+        body, out_type=out_type, grid=grid, grid_names=("m", "n", "s"), kernel_name=name,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
 
@@ -214,7 +217,7 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
 def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, *, block_m: int,
                              live_tiles: int | None = None, swiglu: bool = False, xs_transposed: bool = False,
                              out_dtype=jnp.float32, config: MosaicConfig | None = None,
-                             interpret: bool = False) -> jax.Array:
+                             interpret: bool = False, name: str = "mosaic_grouped_pair_gemm") -> jax.Array:
     """All pairs of a layer in one launch: ``xs`` [R_pad, K] in ``mosaic_ffn.grouped_layout``'s row
     layout with token blocks of ``block_m`` rows, ``tiles`` its tile table, ``words`` uint16
     [P, N, K] (transposed).  Returns the transposed result, as the swap-AB kernel writes it:
@@ -225,7 +228,7 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     ``SWIGLU_MAX_BLOCK_M``, no K split).  ``xs_transposed``: ``xs`` is given as [K, R_pad] (a
     previous launch's result, as it comes; ``block_m`` a multiple of 64, a whole 128-byte swizzle
     row).  ``live_tiles``: expected live tiles, for the default config (default P).  ``config``:
-    its ``block_m`` must be ``block_m``.
+    its ``block_m`` must be ``block_m``.  ``name``: the launch's kernel name.
     """
     P, N, K = words.shape
     cfg = config or mosaic_config(block_m, K, N, m_blocks=live_tiles or P, word_tiles=2 if swiglu else 1)
@@ -261,7 +264,7 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
 
     kernel_dtype = jnp.bfloat16 if swiglu else out_dtype if split_k == 1 else jnp.float32
     out = jax.ShapeDtypeStruct((split_k, n_out, rows), kernel_dtype)
-    o = _kernel(body, out, (tiles.shape[0], n_out // block_n, split_k), interpret)(
+    o = _kernel(body, out, (tiles.shape[0], n_out // block_n, split_k), interpret, name)(
         tiles.astype(jnp.int32), xs.astype(jnp.bfloat16), words.astype(jnp.uint16))
     return o[0] if split_k == 1 else o.sum(0).astype(out_dtype)
 

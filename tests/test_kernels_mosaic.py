@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.gpu import smem_budget, smem_two_per_sm
-from kernels.mosaic_ffn import (from_mosaic_words, grouped_block_m, grouped_layout, mosaic_moe_ffn,
-                                to_mosaic_words)
+from kernels.gpu import num_sms, smem_budget, smem_two_per_sm
+from kernels.mosaic_ffn import (from_mosaic_words, grouped_block_m, grouped_layout, layer_configs, live_tiles,
+                                mosaic_moe_ffn, to_mosaic_words)
 from kernels.mosaic_gemm import (MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config,
                                  mosaic_grouped_pair_gemm, mosaic_pair_gemm)
 from kernels.mosaic_swar import decode_pairs_swar
@@ -63,10 +63,34 @@ def test_mosaic_config_fits_shared_memory_and_fills_the_gpu():
             assert c.num_stages >= 2 and c.num_stages * stage <= smem_budget(), (m, c)
             assert k % (c.block_k * c.split_k) == 0
     assert mosaic_config(1, 14336, 4096).split_k == 2 and mosaic_config(1, 4096, 14336).split_k == 1
-    # more CTAs than SMs (Mixtral w1/w3: 224): shallow pipelines, two CTAs per SM
+    assert mosaic_config(1, 14336, 4096, min_ctas=264).split_k == 8   # 64 CTA columns: 512 CTAs
+    # more CTAs than SMs (Mixtral w1/w3: 224): two CTAs per SM, as many stages as fit that
     for m in (1, 64, 128, 256):
         c = mosaic_config(m, 4096, 14336)
-        assert c.num_stages == 2 and 2 * 2 * c.block_k * (64 + 2 * c.block_m) <= smem_two_per_sm(), (m, c)
+        stage = 2 * c.block_k * (64 + 2 * c.block_m)
+        assert 2 <= c.num_stages <= 4 and c.num_stages * stage <= smem_two_per_sm(), (m, c)
+        assert c.num_stages == 4 or (c.num_stages + 1) * stage > smem_two_per_sm(), (m, c)
+
+
+def test_layer_configs_size_launches_for_the_live_tiles():
+    """``live_tiles`` bounds the live tiles ``grouped_layout`` makes on any routing, and the layer's
+    launches are sized for them: at one token (Mixtral: 2 of 4 pairs live) the down launch splits
+    K until its CTAs fill two per SM, which it did not when sized for every pair."""
+    rng = rng_for(16)
+    for e, k, t in ((8, 2, 1), (8, 2, 3), (8, 2, 40), (64, 6, 1), (64, 6, 5), (128, 8, 2), (128, 8, 33)):
+        for _ in range(5):
+            ids = np.argsort(-rng.standard_normal((t, e)), 1)[:, :k]
+            sizes = np.bincount(ids.ravel(), minlength=e).astype(np.int32)
+            bm = grouped_block_m(t * k, e, t)
+            _, tiles, _ = grouped_layout(jnp.asarray(sizes), 0, bm, t * k)
+            assert int(np.asarray(tiles)[:, 3].sum()) <= live_tiles(t * k, e // 2, bm), (e, k, t, sizes)
+    assert live_tiles(2, 4, 8) == 2 and live_tiles(512, 4, 128) == 8
+    gate_up, down = layer_configs(8, 2, 4, 4096, 14336)
+    assert down.split_k * 2 * (4096 // down.block_n) >= 2 * num_sms() and down.num_stages >= 2
+    assert mosaic_config(8, 14336, 4096, m_blocks=4).split_k == 1        # sized for all 4 pairs
+    assert gate_up.split_k == 1 and gate_up.block_m == down.block_m == 8
+    # many rows: every pair live, the settings of a launch sized for all of them
+    assert layer_configs(128, 512, 4, 4096, 14336)[1] == mosaic_config(128, 14336, 4096, m_blocks=8, min_ctas=264)
 
 
 def test_mosaic_kernels_reject_bad_shapes_and_settings():
@@ -156,6 +180,8 @@ def test_word_layout_round_trips():
     (9, 0.5, False, (MosaicConfig(block_m=8), None)),      # a token block other than grouped_block_m's
     (9, 0.5, False, (MosaicConfig(block_m=64), None)),     # SwiGLU epilogue, down reads h^T as it comes
     (9, 0.25, True, (MosaicConfig(block_m=128), None)),    # SwiGLU in XLA on the transposed result
+    (9, 0.5, False, (MosaicConfig(block_m=8, block_k=64, split_k=2), None)),   # gate+up split-K, SwiGLU in XLA
+    (5, 0.25, True, (None, MosaicConfig(block_m=8, block_k=64, split_k=3))),   # down split-K partials summed
 ])
 def test_mosaic_layer_matches_dense_reference(t, ratio, drop, configs):
     """The grouped Mosaic layer (interpreter) on random routing, with dense and dropped experts."""
@@ -173,3 +199,16 @@ def test_mosaic_config_is_frozen():
     c = MosaicConfig(block_m=16)
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.block_m = 32
+
+
+def test_mosaic_layer_default_split_k_down_matches_dense_reference():
+    """At one token the default down launch splits K (``layer_configs``); interpreter vs reference."""
+    rng = rng_for(116)
+    e, h, i, k = 8, 128, 1024, 2
+    experts = random_layer(rng, e, h, i, 0.5)
+    x, ids, tw = random_routing(rng, 1, e, k, h)
+    _, down = layer_configs(grouped_block_m(k, e, 1), k, e // 2, h, i)
+    assert down.split_k > 1, down
+    ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.bfloat16))
+    fn = functools.partial(mosaic_moe_ffn, out_dtype=jnp.bfloat16, interpret=True)
+    check(jax.jit(fn)(x, ids, tw, experts, to_mosaic_words(experts.packed)), ref, "mosaic layer, split-K down")

@@ -79,8 +79,8 @@ def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tile
     """Default settings: 64-row word tiles, K split until the launch has about ``min_ctas`` CTAs,
     more than ``MAX_BLOCK_M`` tokens split over CTAs (each re-reads the words, mostly from L2).
     A launch that fits one wave at one CTA per SM gets up to 4 stages of 128-deep K tiles; a larger
-    one runs two CTAs per SM and gets as many stages (2 to 4) as fit that (128-deep K tiles if two
-    stages of them fit, else 64).
+    one runs two CTAs per SM with 2 stages (128-deep K tiles if they fit, else 64), or, when its K is
+    split, as many stages (2 to 4) as fit two per SM.
     ``m_blocks``: token blocks of the launch when not ``m``'s (the grouped kernel: its live tiles).
     ``word_tiles``: word tiles per CTA and K step (2: the SwiGLU launch streams gate and up rows;
     its ``n`` output columns are ``n / 2`` CTA columns, and it never splits K)."""
@@ -94,7 +94,8 @@ def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tile
     if (n // block_n) * m_blocks * split > num_sms():
         if 2 * stage(block_k) > smem_two_per_sm():
             block_k = 64
-        stages = max(2, min(4, smem_two_per_sm() // stage(block_k)))
+        # deeper pipelines paid off only for K-split launches (few live pairs); elsewhere 2 stages
+        stages = max(2, min(4, smem_two_per_sm() // stage(block_k))) if split > 1 else 2
     else:
         budget = smem_budget()
         stages = min(4, budget // stage(block_k))

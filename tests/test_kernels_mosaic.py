@@ -64,12 +64,18 @@ def test_mosaic_config_fits_shared_memory_and_fills_the_gpu():
             assert k % (c.block_k * c.split_k) == 0
     assert mosaic_config(1, 14336, 4096).split_k == 2 and mosaic_config(1, 4096, 14336).split_k == 1
     assert mosaic_config(1, 14336, 4096, min_ctas=264).split_k == 8   # 64 CTA columns: 512 CTAs
-    # more CTAs than SMs (Mixtral w1/w3: 224): two CTAs per SM, as many stages as fit that
-    for m in (1, 64, 128, 256):
-        c = mosaic_config(m, 4096, 14336)
+    # more CTAs than SMs (Mixtral w1/w3: 224): two CTAs per SM with 2 stages, or, K split, as many as fit
+    for m, k, n, min_ctas in ((1, 4096, 14336, 128), (64, 4096, 14336, 128), (256, 4096, 14336, 128),
+                              (1, 14336, 4096, 264), (8, 2048, 1408, 264)):
+        c = mosaic_config(m, k, n, m_blocks=4, min_ctas=min_ctas)
         stage = 2 * c.block_k * (64 + 2 * c.block_m)
+        assert (n // 64) * 4 * c.split_k > num_sms(), (m, c)
         assert 2 <= c.num_stages <= 4 and c.num_stages * stage <= smem_two_per_sm(), (m, c)
-        assert c.num_stages == 4 or (c.num_stages + 1) * stage > smem_two_per_sm(), (m, c)
+        if c.split_k == 1:
+            assert c.num_stages == 2, (m, c)
+        else:
+            assert c.num_stages == 4 or (c.num_stages + 1) * stage > smem_two_per_sm(), (m, c)
+    assert mosaic_config(1, 14336, 4096, m_blocks=4, min_ctas=264).split_k > 1
 
 
 def test_layer_configs_size_launches_for_the_live_tiles():

@@ -9,6 +9,7 @@ without a GPU runs only in Pallas' CPU interpreter, and only when the caller ask
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -96,12 +97,20 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, e
     ``experts``: a ``puzzlemoe_jax.experts.PackedExperts`` (or anything with its ``pairs``,
     ``packed``, ``dense_ids``, ``dense`` and ``num_experts``); ids of dropped experts contribute
     nothing.  ``mosaic_words``: ``mosaic_ffn.to_mosaic_words(experts.packed)`` made once for
-    "mosaic" (else made per call).  ``configs``: overrides of the (gate+up, down) launches'
+    "mosaic" (else made per call); with them ``experts.packed`` may be empty (a model holding only
+    the Mosaic layout), and other implementations transpose the words back.  ``configs``: overrides of the (gate+up, down) launches'
     settings (``TritonConfig`` / ``MosaicConfig``).  ``out_dtype`` defaults to ``x.dtype``.
     """
     run = resolve_impl(impl, interpret=interpret)
     out_dtype = out_dtype or x.dtype
-    if run == "reference" or experts.pairs.shape[0] == 0 or topk_ids.shape[0] == 0:
+    unfused = run == "reference" or experts.pairs.shape[0] == 0 or topk_ids.shape[0] == 0
+    if not experts.packed:   # words given only in the Mosaic layout
+        if mosaic_words is None:
+            raise ValueError("experts.packed is empty: pass the words as mosaic_words")
+        if unfused or run != "mosaic":
+            from kernels.mosaic_ffn import from_mosaic_words  # noqa: PLC0415
+            experts = dataclasses.replace(experts, packed=from_mosaic_words(mosaic_words))
+    if unfused:
         return packed_moe_ffn_reference(x, topk_ids, topk_weights, experts, out_dtype)
     if run == "mosaic":
         if mosaic_words is None:

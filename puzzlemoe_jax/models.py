@@ -138,10 +138,15 @@ class PackedExpertsModule(nnx.Module):
         """The words in the Mosaic layout, or None when held as ``[P, K, N]``."""
         return {"gate_up": self.mosaic_gate_up[...], "down": self.mosaic_down[...]} if self.mosaic else None
 
-    def weights(self) -> PackedExperts:
-        """The layer as a ``PackedExperts`` with ``[P, K, N]`` words (transposed back if needed)."""
+    def weights(self, with_words: bool = True) -> PackedExperts:
+        """The layer as a ``PackedExperts`` with ``[P, K, N]`` words (transposed back if needed).
+        ``with_words=False`` on the Mosaic layout: ``packed`` left empty, for callers that pass
+        ``mosaic_words()`` to the kernels (no transposed copy of the words in their program)."""
         words = self.mosaic_words()
-        packed = from_mosaic_words(words) if words else {n: getattr(self, "packed_" + n)[...] for n in MATRICES}
+        if words and not with_words:
+            packed = {}
+        else:
+            packed = from_mosaic_words(words) if words else {n: getattr(self, "packed_" + n)[...] for n in MATRICES}
         return PackedExperts(self.pairs[...], packed,
                              self.dense_ids[...], {n: getattr(self, "dense_" + n)[...] for n in MATRICES},
                              self.num_experts, self.dropped_ids[...])
@@ -183,7 +188,11 @@ class MoE(nnx.Module):
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        experts = self.experts.weights()
+        words = self.experts.mosaic_words() if isinstance(self.experts, PackedExpertsModule) else None
+        if words is not None and self.mesh is None:   # the kernels get the words in their own layout
+            experts = self.experts.weights(with_words=False)
+        else:
+            experts, words = self.experts.weights(), None
         dropped = experts.dropped_ids if isinstance(experts, PackedExperts) else None
         if self.variant is not None:
             logits = x.astype(jnp.float32) @ self.router.kernel[...].astype(jnp.float32)
@@ -201,7 +210,6 @@ class MoE(nnx.Module):
             w = w * self.scale
         if not self.routing_fp32:
             w = w.astype(x.dtype)
-        words = self.experts.mosaic_words() if isinstance(self.experts, PackedExpertsModule) else None
         if self.mesh is not None:
             y = sharded_moe_ffn(x, ids, w, experts, self.mesh, impl=self.impl, interpret=self.interpret)
         else:

@@ -138,6 +138,18 @@ def test_model_mosaic_layout_matches_reference_impl():
     for n in ("w_gate", "w_up", "w_down"):
         assert bool(jnp.array_equal(module.weights().packed[n], experts.packed[n]))
     check(forward(model, ids), ref, "mosaic forward")
+    # the forward pass hands the kernels the Mosaic words only (no transposed copy); an implementation
+    # that needs [K, N] words gets them transposed back, and without words the call is refused
+    thin = module.weights(with_words=False)
+    assert thin.packed == {} and thin.nbytes() < before
+    model.set_impl("reference")
+    check(forward(model, ids), ref, "Mosaic layout, reference impl", tol=1e-5)
+    x, tid, tw = random_routing(rng_for(43), 5, 8, 2, 128, jnp.bfloat16)
+    want = packed_moe_ffn(x, tid, tw, experts, impl="reference")
+    got = packed_moe_ffn(x, tid, tw, thin, impl="reference", mosaic_words=module.mosaic_words())
+    assert bool(jnp.array_equal(got, want))
+    with pytest.raises(ValueError, match="mosaic_words"):
+        packed_moe_ffn(x, tid, tw, thin, impl="reference")
     with pytest.raises(ImplError, match="one of"):
         model.set_impl("nope")
     with pytest.raises(ImplError, match="backend is cpu"):

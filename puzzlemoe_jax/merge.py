@@ -30,6 +30,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from puzzlemoe_jax import codec
@@ -196,16 +197,35 @@ def _merge_rows(get_rows, k: int, n: int, batch: int, config: MergeConfig, alpha
 @functools.partial(jax.jit, static_argnames=("method", "rows"))
 def _merge_layer_matrix(w, pairs, dense_ids, imp_i, imp_j, threshold, alpha, method, rows):
     """One matrix of a layer ``w [E, K, N]`` as one program: every pair merged in the same row
-    chunks as ``_merge_rows``; (words [P, K, N], experts ``dense_ids`` [D, K, N], chunk sums)."""
-    w_i, w_j = w[pairs[:, 0]], w[pairs[:, 1]]
-    cut = lambda x, r0: x if x.ndim == 0 else x[..., r0:r0 + rows, :]
-    words, parts = [], []
-    for r0 in range(0, w.shape[1], rows):
-        chunk, s = _merge_core(cut(w_i, r0), cut(w_j, r0), cut(imp_i, r0), cut(imp_j, r0), threshold, alpha,
-                               method=method)
-        words.append(chunk)
-        parts.append(s)
-    return jnp.concatenate(words, axis=-2), w[dense_ids], parts
+    chunks as ``_merge_rows``; (words [P, K, N], experts ``dense_ids`` [D, K, N], chunk sums).
+    The chunks run one after another in a loop, each gathering its own rows of the pairs, so the
+    program's temporaries are one chunk's whatever the number of chunks."""
+    k = w.shape[1]
+    full, rest = divmod(k, rows)
+
+    def chunk(r0, size):
+        part = lax.dynamic_slice_in_dim(w, r0, size, axis=1)
+        cut = lambda x: x if x.ndim == 0 else lax.dynamic_slice_in_dim(x, r0, size, axis=x.ndim - 2)  # noqa: E731
+        return _merge_core(part[pairs[:, 0]], part[pairs[:, 1]], cut(imp_i), cut(imp_j), threshold, alpha,
+                           method=method)
+
+    words_1, sums_1 = jax.eval_shape(lambda: chunk(0, rows))
+    words = jnp.zeros((pairs.shape[0], k, w.shape[2]), words_1.dtype)
+    stacked = {key: jnp.zeros((full, *v.shape), v.dtype) for key, v in sums_1.items()}
+
+    def body(c, carry):
+        words, stacked = carry
+        words_c, sums_c = chunk(c * rows, rows)
+        return (lax.dynamic_update_slice_in_dim(words, words_c, c * rows, axis=1),
+                {key: v.at[c].set(sums_c[key]) for key, v in stacked.items()})
+
+    words, stacked = lax.fori_loop(0, full, body, (words, stacked))
+    parts = [{key: v[c] for key, v in stacked.items()} for c in range(full)]
+    if rest:
+        words_c, sums_c = chunk(full * rows, rest)
+        words = lax.dynamic_update_slice_in_dim(words, words_c, full * rows, axis=1)
+        parts.append(sums_c)
+    return words, w[dense_ids], parts
 
 
 def merge_layer_matrix(w: jax.Array, pairs: np.ndarray, dense_ids: np.ndarray, config: MergeConfig, imp_i, imp_j,

@@ -259,8 +259,15 @@ def test_row_chunked_merge_gives_the_same_words_and_stats(saliency):
     cfg = merge.MergeConfig(saliency=saliency)
     whole, whole_stats = compress.compress_layer({n: jnp.asarray(w) for n, w in weights.items()}, 0.5, cfg, imp)
     host, host_stats = compress.compress_layer(weights, 0.5, cfg, imp, chunk_elems=3 * 36 * 7)  # 7-row chunks
+    # the device program's chunk loop: w_gate/w_up 20 rows = 2 chunks of 7 + 6, w_down 36 = 3 of 12
+    looped, looped_stats = compress.compress_layer({n: jnp.asarray(w) for n, w in weights.items()}, 0.5, cfg, imp,
+                                                   chunk_elems=3 * 36 * 7)
     assert isinstance(host.packed["w_up"], np.ndarray) and isinstance(whole.packed["w_up"], jax.Array)
     for n in weights:
         np.testing.assert_array_equal(host.packed[n], np.asarray(whole.packed[n]))
+        np.testing.assert_array_equal(host.packed[n], np.asarray(looped.packed[n]))
+        np.testing.assert_array_equal(np.asarray(host.dense[n]), np.asarray(looped.dense[n]))
         for key, value in whole_stats[n].items():
             np.testing.assert_allclose(host_stats[n][key], value, rtol=1e-5)
+            np.testing.assert_allclose(host_stats[n][key], looped_stats[n][key], rtol=1e-5)
+            assert np.isfinite(np.asarray(value, np.float64)).all()

@@ -28,7 +28,7 @@ import numpy as np
 import kernels as K
 from kernels.gpu import smem_budget
 from kernels.mosaic_ffn import SWIGLU_MAX_BLOCK_M, grouped_block_m, layer_configs, to_mosaic_words
-from kernels.mosaic_gemm import mosaic_config
+from kernels.mosaic_gemm import mosaic_config, stage_bytes
 from puzzlemoe_jax.compress import compress_layer
 from puzzlemoe_jax.moe import dense_moe_ffn
 
@@ -46,7 +46,7 @@ VARIANTS = [
 
 
 def smem_bytes(c, word_tiles: int) -> int:
-    return c.num_stages * 2 * c.block_k * (word_tiles * c.block_n + 2 * c.block_m)
+    return c.num_stages * stage_bytes(c.block_k, c.block_n, c.block_m, word_tiles)
 
 
 def variant_configs(base, over, block_m, H, I):

@@ -98,8 +98,9 @@ def packed_moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, e
     ``packed``, ``dense_ids``, ``dense`` and ``num_experts``); ids of dropped experts contribute
     nothing.  ``mosaic_words``: ``mosaic_ffn.to_mosaic_words(experts.packed)`` made once for
     "mosaic" (else made per call); with them ``experts.packed`` may be empty (a model holding only
-    the Mosaic layout), and other implementations transpose the words back.  ``configs``: overrides of the (gate+up, down) launches'
-    settings (``TritonConfig`` / ``MosaicConfig``).  ``out_dtype`` defaults to ``x.dtype``.
+    the Mosaic layout), and other implementations transpose the words back.  ``configs``:
+    overrides of the (gate+up, down) launches' settings (``TritonConfig`` / ``MosaicConfig``).
+    ``out_dtype`` defaults to ``x.dtype``.
     """
     run = resolve_impl(impl, interpret=interpret)
     out_dtype = out_dtype or x.dtype

@@ -74,6 +74,11 @@ def padded_tokens(m: int, block_m: int | None = None) -> tuple[int, int]:
     return cdiv(mp, block_m) * block_m, block_m
 
 
+def stage_bytes(block_k: int, block_n: int, block_m: int, word_tiles: int = 1) -> int:
+    """Shared memory of one pipeline stage: ``word_tiles`` word tiles and both token blocks (bf16)."""
+    return 2 * block_k * (word_tiles * block_n + 2 * block_m)
+
+
 def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tiles: int = 1,
                   min_ctas: int = MIN_CTAS) -> MosaicConfig:
     """Default settings: 64-row word tiles, K split until the launch has about ``min_ctas`` CTAs,
@@ -87,7 +92,7 @@ def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tile
     block_n = 64
     mp, block_m = padded_tokens(m)
     m_blocks = mp // block_m if m_blocks is None else m_blocks
-    stage = lambda bk: 2 * bk * (word_tiles * block_n + 2 * block_m)  # noqa: E731 (bytes of one stage)
+    stage = lambda bk: stage_bytes(bk, block_n, block_m, word_tiles)  # noqa: E731
     block_k = 128 if k % 128 == 0 else 64
     n //= word_tiles
     split = 1 if word_tiles > 1 else k_splits(k // block_k, (n // block_n) * m_blocks, min_ctas)
@@ -216,7 +221,7 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
 
 
 def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, *, block_m: int,
-                             live_tiles: int | None = None, swiglu: bool = False, xs_transposed: bool = False,
+                             swiglu: bool = False, xs_transposed: bool = False,
                              out_dtype=jnp.float32, config: MosaicConfig | None = None,
                              interpret: bool = False, name: str = "mosaic_grouped_pair_gemm") -> jax.Array:
     """All pairs of a layer in one launch: ``xs`` [R_pad, K] in ``mosaic_ffn.grouped_layout``'s row
@@ -228,11 +233,11 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     [I, R_pad], ``silu(W_gate^T xs) * (W_up^T xs)``, computed in the CTA (block_m <=
     ``SWIGLU_MAX_BLOCK_M``, no K split).  ``xs_transposed``: ``xs`` is given as [K, R_pad] (a
     previous launch's result, as it comes; ``block_m`` a multiple of 64, a whole 128-byte swizzle
-    row).  ``live_tiles``: expected live tiles, for the default config (default P).  ``config``:
-    its ``block_m`` must be ``block_m``.  ``name``: the launch's kernel name.
+    row).  ``config`` (default: ``mosaic_config`` sized for every pair; a layer passes
+    ``mosaic_ffn.layer_configs``'): its ``block_m`` must be ``block_m``.  ``name``: the launch's kernel name.
     """
     P, N, K = words.shape
-    cfg = config or mosaic_config(block_m, K, N, m_blocks=live_tiles or P, word_tiles=2 if swiglu else 1)
+    cfg = config or mosaic_config(block_m, K, N, m_blocks=P, word_tiles=2 if swiglu else 1)
     cfg = cfg.for_backend(interpret)
     block_n, block_k, split_k = cfg.block_n, cfg.block_k, cfg.split_k
     rows = xs.shape[1] if xs_transposed else xs.shape[0]

@@ -127,8 +127,11 @@ def _pair_rows(x, g: routing.Grouped, words, block_m: int, configs, interpret: b
     if block_m <= SWIGLU_MAX_BLOCK_M and cfg_gu.split_k == 1:   # SwiGLU in the kernel's epilogue
         h_t = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=cfg_gu, name="mosaic_gate_up")
     else:
-        gu_t = gemm(xs=xs_pad, words=words["gate_up"], config=cfg_gu, name="mosaic_gate_up")
-        h_t = (jax.nn.silu(gu_t[:inter]) * gu_t[inter:]).astype(jnp.bfloat16)
+        # one launch writes gate and up rounded to bf16 (as the bf16 model's projections are): half
+        # the bytes of f32 to write and to read back for the SwiGLU; K-split partials sum in f32
+        gu_dtype = jnp.bfloat16 if cfg_gu.split_k == 1 else jnp.float32
+        gu_t = gemm(xs=xs_pad, words=words["gate_up"], config=cfg_gu, out_dtype=gu_dtype, name="mosaic_gate_up")
+        h_t = (jax.nn.silu(gu_t[:inter].astype(jnp.float32)) * gu_t[inter:]).astype(jnp.bfloat16)
     # h^T [I, R_pad] as it comes when its token blocks fill whole swizzle rows, else transposed
     h_in = dict(xs=h_t, xs_transposed=True) if block_m % 64 == 0 else dict(xs=h_t.T)
     y_t = gemm(words=words["down"], config=cfg_down, name="mosaic_down", **h_in)

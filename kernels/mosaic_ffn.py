@@ -156,7 +156,7 @@ def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
     R, P, D = topk_ids.size, experts.pairs.shape[0], experts.dense_ids.shape[0]
     words = words or to_mosaic_words(experts.packed)
     block_m = configs[0].block_m if configs[0] is not None else grouped_block_m(R, experts.num_experts, x.shape[0])
-    fused = routing_kernel.fits(R, P, D)
+    fused = routing_kernel.fits(R, P, D, block_m)
     if fused:   # one launch for the layout; its outputs need no materializing
         g = None
         tiles, src, row = routing_kernel.pair_layout(topk_ids, experts.pairs, block_m=block_m, interpret=interpret)

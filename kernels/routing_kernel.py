@@ -6,8 +6,9 @@ sorted assignments, but with compares, prefix sums and one scatter store inside 
 XLA form is a sort and some fifteen small kernels around the two launches.  Assignments are ranked
 within their slot by assignment index (what a stable sort gives), so both layouts are identical.
 
-Written for small steps (``fits``): one program walks the assignments in chunks of ``[rows, pairs]``
-compares; layers with kept-dense experts or more rows keep the XLA layout.
+One program walks the assignments in chunks of ``[rows, pairs]`` compares and the tile table in one
+``[tiles, pairs]`` compare, so its time grows with rows x pairs; ``fits`` takes it only for small
+steps, layers with kept-dense experts and larger steps keep the XLA layout.
 """
 from __future__ import annotations
 
@@ -20,15 +21,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 MAX_ROWS = 1024        # routed rows (T * top-k) the one program takes
-MAX_PAIRS = 256
 CHUNK_ELEMS = 4096     # [chunk rows, pairs] compares per step of the assignment loop
 FILL_CHUNK = 1024      # padded rows written per store when clearing the source table
+# the layer uses the launch up to two assignment chunks and this many [tiles, pairs] compares: past
+# them (more chunks, more pairs) it ran slower than the XLA layout (bench_moe_layer, H200)
+MAX_FUSED_ELEMS = 2 * CHUNK_ELEMS
 
 
-def fits(rows: int, num_pairs: int, num_dense: int) -> bool:
-    """Whether ``pair_layout`` takes the layer: no kept-dense experts, at most ``MAX_ROWS`` routed
-    rows and ``MAX_PAIRS`` pairs."""
-    return num_dense == 0 and 0 < num_pairs <= MAX_PAIRS and 0 < rows <= MAX_ROWS
+def fits(rows: int, num_pairs: int, num_dense: int, block_m: int) -> bool:
+    """Whether a layer's step takes ``pair_layout``: no kept-dense experts, and ``[rows, pairs]``
+    and ``[tiles, pairs]`` (power-of-two padded) of at most ``MAX_FUSED_ELEMS`` each."""
+    if num_dense or not 0 < num_pairs or not 0 < rows <= MAX_ROWS:
+        return False
+    tiles, _ = layout_sizes(rows, num_pairs, block_m)
+    return max(_pow2(rows), _pow2(tiles)) * _pow2(num_pairs) <= MAX_FUSED_ELEMS
 
 
 def _pow2(n: int) -> int:
@@ -108,7 +114,8 @@ def _kernel(ids_ref, pairs_ref, tiles_ref, src_ref, row_ref, *, R, k, P, block_m
 
 
 def pair_layout(topk_ids: jax.Array, pairs: jax.Array, *, block_m: int, interpret: bool = False):
-    """The row layout of a packed layer without kept-dense experts (``fits``), in one launch.
+    """The row layout of a packed layer without kept-dense experts, in one launch (any size up to
+    ``MAX_ROWS`` rows; ``fits`` says where a layer uses it).
 
     ``topk_ids`` [T, k]; ``pairs`` [P, 2] expert ids (ids in neither column: no rows, no output).
     Returns ``(tiles [n_tiles, 4], src [padded_rows], row [T*k])`` int32: the tile table of
@@ -116,8 +123,8 @@ def pair_layout(topk_ids: jax.Array, pairs: jax.Array, *, block_m: int, interpre
     holds (-1: padding); the padded row of each assignment (-1: its expert is in no pair)."""
     T, k = topk_ids.shape
     R, P = T * k, pairs.shape[0]
-    if not fits(R, P, 0):
-        raise ValueError(f"pair_layout takes 1..{MAX_ROWS} rows and 1..{MAX_PAIRS} pairs, got {R} and {P}")
+    if not (0 < R <= MAX_ROWS and P > 0):
+        raise ValueError(f"pair_layout takes 1..{MAX_ROWS} rows and at least one pair, got {R} and {P}")
     NT, Q = layout_sizes(R, P, block_m)
     QP, RP = _pow2(Q + 1), _pow2(R)
     out = (jax.ShapeDtypeStruct((4 * NT,), jnp.int32), jax.ShapeDtypeStruct((QP,), jnp.int32),

@@ -35,7 +35,6 @@ def _routing(rng, t, e, k, hot):
     (16, 8, 128, 0, 4, 128),         # rows at the size bound (MAX_ROWS)
 ])
 def test_pair_layout_equals_the_xla_layout(e, k, t, unheld, hot, block_m):
-    assert routing_kernel.fits(t * k, (e - unheld) // 2, 0)
     for seed in range(3):
         rng = rng_for(100 * e + 10 * t + seed)
         pairs = rng.permutation(e)[:e - unheld].reshape(-1, 2)
@@ -55,11 +54,15 @@ def test_pair_layout_equals_the_xla_layout(e, k, t, unheld, hot, block_m):
 
 
 def test_fits_gates_on_size_and_dense_experts():
-    assert routing_kernel.fits(routing_kernel.MAX_ROWS, routing_kernel.MAX_PAIRS, 0)
-    assert not routing_kernel.fits(routing_kernel.MAX_ROWS + 1, 4, 0)
-    assert not routing_kernel.fits(2, routing_kernel.MAX_PAIRS + 1, 0)
-    assert not routing_kernel.fits(2, 4, 1)      # kept-dense experts: the XLA layout
-    assert not routing_kernel.fits(2, 0, 0)
+    """The layer takes the launch for small steps only: at most two [rows, pairs] chunks and one
+    [tiles, pairs] compare of ``MAX_FUSED_ELEMS``; no kept-dense experts."""
+    fits = routing_kernel.fits
+    assert fits(2, 4, 0, 8) and fits(128, 4, 0, 48)                  # Mixtral T = 1, 64
+    assert fits(8, 64, 0, 8) and fits(128, 64, 0, 16)                # Qwen3 T = 1, 16
+    assert not fits(512, 64, 0, 16) and not fits(384, 32, 0, 32)     # Qwen3, DeepSeek-V2-Lite T = 64
+    assert not fits(8, 128, 0, 8)                                    # 128 pairs: [256 tiles, 128 pairs]
+    assert not fits(2, 4, 1, 8)                                      # kept-dense experts: the XLA layout
+    assert not fits(2, 0, 0, 8) and not fits(routing_kernel.MAX_ROWS + 1, 1, 0, 128)
     with pytest.raises(ValueError, match="pair_layout takes"):
         routing_kernel.pair_layout(jnp.zeros((129, 8), jnp.int32), jnp.zeros((4, 2), jnp.int32), block_m=8)
 

@@ -1,6 +1,8 @@
 """A packed MoE layer on the grouped Mosaic-GPU kernel (Hopper): two launches per step, gate+up
 (SwiGLU in the epilogue for token blocks up to ``SWIGLU_MAX_BLOCK_M`` rows, else in XLA between the
-launches) and down, which reads the first launch's transposed output as it comes.
+launches) and down, which reads the first launch's transposed output as it comes.  Around them: the
+row layout (one Pallas-Triton launch, ``routing_kernel``, where it fits; else sorts and gathers in
+XLA), the gather of the padded rows and the combine.
 
 The kernel reads the words transposed and gate's and up's stacked (``to_mosaic_words``); models
 that serve with it hold that layout, and ``from_mosaic_words`` gives back the stored ``[K, N]`` words.
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import routing
+from kernels import routing, routing_kernel
 from kernels.gpu import cdiv, num_sms
 from kernels.mosaic_gemm import MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config, mosaic_grouped_pair_gemm
 
@@ -69,11 +71,10 @@ def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
     P = (sizes.shape[0] - D) // 2
     blocks = jnp.where(jnp.arange(sizes.shape[0]) >= D, -(-sizes // block_m), 0)
     pad_start = (jnp.cumsum(blocks) - blocks) * block_m
-    padded_rows = (-(-rows // block_m) + 2 * P + 1) * block_m   # sum of blocks <= rows/bm + 2P, + spare
+    T, padded_rows = routing_kernel.layout_sizes(rows, P, block_m)
     spare = padded_rows // block_m - 1
     n_i, n_j = blocks[D::2], blocks[D + 1::2]
     per_pair = jnp.maximum(n_i, n_j)
-    T = -(-rows // block_m) + P
     pair = jnp.repeat(jnp.arange(P, dtype=jnp.int32), per_pair, total_repeat_length=T)
     t = jnp.arange(T, dtype=jnp.int32) - (jnp.cumsum(per_pair) - per_pair)[pair]
     live = jnp.arange(T) < per_pair.sum()
@@ -101,27 +102,36 @@ def layer_configs(block_m: int, rows: int, num_pairs: int, hidden: int, inter: i
     return gate_up, mosaic_config(block_m, inter, hidden, m_blocks=live, min_ctas=2 * num_sms())
 
 
-def _pair_rows(x, g: routing.Grouped, words, block_m: int, configs, interpret: bool):
-    """The merged pairs' down-projected outputs for the R = T*k routed rows of ``g``.
-    Returns ``(y [R_pad, H] f32, row [R])``: sorted row r's output is ``y[row[r]]`` if r belongs to
-    a pair (other rows point anywhere).  The padded layout is gathered from ``x`` (no scatter)."""
+def xla_pair_layout(g: routing.Grouped, block_m: int):
+    """``routing_kernel.pair_layout``'s ``(tiles, src, row)`` from the sorted assignments ``g`` in
+    XLA (any layer; the reference of the one-launch form): the tile table, the token of each padded
+    row (-1: padding) and the padded row of each assignment (-1: not in a pair)."""
     R, D, P = g.tokens.shape[0], g.num_dense, g.num_pairs
     sizes, tokens, slots = g.sizes, g.tokens, g.slots
-    inter = words["gate_up"].shape[1] // 2
     pad_start, tiles, padded_rows = grouped_layout(sizes, D, block_m, R)
     starts = g.starts()
     # padded row q -> the last pair slot starting at or before it; a real row if inside its size
     q = jnp.arange(padded_rows)
     slot_q = D - 1 + jnp.sum(q[:, None] >= pad_start[D:], axis=1)
     off = q - pad_start[slot_q]
-    src_token = tokens[jnp.minimum(starts[slot_q] + off, R - 1)]
-    # materialize the small index arrays: fused into the gather, XLA recomputed the [rows, 2P]
+    src = jnp.where(off < sizes[slot_q], tokens[jnp.minimum(starts[slot_q] + off, R - 1)], -1)
+    # materialize the small index array: fused into the gather, XLA recomputed the [rows, 2P]
     # comparison for every element of xs_pad
-    src_token, real = lax.optimization_barrier((src_token, off < sizes[slot_q]))
-    xs_pad = jnp.where(real[:, None], x[src_token], 0).astype(jnp.bfloat16)
+    src = lax.optimization_barrier(src)
     slot_r = jnp.clip(slots, D, D + 2 * P - 1)
     row = jnp.clip(pad_start[slot_r] + jnp.arange(R) - starts[slot_r], 0, padded_rows - 1)
-    default = layer_configs(block_m, R, P, x.shape[1], inter)
+    return tiles, src.astype(jnp.int32), jnp.where(g.in_pair(), row[g.pos], -1).astype(jnp.int32)
+
+
+def _pair_rows(x, tiles, src, words, rows: int, block_m: int, configs, interpret: bool):
+    """The merged pairs' down-projected outputs as the down launch writes them: f32 [S, H, R_pad],
+    the sum over S (the launch's K split) of column r is the output of padded row r (``src``: its
+    token, -1 padding; ``tiles``: the launches' tile table; ``rows``: the routed rows, which size
+    the launches)."""
+    P = words["down"].shape[0]
+    inter = words["gate_up"].shape[1] // 2
+    xs_pad = jnp.where(src[:, None] >= 0, x[jnp.maximum(src, 0)], 0).astype(jnp.bfloat16)
+    default = layer_configs(block_m, rows, P, x.shape[1], inter)
     cfg_gu, cfg_down = (c or d for c, d in zip(configs, default))
     gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, **kw)  # noqa: E731
     if block_m <= SWIGLU_MAX_BLOCK_M and cfg_gu.split_k == 1:   # SwiGLU in the kernel's epilogue
@@ -134,8 +144,7 @@ def _pair_rows(x, g: routing.Grouped, words, block_m: int, configs, interpret: b
         h_t = (jax.nn.silu(gu_t[:inter].astype(jnp.float32)) * gu_t[inter:]).astype(jnp.bfloat16)
     # h^T [I, R_pad] as it comes when its token blocks fill whole swizzle rows, else transposed
     h_in = dict(xs=h_t, xs_transposed=True) if block_m % 64 == 0 else dict(xs=h_t.T)
-    y_t = gemm(words=words["down"], config=cfg_down, name="mosaic_down", **h_in)
-    return y_t.T, row
+    return gemm(words=words["down"], config=cfg_down, name="mosaic_down", sum_splits=False, **h_in)
 
 
 def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
@@ -147,14 +156,21 @@ def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
     the gate+up config's ``block_m`` sets the layout's token block (default ``grouped_block_m``);
     a None launch gets ``layer_configs``'s.  A gate+up config with ``split_k > 1`` runs the SwiGLU in
     XLA between the launches."""
-    g = routing.group_packed(topk_ids, experts.pairs, experts.dense_ids)
+    R, P, D = topk_ids.size, experts.pairs.shape[0], experts.dense_ids.shape[0]
     words = words or to_mosaic_words(experts.packed)
-    block_m = configs[0].block_m if configs[0] is not None else grouped_block_m(
-        topk_ids.size, experts.num_experts, x.shape[0])
-    y, row = _pair_rows(x, g, words, block_m, configs, interpret)
-    parts = [(y, row[g.pos], g.in_pair())]
-    if g.num_dense:
+    block_m = configs[0].block_m if configs[0] is not None else grouped_block_m(R, experts.num_experts, x.shape[0])
+    fused = routing_kernel.fits(R, P, D, block_m)
+    if fused:   # one launch for the layout; its outputs need no materializing
+        g = None
+        tiles, src, row = routing_kernel.pair_layout(topk_ids, experts.pairs, block_m=block_m, interpret=interpret)
+    else:
+        g = routing.group_packed(topk_ids, experts.pairs, experts.dense_ids)
+        tiles, src, row = xla_pair_layout(g, block_m)
+    y_t = _pair_rows(x, tiles, src, words, R, block_m, configs, interpret)
+    # the combine gathers the launch's columns and adds its K-split partials itself
+    parts = [(jnp.transpose(y_t, (2, 0, 1)), jnp.maximum(row, 0), row >= 0)]
+    if D:
         from kernels.triton_ffn import dense_swiglu  # noqa: PLC0415
         parts.append(routing.dense_part(x, g, experts.dense, swiglu=functools.partial(
-            dense_swiglu, max_rows=topk_ids.size, interpret=interpret)))
-    return routing.combine(parts, topk_weights, out_dtype)
+            dense_swiglu, max_rows=R, interpret=interpret)))
+    return routing.combine(parts, topk_weights, out_dtype, materialize_index=not fused)

@@ -223,7 +223,8 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
 def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, *, block_m: int,
                              swiglu: bool = False, xs_transposed: bool = False,
                              out_dtype=jnp.float32, config: MosaicConfig | None = None,
-                             interpret: bool = False, name: str = "mosaic_grouped_pair_gemm") -> jax.Array:
+                             interpret: bool = False, name: str = "mosaic_grouped_pair_gemm",
+                             sum_splits: bool = True) -> jax.Array:
     """All pairs of a layer in one launch: ``xs`` [R_pad, K] in ``mosaic_ffn.grouped_layout``'s row
     layout with token blocks of ``block_m`` rows, ``tiles`` its tile table, ``words`` uint16
     [P, N, K] (transposed).  Returns the transposed result, as the swap-AB kernel writes it:
@@ -235,6 +236,8 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     previous launch's result, as it comes; ``block_m`` a multiple of 64, a whole 128-byte swizzle
     row).  ``config`` (default: ``mosaic_config`` sized for every pair; a layer passes
     ``mosaic_ffn.layer_configs``'): its ``block_m`` must be ``block_m``.  ``name``: the launch's kernel name.
+    ``sum_splits=False``: the f32 K-split partials [split_k, N, R_pad] as written, for a consumer that
+    sums them itself (one kernel fewer).
     """
     P, N, K = words.shape
     cfg = config or mosaic_config(block_m, K, N, m_blocks=P, word_tiles=2 if swiglu else 1)
@@ -272,6 +275,8 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     out = jax.ShapeDtypeStruct((split_k, n_out, rows), kernel_dtype)
     o = _kernel(body, out, (tiles.shape[0], n_out // block_n, split_k), interpret, name)(
         tiles.astype(jnp.int32), xs.astype(jnp.bfloat16), words.astype(jnp.uint16))
+    if not sum_splits:
+        return o
     return o[0] if split_k == 1 else o.sum(0).astype(out_dtype)
 
 

@@ -1,0 +1,101 @@
+"""The one-launch routing layout (kernels/routing_kernel.py, Pallas-Triton interpreter on the CPU)
+against the XLA layout it replaces (``mosaic_ffn.xla_pair_layout``, exact), its size gate, its
+lowering for the GPU, and the Mosaic layer on it against the dense reference."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import routing, routing_kernel
+from kernels.mosaic_ffn import grouped_block_m, mosaic_moe_ffn, to_mosaic_words, xla_pair_layout
+from puzzlemoe_jax.moe import dense_moe_ffn
+from tests.kernel_cases import SDS, check, lower_for_h100, random_layer, random_routing, rng_for
+
+
+def _routing(rng, t, e, k, hot):
+    """[t, k] distinct ids per token; ``hot`` > 0 sends the first tokens to the first ``k + hot``
+    experts only (uneven sizes, many experts with no rows)."""
+    ids = np.argsort(-rng.standard_normal((t, e)), 1)[:, :k]
+    if hot:
+        n = max(1, t // 2)
+        ids[:n] = np.argsort(-rng.standard_normal((n, k + hot)), 1)[:, :k]
+    return ids
+
+
+@pytest.mark.parametrize("e,k,t,unheld,hot,block_m", [
+    (8, 2, 1, 0, 0, None),           # one token (Mixtral decode)
+    (8, 2, 16, 0, 1, None),          # uneven, some experts without rows
+    (8, 2, 9, 2, 0, 8),              # ids no pair holds (dropped / another device's)
+    (16, 4, 7, 4, 2, 16),
+    (64, 6, 5, 0, 0, None),          # fine-grained: most pairs without rows
+    (128, 8, 3, 10, 3, None),
+    (24, 3, 37, 6, 0, 64),           # pairs not a power of two, large token block
+    (16, 8, 128, 0, 4, 128),         # rows at the size bound (MAX_ROWS)
+])
+def test_pair_layout_equals_the_xla_layout(e, k, t, unheld, hot, block_m):
+    for seed in range(3):
+        rng = rng_for(100 * e + 10 * t + seed)
+        pairs = rng.permutation(e)[:e - unheld].reshape(-1, 2)
+        ids = jnp.asarray(_routing(rng, t, e, k, hot), jnp.int32)
+        bm = block_m or grouped_block_m(t * k, e, t)
+        got = jax.jit(functools.partial(routing_kernel.pair_layout, block_m=bm, interpret=True))(
+            ids, jnp.asarray(pairs, jnp.int32))
+        g = routing.group_packed(ids, jnp.asarray(pairs, jnp.int32), jnp.zeros((0,), jnp.int32))
+        want = xla_pair_layout(g, bm)
+        for name, a, b in zip(("tiles", "src", "row"), got, want):
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.shape == b.shape and a.dtype == b.dtype == np.int32, (name, a.shape, b.shape)
+            assert np.array_equal(a, b), (name, seed, np.argwhere(a != b)[:5])
+        held = np.isin(np.asarray(ids).ravel(), pairs)
+        row = np.asarray(got[2])
+        assert ((row >= 0) == held).all() and np.unique(row[held]).size == held.sum()
+
+
+def test_fits_gates_on_size_and_dense_experts():
+    """The layer takes the launch for small steps only: at most two [rows, pairs] chunks and one
+    [tiles, pairs] compare of ``MAX_FUSED_ELEMS``; no kept-dense experts."""
+    fits = routing_kernel.fits
+    assert fits(2, 4, 0, 8) and fits(128, 4, 0, 48)                  # Mixtral T = 1, 64
+    assert fits(8, 64, 0, 8) and fits(128, 64, 0, 16)                # Qwen3 T = 1, 16
+    assert not fits(512, 64, 0, 16) and not fits(384, 32, 0, 32)     # Qwen3, DeepSeek-V2-Lite T = 64
+    assert not fits(8, 128, 0, 8)                                    # 128 pairs: [256 tiles, 128 pairs]
+    assert not fits(2, 4, 1, 8)                                      # kept-dense experts: the XLA layout
+    assert not fits(2, 0, 0, 8) and not fits(routing_kernel.MAX_ROWS + 1, 1, 0, 128)
+    with pytest.raises(ValueError, match="pair_layout takes"):
+        routing_kernel.pair_layout(jnp.zeros((129, 8), jnp.int32), jnp.zeros((4, 2), jnp.int32), block_m=8)
+
+
+@pytest.mark.parametrize("t,k,p,block_m", [(1, 2, 4, 8), (64, 8, 64, 16), (128, 8, 128, 16), (2, 8, 1, 8)])
+def test_pair_layout_lowers_for_the_gpu(t, k, p, block_m):
+    """Model-sized layouts lower to Triton IR (the interpreter accepts far more than the GPU)."""
+    text = lower_for_h100(functools.partial(routing_kernel.pair_layout, block_m=block_m),
+                          SDS((t, k), jnp.int32), SDS((p, 2), jnp.int32))
+    assert "__gpu$xla.gpu.triton" in text
+
+
+def _launches(fn, *args):
+    jaxpr = str(jax.make_jaxpr(fn)(*args))
+    return jaxpr.count("pallas_call"), "routing_layout" in jaxpr
+
+
+@pytest.mark.parametrize("t,ratio,drop,fused", [
+    (1, 0.5, False, True),
+    (6, 0.5, False, True),
+    (13, 0.5, False, True),
+    (6, 0.25, True, False),          # kept-dense experts: the XLA layout
+])
+def test_mosaic_layer_on_the_routing_kernel_matches_dense_reference(t, ratio, drop, fused):
+    rng = rng_for(700 + t)
+    e, h, i, k = 8, 128, 192, 2
+    experts = random_layer(rng, e, h, i, ratio, drop)
+    x, ids, tw = random_routing(rng, t, e, k, h)
+    ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.bfloat16))
+    fn = functools.partial(mosaic_moe_ffn, out_dtype=jnp.bfloat16, interpret=True)
+    args = (x, ids, tw, experts, to_mosaic_words(experts.packed))
+    assert _launches(fn, *args)[1] == fused
+    got = jax.jit(fn)(*args)
+    check(got, ref, f"mosaic layer, routing kernel {fused}")
+    with pytest.raises(AssertionError, match="non-finite"):   # the check fails on NaN
+        check(got.at[0, 0].set(jnp.nan), ref, "nan")

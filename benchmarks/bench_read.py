@@ -20,6 +20,8 @@ Variants (``--variants``, each ``NAME`` or ``NAME:T``):
   runs-put    adjacent tensors of one file merged into runs of up to 1 GiB: one read, one device_put
   nowait-put  fresh buffer, device_put without waiting (wait once per layer)
   pinned-put  a page-locked (cupy) buffer per thread, readinto, device_put, wait (a ceiling probe)
+  jaxpin-put  reused buffer per thread, device_put to jax's pinned_host memory, then to the device
+  batch-put   fresh buffers, one device_put of a whole matrix's tensors (a list) per thread, wait
   direct      O_DIRECT read of the tensor's page-aligned span into a fresh mapping, no device
   direct-put  the same, device_put of the tensor's view, wait
 
@@ -85,6 +87,8 @@ class Reader:
         self.read_s = self.put_s = 0.0
         self.maps = {}
         self.device = jax.devices()[0]
+        if kind == "jaxpin-put":
+            self.pinned = jax.sharding.SingleDeviceSharding(self.device, memory_kind="pinned_host")
 
     def add(self, r: float, p: float):
         with self.lock:
@@ -136,14 +140,17 @@ class Reader:
             m.madvise(mmap.MADV_WILLNEED, lo, info.start + info.nbytes - lo)
             a = np.frombuffer(m, np.uint8, info.nbytes, info.start)
         else:
-            reuse = self.kind in ("read-reuse", "reuse-put", "pinned-put")
+            reuse = self.kind in ("read-reuse", "reuse-put", "pinned-put", "jaxpin-put")
             a = self.buffer(info.nbytes) if reuse else self.fresh(info.nbytes)
             with open(info.file, "rb", buffering=0) as f:
                 readinto(f, a, info.start)
         a = a.view(dt).reshape(shape)
         r = time.perf_counter()
         out = None
-        if self.kind.endswith("-put") or self.kind == "current":
+        if self.kind == "jaxpin-put":
+            out = jax.device_put(jax.device_put(a, self.pinned), self.device)
+            out.block_until_ready()
+        elif self.kind.endswith("-put") or self.kind == "current":
             out = jax.device_put(a, self.device)
             if self.kind != "nowait-put":
                 out.block_until_ready()
@@ -151,7 +158,26 @@ class Reader:
         return out
 
     def layer(self, names: list[str], pool):
+        if self.kind == "batch-put":   # one list per thread: names split into `threads` groups
+            groups = [names[k::self.threads] for k in range(self.threads)]
+            outs = list(pool.map(self.batch, groups) if pool else map(self.batch, groups))
+            by_name = {n: o for g, os_ in zip(groups, outs) for n, o in zip(g, os_)}
+            return [by_name[n] for n in names]
         return list(pool.map(self.one, names) if pool else map(self.one, names))
+
+    def batch(self, names: list[str]):
+        t, arrays = time.perf_counter(), []
+        for name in names:
+            info = self.ckpt.tensors[name]
+            a = np.empty(info.nbytes, np.uint8)
+            with open(info.file, "rb", buffering=0) as f:
+                readinto(f, a, info.start)
+            arrays.append(a.view(DTYPES[info.dtype]).reshape(info.shape))
+        r = time.perf_counter()
+        outs = jax.device_put(arrays, self.device)
+        jax.block_until_ready(outs)
+        self.add(r - t, time.perf_counter() - r)
+        return outs
 
     def runs(self, names: list[str], pool):
         """Adjacent tensors of one file as runs of up to RUN_CAP bytes: one read, one put each."""

@@ -33,7 +33,7 @@ from puzzlemoe_jax.models import CausalLM, PackedExpertsModule
 from puzzlemoe_jax.compress import compress_layer
 from puzzlemoe_jax.pairing import pairs_for_ratio
 from puzzlemoe_jax.report import ConvertReport, LayerReport
-from puzzlemoe_jax.safetensors_io import DTYPES, INDEX, CheckpointError, SafetensorsDir
+from puzzlemoe_jax.safetensors_io import DTYPES, INDEX, CheckpointError, SafetensorsDir, ThreadBuffers
 from puzzlemoe_jax.writer import DTYPE_NAMES, HASHES, ID_TENSORS, CheckpointWriter, check_expert_ids, file_hash
 
 FORMAT_VERSION = 1
@@ -200,7 +200,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                        progress: Callable[[Iterable], Iterable] = lambda it: it,
                        calibration: Mapping[int, Mapping[str, Any]] | None = None,
                        pipeline: bool = True, read_threads: int = 4, device_layout: bool | None = None,
-                       warm_up: bool | None = None) -> ConvertReport:
+                       warm_up: bool | None = None, reuse_buffers: bool | None = None) -> ConvertReport:
     """Convert an HF safetensors checkpoint of ``arch`` to our format, one layer at a time.
 
     ``ratio`` 0 keeps every expert dense; ``ratio`` r in (0, 0.5] merges r*E pairs per MoE layer
@@ -215,7 +215,9 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     ``device_layout`` (default on an accelerator) each expert matrix goes to the device as soon as
     it is read, everything up to the packed words stays there, and the results' copies back start
     asynchronously, fetched by the writer; ``warm_up`` (default likewise) compiles that path on a
-    zero layer of the same shapes while the first layer is read.  ``pipeline=False``
+    zero layer of the same shapes while the first layer is read, and ``reuse_buffers`` (default
+    likewise) has each read thread read into its one reused buffer (``safetensors_io.ThreadBuffers``)
+    instead of a fresh one per tensor.  ``pipeline=False``
     is the plain one-thread host path (numpy stacking), kept as the oracle the pipeline's output
     is tested against bit for bit.  ``progress`` wraps the list of ``(layer, input bytes)`` steps
     (the last step, layer None, is the embeddings and head).
@@ -253,12 +255,13 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     device_layout = device_layout and not plan.scales   # FP8 weights are read through the dequantizing wrapper
     warm_up = (device_layout and not on_cpu) if warm_up is None else warm_up and device_layout
     warm_up = warm_up and calibration is None and not merge.needs_calibration
+    buffers = ThreadBuffers() if (not on_cpu if reuse_buffers is None else reuse_buffers) else None
 
     def read(job):  # reader stage: host arrays of one layer (or the head)
         L, items, experts = job
         with timer("read"):
             tensors = read_items(ckpt, items, np_dtype)
-            raw = read_experts_raw(ckpt, experts, io_pool) if experts is not None and device_layout else None
+            raw = read_experts_raw(ckpt, experts, io_pool, buffers) if experts is not None and device_layout else None
             if experts is not None and raw is None:
                 return [tensors, read_experts(ckpt, experts, np_dtype), False]
             return [tensors, raw, raw is not None]

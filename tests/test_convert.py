@@ -277,7 +277,8 @@ def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dt
     src = write_tiny_checkpoint(tmp_path / "src", arch, layout=layout, num_layers=3, dtype=src_dtype)
     outs = {}
     variants = [dict(pipeline=False), dict(device_layout=True, warm_up=True), dict(device_layout=False),
-                dict(device_layout=True, warm_up=False, read_threads=1)]
+                dict(device_layout=True, warm_up=False, read_threads=1),
+                dict(device_layout=True, warm_up=False, reuse_buffers=True)]
     for k, kw in enumerate(variants):
         out = tmp_path / f"out-{k}"
         convert_checkpoint(src, out, arch, ratio=ratio, dtype=dtype, **kw)

@@ -210,7 +210,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     by activation saliency and the frequency/drop baselines.
 
     ``pipeline`` (default): a reader thread reads the next layer (experts with ``read_threads``
-    concurrent reads into stacked buffers) while this thread transposes, casts and merges the
+    concurrent reads into stacked buffers, the layer's other tensors on one more thread beside
+    them) while this thread transposes, casts and merges the
     current one where jax runs, and a writer thread writes the previous one.  With
     ``device_layout`` (default on an accelerator) each expert matrix goes to the device as soon as
     it is read, everything up to the packed words stays there, and the results' copies back start
@@ -260,11 +261,19 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     def read(job):  # reader stage: host arrays of one layer (or the head)
         L, items, experts = job
         with timer("read"):
-            tensors = read_items(ckpt, items, np_dtype)
-            raw = read_experts_raw(ckpt, experts, io_pool, buffers) if experts is not None and device_layout else None
-            if experts is not None and raw is None:
-                return [tensors, read_experts(ckpt, experts, np_dtype), False]
-            return [tensors, raw, raw is not None]
+            # the other tensors (host transposes) on their own thread, beside the expert reads
+            others = items_pool.submit(read_items, ckpt, items, np_dtype) if items_pool else None
+            tensors = None if others else read_items(ckpt, items, np_dtype)
+            try:
+                raw = read_experts_raw(ckpt, experts, io_pool, buffers) if experts is not None and device_layout else None
+                is_raw = raw is not None
+                if experts is not None and raw is None:
+                    raw = read_experts(ckpt, experts, np_dtype)
+            except Exception:
+                if others:
+                    others.result()   # their error first, as the one-thread order raises it
+                raise
+            return [others.result() if others else tensors, raw, is_raw]
 
     def compile_on_zeros(job):  # warm-up: the device path of one MoE layer on zeros of its shapes
         L, _, experts = job
@@ -334,6 +343,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
         # device_layout only the reads in flight and the results of two layers: merged, being written)
         stages = ThreadPoolExecutor(3) if pipeline else None
         io_pool = ThreadPoolExecutor(read_threads) if pipeline and read_threads > 1 else None
+        items_pool = ThreadPoolExecutor(1) if pipeline else None
         try:
             nxt = stages.submit(read, jobs[0]) if pipeline else None
             first_moe = next((job for job in jobs if job[2] is not None), None)
@@ -361,7 +371,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
             if writing:
                 writing.result()
         finally:
-            for pool in (stages, io_pool):
+            for pool in (stages, io_pool, items_pool):
                 if pool:
                     pool.shutdown(wait=True, cancel_futures=True)
         section = {

@@ -4,7 +4,8 @@ Writes a random bf16 checkpoint with the layer shapes of a real model (HF Hub la
 to local disk, measures the disk's sequential read rate on it, then runs the converter as a user
 would (a subprocess) once with the pipelined converter and once with ``--sequential`` (the plain
 one-thread host path, i.e. the converter before the pipeline), each from a cold page cache.
-Reports GB/s of input, seconds per layer, the read/merge/write time split and peak RSS, as a table
+Reports GB/s of input, seconds per layer, the read/merge/write time split and peak RSS (with the sampled
+peak anonymous RSS beside it: the CUDA libraries count as file pages), as a table
 and as JSON under ``benchmarks/results/``.
 
 The page cache is dropped with ``/proc/sys/vm/drop_caches`` when permitted, else each source file's
@@ -25,6 +26,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -129,6 +131,24 @@ def read_rate(d: Path) -> float:
     return n / 1e9 / (time.perf_counter() - t)
 
 
+def sample_rss(proc: subprocess.Popen, peak: dict, timed: bool, every: float = 0.05) -> None:
+    """Largest RssAnon / RssFile (KiB) of the converter process seen while it runs (sampled; the
+    CUDA libraries' mappings count as file pages, the converter's buffers as anonymous ones)."""
+    pid = None
+    while proc.poll() is None:
+        try:
+            if pid is None:   # under /usr/bin/time the converter is its child
+                pid = (int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+                       if timed else proc.pid)
+            status = Path(f"/proc/{pid}/status").read_text()
+            for key, field in (("anon", "RssAnon"), ("file", "RssFile")):
+                m = re.search(rf"^{field}:\s+(\d+) kB", status, re.M)
+                peak[key] = max(peak[key], int(m.group(1)) if m else 0)
+        except (OSError, IndexError, ValueError):
+            pass   # not started yet, or gone
+        time.sleep(every)
+
+
 def run_convert(arch: str, src: Path, out: Path, ratio: float, sequential: bool) -> dict:
     """Run the CLI in a subprocess; wall time, peak RSS and the summary's time split."""
     cmd = [sys.executable, "-m", "convert", arch, "--src", str(src), "--out", str(out), "--ratio", str(ratio),
@@ -136,9 +156,15 @@ def run_convert(arch: str, src: Path, out: Path, ratio: float, sequential: bool)
     timed = Path("/usr/bin/time").exists()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     t = time.perf_counter()
-    p = subprocess.run((["/usr/bin/time", "-v"] if timed else []) + cmd, cwd=ROOT, env=env,
-                       capture_output=True, text=True)
+    proc = subprocess.Popen((["/usr/bin/time", "-v"] if timed else []) + cmd, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"anon": 0, "file": 0}
+    sampler = threading.Thread(target=sample_rss, args=(proc, peak, timed), daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t
+    sampler.join()
+    p = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if p.returncode:
         sys.exit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
     if timed:
@@ -148,7 +174,8 @@ def run_convert(arch: str, src: Path, out: Path, ratio: float, sequential: bool)
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # max over children so far
     m = re.search(r"time split[^:]*: (.*)", p.stdout)
     split = {k: float(v) for k, v in re.findall(r"(\w[\w -]*?) ([\d.]+) s", m.group(1) if m else "")}
-    return {"command": " ".join(cmd), "wall_s": wall, "peak_rss_gib": rss, "split_s": split,
+    return {"command": " ".join(cmd), "wall_s": wall, "peak_rss_gib": rss, "peak_rss_anon_gib": peak["anon"] / 2**20,
+            "peak_rss_file_gib": peak["file"] / 2**20, "split_s": split,
             "summary_tail": p.stdout.splitlines()[-4:]}
 
 
@@ -195,7 +222,8 @@ def main():
         r.update(gb_per_s=gb / r["wall_s"], s_per_layer=r["wall_s"] / layers)
         runs[name] = r
         shutil.rmtree(out, ignore_errors=True)
-        print(f"{name}: {r['wall_s']:.1f} s, {r['gb_per_s']:.3f} GB/s, peak RSS {r['peak_rss_gib']:.2f} GiB",
+        print(f"{name}: {r['wall_s']:.1f} s, {r['gb_per_s']:.3f} GB/s, peak RSS {r['peak_rss_gib']:.2f} GiB "
+              f"(sampled peak RssAnon {r['peak_rss_anon_gib']:.2f}, RssFile {r['peak_rss_file_gib']:.2f})",
               flush=True)
     rss_limit = (3 * layer_bytes + 1e9) / 2**30   # issue 21: 3 layers' expert bytes + 1 GB
     result = {"shape": args.shape, "arch": arch, "layers": layers, "input_gb": gb,
@@ -203,7 +231,7 @@ def main():
               "disk_read_gb_per_s": disk, "device": device, "cpus": os.cpu_count(), "commit": commit,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "runs": runs}
-    cols = ("run", "wall s", "GB/s", "s/layer", "read s", "merge s", "write s", "peak RSS GiB")
+    cols = ("run", "wall s", "GB/s", "s/layer", "read s", "merge s", "write s", "peak RSS GiB", "peak RssAnon GiB")
     print(f"\n{args.shape}: {layers} layers, {gb:.2f} GB input, {layer_bytes / 1e9:.2f} GB experts/layer, "
           f"ratio {args.ratio}; device {device}; {os.cpu_count()} CPUs; disk sequential read "
           f"{disk:.2f} GB/s (cache: {how}); commit {commit}; peak RSS limit (3 layers' experts + 1 GB) "
@@ -212,7 +240,8 @@ def main():
     for name, r in runs.items():
         s = r["split_s"]
         print(f"| {name} | {r['wall_s']:.1f} | {r['gb_per_s']:.3f} | {r['s_per_layer']:.2f} | "
-              f"{s.get('read', 0):.1f} | {s.get('merge', 0):.1f} | {s.get('write', 0):.1f} | {r['peak_rss_gib']:.2f} |")
+              f"{s.get('read', 0):.1f} | {s.get('merge', 0):.1f} | {s.get('write', 0):.1f} | {r['peak_rss_gib']:.2f} | "
+              f"{r['peak_rss_anon_gib']:.2f} |")
     if "sequential" in runs:
         print(f"speed-up {runs['sequential']['wall_s'] / runs['pipeline']['wall_s']:.2f}x")
     dev = re.sub(r"\W+", "_", device.split("|")[1].strip().lower()) if "|" in device else "unknown"

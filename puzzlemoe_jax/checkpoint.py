@@ -33,7 +33,7 @@ from puzzlemoe_jax.models import CausalLM, PackedExpertsModule
 from puzzlemoe_jax.compress import compress_layer
 from puzzlemoe_jax.pairing import pairs_for_ratio
 from puzzlemoe_jax.report import ConvertReport, LayerReport
-from puzzlemoe_jax.safetensors_io import DTYPES, INDEX, CheckpointError, SafetensorsDir
+from puzzlemoe_jax.safetensors_io import DTYPES, INDEX, CheckpointError, SafetensorsDir, ThreadBuffers
 from puzzlemoe_jax.writer import DTYPE_NAMES, HASHES, ID_TENSORS, CheckpointWriter, check_expert_ids, file_hash
 
 FORMAT_VERSION = 1
@@ -200,7 +200,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                        progress: Callable[[Iterable], Iterable] = lambda it: it,
                        calibration: Mapping[int, Mapping[str, Any]] | None = None,
                        pipeline: bool = True, read_threads: int = 4, device_layout: bool | None = None,
-                       warm_up: bool | None = None) -> ConvertReport:
+                       warm_up: bool | None = None, reuse_buffers: bool | None = None) -> ConvertReport:
     """Convert an HF safetensors checkpoint of ``arch`` to our format, one layer at a time.
 
     ``ratio`` 0 keeps every expert dense; ``ratio`` r in (0, 0.5] merges r*E pairs per MoE layer
@@ -210,12 +210,15 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     by activation saliency and the frequency/drop baselines.
 
     ``pipeline`` (default): a reader thread reads the next layer (experts with ``read_threads``
-    concurrent reads into stacked buffers) while this thread transposes, casts and merges the
+    concurrent reads into stacked buffers, the layer's other tensors on one more thread beside
+    them) while this thread transposes, casts and merges the
     current one where jax runs, and a writer thread writes the previous one.  With
     ``device_layout`` (default on an accelerator) each expert matrix goes to the device as soon as
     it is read, everything up to the packed words stays there, and the results' copies back start
     asynchronously, fetched by the writer; ``warm_up`` (default likewise) compiles that path on a
-    zero layer of the same shapes while the first layer is read.  ``pipeline=False``
+    zero layer of the same shapes while the first layer is read, and ``reuse_buffers`` (default
+    likewise) has each read thread read into its one reused buffer (``safetensors_io.ThreadBuffers``)
+    instead of a fresh one per tensor.  ``pipeline=False``
     is the plain one-thread host path (numpy stacking), kept as the oracle the pipeline's output
     is tested against bit for bit.  ``progress`` wraps the list of ``(layer, input bytes)`` steps
     (the last step, layer None, is the embeddings and head).
@@ -253,15 +256,24 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     device_layout = device_layout and not plan.scales   # FP8 weights are read through the dequantizing wrapper
     warm_up = (device_layout and not on_cpu) if warm_up is None else warm_up and device_layout
     warm_up = warm_up and calibration is None and not merge.needs_calibration
+    buffers = ThreadBuffers() if (not on_cpu if reuse_buffers is None else reuse_buffers) else None
 
     def read(job):  # reader stage: host arrays of one layer (or the head)
         L, items, experts = job
         with timer("read"):
-            tensors = read_items(ckpt, items, np_dtype)
-            raw = read_experts_raw(ckpt, experts, io_pool) if experts is not None and device_layout else None
-            if experts is not None and raw is None:
-                return [tensors, read_experts(ckpt, experts, np_dtype), False]
-            return [tensors, raw, raw is not None]
+            # the other tensors (host transposes) on their own thread, beside the expert reads
+            others = items_pool.submit(read_items, ckpt, items, np_dtype) if items_pool else None
+            tensors = None if others else read_items(ckpt, items, np_dtype)
+            try:
+                raw = read_experts_raw(ckpt, experts, io_pool, buffers) if experts is not None and device_layout else None
+                is_raw = raw is not None
+                if experts is not None and raw is None:
+                    raw = read_experts(ckpt, experts, np_dtype)
+            except Exception:
+                if others:
+                    others.result()   # their error first, as the one-thread order raises it
+                raise
+            return [others.result() if others else tensors, raw, is_raw]
 
     def compile_on_zeros(job):  # warm-up: the device path of one MoE layer on zeros of its shapes
         L, _, experts = job
@@ -331,6 +343,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
         # device_layout only the reads in flight and the results of two layers: merged, being written)
         stages = ThreadPoolExecutor(3) if pipeline else None
         io_pool = ThreadPoolExecutor(read_threads) if pipeline and read_threads > 1 else None
+        items_pool = ThreadPoolExecutor(1) if pipeline else None
         try:
             nxt = stages.submit(read, jobs[0]) if pipeline else None
             first_moe = next((job for job in jobs if job[2] is not None), None)
@@ -358,7 +371,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
             if writing:
                 writing.result()
         finally:
-            for pool in (stages, io_pool):
+            for pool in (stages, io_pool, items_pool):
                 if pool:
                     pool.shutdown(wait=True, cancel_futures=True)
         section = {

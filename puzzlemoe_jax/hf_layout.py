@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from concurrent.futures import Executor
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import numpy as np
 from puzzlemoe_jax import fp8
 from puzzlemoe_jax.config import ModelConfig
 from puzzlemoe_jax.experts import MATRICES
-from puzzlemoe_jax.safetensors_io import FLOAT_CODES, CheckpointError, SafetensorsDir
+from puzzlemoe_jax.safetensors_io import FLOAT_CODES, CheckpointError, SafetensorsDir, ThreadBuffers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,19 +206,25 @@ def read_experts(ckpt: SafetensorsDir, ex: ExpertsItem, dtype) -> dict[str, np.n
 
 
 def read_experts_raw(ckpt: SafetensorsDir, ex: ExpertsItem, pool: Executor | None = None,
-                     put: Callable = jax.device_put):
-    """Routed experts as stored (torch orientation and dtype), each tensor read with one plain read
-    into its own buffer, handed to ``put`` (the device) as soon as it is read and waited for there,
-    with no finite check (``experts_to_flax`` counts NaN/Inf): hub ``{w_gate, w_up: E x [I,H],
-    w_down: E x [H,I]}`` (lists of per-expert arrays), fused ``{gate_up: [E,2I,H], w_down: [E,H,I]}``.
-    ``pool`` runs the reads concurrently; host memory holds only the tensors in flight (one per
-    thread).  None when one matrix's experts are stored in different dtypes (then ``read_experts``
-    is the way)."""
+                     buffers: ThreadBuffers | None = None):
+    """Routed experts as stored (torch orientation and dtype), each tensor read with one plain read,
+    put on the device as soon as it is read and waited for there, with no finite check
+    (``experts_to_flax`` counts NaN/Inf): hub ``{w_gate, w_up: E x [I,H], w_down: E x [H,I]}``
+    (lists of per-expert arrays), fused ``{gate_up: [E,2I,H], w_down: [E,H,I]}``.  ``pool`` runs
+    the reads concurrently; host memory holds only the tensors in flight (one per thread).
+    ``buffers``: each thread reads into its one reused buffer, copied to the device before the
+    thread's next read (``device_put`` to an accelerator; on the CPU backend ``jnp.array``, a copy);
+    else a fresh buffer per tensor.  None when one matrix's experts are stored
+    in different dtypes (then ``read_experts`` is the way)."""
     if not ex.fused and any(len({ckpt.tensors[n].dtype for n in names}) != 1 for names in ex.per_expert.values()):
         return None
 
+    # the CPU backend may make a numpy buffer the array itself (``may_alias=False`` does not stop it)
+    put = jnp.array if buffers is not None and jax.default_backend() == "cpu" else jax.device_put
+
     def read(name):
-        a = put(ckpt.read(name, check_finite=False))
+        out = buffers.get(ckpt.tensors[name].nbytes) if buffers is not None else None
+        a = put(ckpt.read(name, check_finite=False, out=out))
         jax.block_until_ready(a)   # the host buffer is free once this returns
         return a
     if ex.fused:

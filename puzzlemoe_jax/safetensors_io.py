@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -47,6 +48,22 @@ def count_nonfinite(a: np.ndarray, code: str) -> int:
     for s in range(0, bits.size, 1 << 22):   # bounded temporaries
         bad += int(np.count_nonzero((bits[s:s + (1 << 22)] & int_t(mask)) == int_t(mask)))
     return bad
+
+
+class ThreadBuffers:
+    """One read buffer per thread, grown as needed and reused for every tensor that thread reads:
+    no fresh allocation, page faults and unmapping per tensor.  Only for reads whose array is
+    copied (e.g. by ``device_put``) before the thread's next read; freed with this object."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self, nbytes: int) -> np.ndarray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.nbytes < nbytes:
+            self._local.buf = buf = None   # the old one goes before the larger one comes
+            self._local.buf = buf = np.empty(nbytes, np.uint8)
+        return buf[:nbytes]
 
 
 class CheckpointError(ValueError):

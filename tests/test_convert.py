@@ -277,7 +277,8 @@ def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dt
     src = write_tiny_checkpoint(tmp_path / "src", arch, layout=layout, num_layers=3, dtype=src_dtype)
     outs = {}
     variants = [dict(pipeline=False), dict(device_layout=True, warm_up=True), dict(device_layout=False),
-                dict(device_layout=True, warm_up=False, read_threads=1)]
+                dict(device_layout=True, warm_up=False, read_threads=1),
+                dict(device_layout=True, warm_up=False, reuse_buffers=True)]
     for k, kw in enumerate(variants):
         out = tmp_path / f"out-{k}"
         convert_checkpoint(src, out, arch, ratio=ratio, dtype=dtype, **kw)
@@ -313,6 +314,29 @@ def test_pipeline_names_nonfinite_expert_tensor(layout, tmp_path):
         errors.append(str(e.value))
         assert not (tmp_path / f"o{k}").exists()
     assert errors[0] == errors[1] and name in errors[0] and "NaN/Inf" in errors[0]
+
+
+def test_pipeline_error_order_with_other_tensors_read_beside_experts(tmp_path):
+    """NaN in an expert and in a non-expert tensor of the same layer: the pipeline (which reads the
+    layer's other tensors on their own thread beside the experts) names the non-expert tensor, as
+    the one-thread path does, on the host and the device read path."""
+    from puzzlemoe_jax.checkpoint import convert_checkpoint
+    from puzzlemoe_jax.safetensors_io import CheckpointError
+    src = write_tiny_checkpoint(tmp_path / "src", "qwen3_moe", layout="hub", num_layers=2)
+    bad = ["model.layers.1.mlp.experts.5.up_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
+    for name in bad:
+        def fn(t, name=name):
+            a = t[name].astype(np.float32)
+            a.reshape(-1)[3] = np.nan
+            t[name] = a.astype(t[name].dtype)
+        _rewrite(src, name, fn)
+    errors = []
+    for k, kw in enumerate([dict(pipeline=False), dict(device_layout=False), dict(device_layout=True)]):
+        with pytest.raises(CheckpointError) as e:
+            convert_checkpoint(src, tmp_path / f"o{k}", "qwen3_moe", ratio=0.5, **kw)
+        errors.append(str(e.value))
+        assert not (tmp_path / f"o{k}").exists()
+    assert errors[0] == errors[1] == errors[2] and bad[1] in errors[0]
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from puzzlemoe_jax.compress import compress_layer
+from puzzlemoe_jax.moe import dense_moe_ffn
 
 TOL = 1e-2  # relative Frobenius error allowed for bf16 operands / bf16 outputs
 SDS = jax.ShapeDtypeStruct
@@ -47,6 +48,15 @@ def random_routing(rng, t, e, k, h, dtype=jnp.bfloat16):
     ids = jnp.asarray(np.argsort(-rng.standard_normal((t, e)), 1)[:, :k], jnp.int32)
     tw = jnp.asarray(rng.random((t, k)), jnp.float32)
     return x, ids, tw
+
+
+def layer_case(seed, t, ratio, drop=False, e=8, h=128, i=192, k=2, dtype=jnp.bfloat16):
+    """A random merged layer (``random_layer``), a routing of ``t`` tokens to ``k`` of its ``e`` experts,
+    and the dense layer's output on its decoded experts (the reference): ``(experts, x, ids, tw, ref)``."""
+    rng = rng_for(seed)
+    experts = random_layer(rng, e, h, i, ratio, drop)
+    x, ids, tw = random_routing(rng, t, e, k, h, dtype)
+    return experts, x, ids, tw, dense_moe_ffn(x, ids, tw, experts.unpack(dtype))
 
 
 def lower_for_h100(fn, *args) -> str:

@@ -18,8 +18,7 @@ from kernels.mosaic_gemm import (MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, 
 from kernels.mosaic_swar import decode_pairs_swar
 from kernels.reference import pair_gemm_reference
 from puzzlemoe_jax import codec
-from puzzlemoe_jax.moe import dense_moe_ffn
-from tests.kernel_cases import check, random_layer, random_routing, random_words, rng_for
+from tests.kernel_cases import check, layer_case, random_layer, random_words, rng_for
 
 
 @pytest.mark.parametrize("mi,mj,k,n,block_n,block_k,split_k,block_m", [
@@ -191,11 +190,7 @@ def test_word_layout_round_trips():
 ])
 def test_mosaic_layer_matches_dense_reference(t, ratio, drop, configs):
     """The grouped Mosaic layer (interpreter) on random routing, with dense and dropped experts."""
-    rng = rng_for(31 + t)
-    e, h, i, k = 8, 128, 192, 2
-    experts = random_layer(rng, e, h, i, ratio, drop)
-    x, ids, tw = random_routing(rng, t, e, k, h)
-    ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.bfloat16))
+    experts, x, ids, tw, ref = layer_case(31 + t, t, ratio, drop)
     words = to_mosaic_words(experts.packed)
     fn = functools.partial(mosaic_moe_ffn, out_dtype=jnp.bfloat16, configs=configs, interpret=True)
     check(jax.jit(fn)(x, ids, tw, experts, words), ref, f"mosaic layer {configs}")
@@ -209,12 +204,9 @@ def test_mosaic_config_is_frozen():
 
 def test_mosaic_layer_default_split_k_down_matches_dense_reference():
     """At one token the default down launch splits K (``layer_configs``); interpreter vs reference."""
-    rng = rng_for(116)
     e, h, i, k = 8, 128, 1024, 2
-    experts = random_layer(rng, e, h, i, 0.5)
-    x, ids, tw = random_routing(rng, 1, e, k, h)
+    experts, x, ids, tw, ref = layer_case(116, 1, 0.5, e=e, h=h, i=i, k=k)
     _, down = layer_configs(grouped_block_m(k, e, 1), k, e // 2, h, i)
     assert down.split_k > 1, down
-    ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.bfloat16))
     fn = functools.partial(mosaic_moe_ffn, out_dtype=jnp.bfloat16, interpret=True)
     check(jax.jit(fn)(x, ids, tw, experts, to_mosaic_words(experts.packed)), ref, "mosaic layer, split-K down")

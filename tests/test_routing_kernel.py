@@ -10,8 +10,7 @@ import pytest
 
 from kernels import routing, routing_kernel
 from kernels.mosaic_ffn import grouped_block_m, mosaic_moe_ffn, to_mosaic_words, xla_pair_layout
-from puzzlemoe_jax.moe import dense_moe_ffn
-from tests.kernel_cases import SDS, check, lower_for_h100, random_layer, random_routing, rng_for
+from tests.kernel_cases import SDS, check, layer_case, lower_for_h100, rng_for
 
 
 def _routing(rng, t, e, k, hot):
@@ -87,11 +86,7 @@ def _launches(fn, *args):
     (6, 0.25, True, False),          # kept-dense experts: the XLA layout
 ])
 def test_mosaic_layer_on_the_routing_kernel_matches_dense_reference(t, ratio, drop, fused):
-    rng = rng_for(700 + t)
-    e, h, i, k = 8, 128, 192, 2
-    experts = random_layer(rng, e, h, i, ratio, drop)
-    x, ids, tw = random_routing(rng, t, e, k, h)
-    ref = dense_moe_ffn(x, ids, tw, experts.unpack(jnp.bfloat16))
+    experts, x, ids, tw, ref = layer_case(700 + t, t, ratio, drop)
     fn = functools.partial(mosaic_moe_ffn, out_dtype=jnp.bfloat16, interpret=True)
     args = (x, ids, tw, experts, to_mosaic_words(experts.packed))
     assert _launches(fn, *args)[1] == fused

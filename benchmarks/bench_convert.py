@@ -179,6 +179,21 @@ def run_convert(arch: str, src: Path, out: Path, ratio: float, sequential: bool)
             "summary_tail": p.stdout.splitlines()[-4:]}
 
 
+def git_commit() -> str:
+    """The tree's commit: $PUZZLEMOE_COMMIT, else git's short HEAD, else "unknown"."""
+    return os.environ.get("PUZZLEMOE_COMMIT") or subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+
+
+def save_result(path: Path, result: dict, src: Path, keep: bool) -> None:
+    """Write the run's JSON to ``path`` and remove the written checkpoint ``src`` unless ``keep``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    if not keep:
+        shutil.rmtree(src, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=SHAPES, default="small")
@@ -213,8 +228,7 @@ def main():
                             "print(jax.default_backend(), '|', d.device_kind, '|', jax.device_count())"],
                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     device = probe.stdout.strip() or probe.stderr.strip()[-200:]
-    commit = os.environ.get("PUZZLEMOE_COMMIT") or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = git_commit()
     runs = {}
     for name in (["pipeline"] + ([] if args.no_sequential else ["sequential"])):
         drop_cache(src)
@@ -245,12 +259,7 @@ def main():
     if "sequential" in runs:
         print(f"speed-up {runs['sequential']['wall_s'] / runs['pipeline']['wall_s']:.2f}x")
     dev = re.sub(r"\W+", "_", device.split("|")[1].strip().lower()) if "|" in device else "unknown"
-    path = ROOT / "benchmarks" / "results" / f"bench_convert_{args.shape}_{dev}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
-    if not args.keep:
-        shutil.rmtree(src, ignore_errors=True)
+    save_result(ROOT / "benchmarks" / "results" / f"bench_convert_{args.shape}_{dev}.json", result, src, args.keep)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import mmap
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -48,7 +47,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_convert import SHAPES, drop_cache, read_rate, write_checkpoint  # noqa: E402
+from bench_convert import SHAPES, drop_cache, git_commit, read_rate, save_result, write_checkpoint  # noqa: E402
 
 import jax  # noqa: E402
 from puzzlemoe_jax.config import ModelConfig  # noqa: E402
@@ -344,8 +343,7 @@ def main():
             print(f"{kind:12s} T={threads:2d} {cache}: {r['wall_s']:6.2f} s {gb / r['wall_s']:6.2f} GB/s  "
                   f"read {r.get('read_s', 0):6.1f} put {r.get('put_s', 0):6.1f} thread-s  user {r.get('user_s', 0):5.1f} "
                   f"sys {r.get('sys_s', 0):5.1f}  minflt {r.get('minflt', 0):8d}  ok {r.get('ok', '-')}", flush=True)
-    commit = os.environ.get("PUZZLEMOE_COMMIT") or subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = git_commit()
     dev = jax.devices()[0]
     result = {"shape": args.shape, "layers": len(layers), "expert_gb": gb, "disk_read_gb_per_s": disk, "cache": how,
               "device": f"{jax.default_backend()} | {dev.device_kind}", "cpus": os.cpu_count(), "thp": thp(),
@@ -361,12 +359,7 @@ def main():
         print(f"| {r['variant']} | {r['threads']} | {r['cache']} | {r['wall_s']:.2f} | {r['gb'] / r['wall_s']:.2f} | "
               f"{f('read_s')} | {f('put_s')} | {f('user_s')} | {f('sys_s')} | {f('minflt', '{:d}')} | {r.get('ok', '–')} |")
     name = "bench_read_" + args.shape + "_" + dev.device_kind.lower().replace(" ", "_") + ".json"
-    out = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results") / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
-    if not args.keep:
-        shutil.rmtree(src, ignore_errors=True)
+    save_result(Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results") / name, result, src, args.keep)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import routing, routing_kernel
-from kernels.gpu import cdiv, num_sms
+from kernels.gpu import num_sms
 from kernels.mosaic_gemm import MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config, mosaic_grouped_pair_gemm
 
 
@@ -87,7 +87,7 @@ def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
 def live_tiles(rows: int, num_pairs: int, block_m: int) -> int:
     """A static bound on the live tiles of ``grouped_layout`` for ``rows`` routed rows: every live
     tile holds at least one row, and there are at most ``rows / block_m + P`` of them."""
-    return max(1, min(rows, cdiv(rows, block_m) + num_pairs))
+    return max(1, min(rows, routing_kernel.layout_sizes(rows, num_pairs, block_m)[0]))
 
 
 def layer_configs(block_m: int, rows: int, num_pairs: int, hidden: int, inter: int) -> tuple[MosaicConfig, MosaicConfig]:

@@ -15,11 +15,10 @@ import ml_dtypes
 import numpy as np
 import xxhash
 from filelock import FileLock, Timeout
-from puzzlemoe_jax.safetensors_io import DTYPES, EXPONENT, INDEX, CheckpointError, count_nonfinite, write_file
+from puzzlemoe_jax.safetensors_io import EXPONENT, INDEX, WRITE_CODES, CheckpointError, count_nonfinite, write_file
 
 DTYPE_NAMES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 FLOAT_DTYPES = {np.dtype(t) for t in (*DTYPE_NAMES.values(), np.float64)}
-CODES = {np.dtype(t): c for c, t in DTYPES.items()}
 
 
 HASHES = "puzzlemoe_hashes"   # index metadata: {shard file: xxh3_64 hex of its bytes}
@@ -60,7 +59,7 @@ def check_expert_ids(tensors: Mapping[str, np.ndarray], where: str) -> None:
 
 
 def _check_finite(name: str, a: np.ndarray, where: str) -> None:
-    code = CODES.get(a.dtype)
+    code = WRITE_CODES.get(a.dtype)
     bad = (count_nonfinite(a, code) if code in EXPONENT else
            int(np.count_nonzero(~np.isfinite(a))) if a.dtype in FLOAT_DTYPES else 0)
     if bad:

@@ -149,10 +149,11 @@ def sample_rss(proc: subprocess.Popen, peak: dict, timed: bool, every: float = 0
         time.sleep(every)
 
 
-def run_convert(arch: str, src: Path, out: Path, ratio: float, sequential: bool) -> dict:
-    """Run the CLI in a subprocess; wall time, peak RSS and the summary's time split."""
+def run_convert(arch: str, src: Path, out: Path, ratio: float, extra: list[str]) -> dict:
+    """Run the CLI (with the ``extra`` arguments) in a subprocess; wall time, peak RSS and the
+    summary's time split."""
     cmd = [sys.executable, "-m", "convert", arch, "--src", str(src), "--out", str(out), "--ratio", str(ratio),
-           "--overwrite"] + (["--sequential"] if sequential else [])
+           "--overwrite"] + extra
     timed = Path("/usr/bin/time").exists()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     t = time.perf_counter()
@@ -203,10 +204,14 @@ def main():
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--no-sequential", action="store_true", help="skip the --sequential comparison run")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoint for a later run")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="one more pipeline run with these CLI arguments, e.g. 'read4=--read-threads 4' "
+                         "(repeatable; runs after the default pipeline run)")
+    ap.add_argument("--dst-dir", help="where the output goes (default: --out-dir, the source's disk)")
     args = ap.parse_args()
     arch, depth, sizes = SHAPES[args.shape]
     work = Path(args.out_dir)
-    src, out = work / f"src-{args.shape}", work / f"out-{args.shape}"
+    src, out = work / f"src-{args.shape}", Path(args.dst_dir or work) / f"out-{args.shape}"
     work.mkdir(parents=True, exist_ok=True)
     i, h, e = sizes["moe_intermediate_size"], sizes["hidden_size"], sizes["num_experts"]
     layer_bytes = 3 * e * i * h * 2
@@ -230,9 +235,17 @@ def main():
     device = probe.stdout.strip() or probe.stderr.strip()[-200:]
     commit = git_commit()
     runs = {}
-    for name in (["pipeline"] + ([] if args.no_sequential else ["sequential"])):
+    variants = {"pipeline": []}
+    for v in args.variant:
+        name, sep, rest = v.partition("=")
+        if not sep or not name or name in ("pipeline", "sequential"):
+            ap.error(f"--variant takes NAME=ARGS with a new name, got {v!r}")
+        variants[name] = rest.split()
+    if not args.no_sequential:
+        variants["sequential"] = ["--sequential"]
+    for name, extra in variants.items():
         drop_cache(src)
-        r = run_convert(arch, src, out, args.ratio, sequential=name == "sequential")
+        r = run_convert(arch, src, out, args.ratio, extra)
         r.update(gb_per_s=gb / r["wall_s"], s_per_layer=r["wall_s"] / layers)
         runs[name] = r
         shutil.rmtree(out, ignore_errors=True)
@@ -244,8 +257,9 @@ def main():
               "expert_gb_per_layer": layer_bytes / 1e9, "rss_limit_gib": rss_limit, "ratio": args.ratio, "cache": how,
               "disk_read_gb_per_s": disk, "device": device, "cpus": os.cpu_count(), "commit": commit,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "runs": runs}
-    cols = ("run", "wall s", "GB/s", "s/layer", "read s", "merge s", "write s", "peak RSS GiB", "peak RssAnon GiB")
+              "command": " ".join(sys.argv), "output_dir": str(out.parent), "runs": runs}
+    cols = ("run", "wall s", "GB/s", "s/layer", "read s", "read others s", "wait read s", "merge s", "write s",
+            "peak RSS GiB", "peak RssAnon GiB")
     print(f"\n{args.shape}: {layers} layers, {gb:.2f} GB input, {layer_bytes / 1e9:.2f} GB experts/layer, "
           f"ratio {args.ratio}; device {device}; {os.cpu_count()} CPUs; disk sequential read "
           f"{disk:.2f} GB/s (cache: {how}); commit {commit}; peak RSS limit (3 layers' experts + 1 GB) "
@@ -254,7 +268,8 @@ def main():
     for name, r in runs.items():
         s = r["split_s"]
         print(f"| {name} | {r['wall_s']:.1f} | {r['gb_per_s']:.3f} | {r['s_per_layer']:.2f} | "
-              f"{s.get('read', 0):.1f} | {s.get('merge', 0):.1f} | {s.get('write', 0):.1f} | {r['peak_rss_gib']:.2f} | "
+              f"{s.get('read', 0):.1f} | {s.get('read others', 0):.1f} | {s.get('wait read', 0):.1f} | "
+              f"{s.get('merge', 0):.1f} | {s.get('write', 0):.1f} | {r['peak_rss_gib']:.2f} | "
               f"{r['peak_rss_anon_gib']:.2f} |")
     if "sequential" in runs:
         print(f"speed-up {runs['sequential']['wall_s'] / runs['pipeline']['wall_s']:.2f}x")

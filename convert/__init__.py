@@ -13,6 +13,7 @@ import sys
 
 from puzzlemoe_jax import cli
 from puzzlemoe_jax.config import CLI_ARCHS
+from puzzlemoe_jax.hf_layout import READ_MODES
 from puzzlemoe_jax.merge import METHODS, PAIRINGS, SALIENCIES, MergeConfig
 from puzzlemoe_jax.report import format_table, pair_rows, summary
 from puzzlemoe_jax.safetensors_io import CheckpointError
@@ -80,6 +81,11 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
         s.add_argument("--sequential", action="store_true",
                        help="one thread, host-only reading and merging (slower; for comparisons)")
+        s.add_argument("--read-threads", type=cli.positive_int, default=8,
+                       help="concurrent expert-tensor reads (storage tuning; default 8)")
+        s.add_argument("--read-mode", choices=READ_MODES, default="map",
+                       help="how expert tensors reach an accelerator: copied from the mapped file (map, "
+                            "default), read into one reused buffer per thread (reuse) or a new one (fresh)")
         s.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
         s.add_argument("--verbose", action="store_true",
                        help="also print the per-pair statistics (similar, salient, kept, error, clamps)")
@@ -132,7 +138,8 @@ def main(argv=None) -> int:
                                                seq_len=args.calibration_seq_len, max_windows=args.calibration_windows)
         rep = convert_checkpoint(args.src, args.out, args.arch, ratio=args.ratio, merge=merge, dtype=args.dtype,
                                  overwrite=args.overwrite, progress=progress, calibration=calibration,
-                                 pipeline=not args.sequential)
+                                 pipeline=not args.sequential, read_threads=args.read_threads,
+                                 read_mode=args.read_mode)
     except (CheckpointError, ValueError) as e:
         for bar in bars:  # clear the unfinished bar so the error is one clean line
             bar.leave = False

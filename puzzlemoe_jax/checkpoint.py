@@ -26,14 +26,14 @@ from kernels import resolve_impl
 from puzzlemoe_jax import codec, fp8
 from puzzlemoe_jax.config import CLI_ARCHS, ConfigError, ModelConfig, canonical_arch
 from puzzlemoe_jax.experts import MATRICES
-from puzzlemoe_jax.hf_layout import (check_plan, experts_to_flax, hf_plan, raise_nonfinite, read_experts,
-                                     read_experts_raw, read_items)
+from puzzlemoe_jax.hf_layout import (READ_MODES, check_plan, device_reader, experts_to_flax, hf_plan, raise_nonfinite,
+                                     read_experts, read_experts_raw, read_items)
 from puzzlemoe_jax.merge import MergeConfig
 from puzzlemoe_jax.models import CausalLM, PackedExpertsModule
 from puzzlemoe_jax.compress import compress_layer
 from puzzlemoe_jax.pairing import pairs_for_ratio
 from puzzlemoe_jax.report import ConvertReport, LayerReport
-from puzzlemoe_jax.safetensors_io import DTYPES, INDEX, CheckpointError, SafetensorsDir, ThreadBuffers
+from puzzlemoe_jax.safetensors_io import DTYPES, INDEX, CheckpointError, SafetensorsDir
 from puzzlemoe_jax.writer import DTYPE_NAMES, HASHES, ID_TENSORS, CheckpointWriter, check_expert_ids, file_hash
 
 FORMAT_VERSION = 1
@@ -199,8 +199,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                        dtype: str = "auto", overwrite: bool = False,
                        progress: Callable[[Iterable], Iterable] = lambda it: it,
                        calibration: Mapping[int, Mapping[str, Any]] | None = None,
-                       pipeline: bool = True, read_threads: int = 4, device_layout: bool | None = None,
-                       warm_up: bool | None = None, reuse_buffers: bool | None = None) -> ConvertReport:
+                       pipeline: bool = True, read_threads: int = 8, device_layout: bool | None = None,
+                       warm_up: bool | None = None, read_mode: str = "map") -> ConvertReport:
     """Convert an HF safetensors checkpoint of ``arch`` to our format, one layer at a time.
 
     ``ratio`` 0 keeps every expert dense; ``ratio`` r in (0, 0.5] merges r*E pairs per MoE layer
@@ -216,9 +216,9 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     ``device_layout`` (default on an accelerator) each expert matrix goes to the device as soon as
     it is read, everything up to the packed words stays there, and the results' copies back start
     asynchronously, fetched by the writer; ``warm_up`` (default likewise) compiles that path on a
-    zero layer of the same shapes while the first layer is read, and ``reuse_buffers`` (default
-    likewise) has each read thread read into its one reused buffer (``safetensors_io.ThreadBuffers``)
-    instead of a fresh one per tensor.  ``pipeline=False``
+    zero layer of the same shapes while the first layer is read.  ``read_mode`` says how the device
+    path reads an expert tensor (``hf_layout.device_reader``: from the mapped file by default).
+    ``pipeline=False``
     is the plain one-thread host path (numpy stacking), kept as the oracle the pipeline's output
     is tested against bit for bit.  ``progress`` wraps the list of ``(layer, input bytes)`` steps
     (the last step, layer None, is the embeddings and head).
@@ -256,16 +256,20 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     device_layout = device_layout and not plan.scales   # FP8 weights are read through the dequantizing wrapper
     warm_up = (device_layout and not on_cpu) if warm_up is None else warm_up and device_layout
     warm_up = warm_up and calibration is None and not merge.needs_calibration
-    buffers = ThreadBuffers() if (not on_cpu if reuse_buffers is None else reuse_buffers) else None
+    if read_mode not in READ_MODES:
+        raise CheckpointError(f"--read-mode must be one of {', '.join(READ_MODES)}, got {read_mode!r}")
+    if read_threads < 1:
+        raise CheckpointError(f"--read-threads must be at least 1, got {read_threads}")
+    read_tensor = device_reader(ckpt, read_mode) if device_layout else None
 
     def read(job):  # reader stage: host arrays of one layer (or the head)
         L, items, experts = job
         with timer("read"):
             # the other tensors (host transposes) on their own thread, beside the expert reads
-            others = items_pool.submit(read_items, ckpt, items, np_dtype) if items_pool else None
+            others = items_pool.submit(read_others, items) if items_pool else None
             tensors = None if others else read_items(ckpt, items, np_dtype)
             try:
-                raw = read_experts_raw(ckpt, experts, io_pool, buffers) if experts is not None and device_layout else None
+                raw = read_experts_raw(ckpt, experts, read_tensor, io_pool) if experts is not None and device_layout else None
                 is_raw = raw is not None
                 if experts is not None and raw is None:
                     raw = read_experts(ckpt, experts, np_dtype)
@@ -274,6 +278,10 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                     others.result()   # their error first, as the one-thread order raises it
                 raise
             return [others.result() if others else tensors, raw, is_raw]
+
+    def read_others(items):  # the layer's other tensors (host transposes), beside its experts
+        with timer("read others"):
+            return read_items(ckpt, items, np_dtype)
 
     def compile_on_zeros(job):  # warm-up: the device path of one MoE layer on zeros of its shapes
         L, _, experts = job

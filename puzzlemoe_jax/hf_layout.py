@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from concurrent.futures import Executor
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -178,12 +178,26 @@ def check_plan(plan: Plan, ckpt: SafetensorsDir, arch: str) -> None:
                               f"({len(extra)} unexpected in all) for a {arch} model with this config.json")
 
 
+TRANSPOSE_TILE = 128   # square tiles that stay in cache while transposed
+
+
+def transpose_into(out: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``out[...] = a.T`` for 2-D ``a``, tile by tile: a whole-matrix strided copy misses the cache
+    on every element once the matrix is large."""
+    n, m = a.shape
+    for i in range(0, n, TRANSPOSE_TILE):
+        for j in range(0, m, TRANSPOSE_TILE):
+            out[j:j + TRANSPOSE_TILE, i:i + TRANSPOSE_TILE] = a[i:i + TRANSPOSE_TILE, j:j + TRANSPOSE_TILE].T
+    return out
+
+
 def read_items(ckpt: SafetensorsDir, items: Iterable[Item], dtype) -> dict[str, np.ndarray]:
     out = {}
     for it in items:
         a = ckpt.read(it.src)
-        out[it.dst] = np.ascontiguousarray(a.T if it.transpose else a).astype(np.float32 if it.fp32 else dtype,
-                                                                             copy=False)
+        if it.transpose:
+            a = transpose_into(np.empty(a.shape[::-1], a.dtype), a) if a.ndim == 2 else np.ascontiguousarray(a.T)
+        out[it.dst] = a.astype(np.float32 if it.fp32 else dtype, copy=False)
     return out
 
 
@@ -194,39 +208,59 @@ def read_experts(ckpt: SafetensorsDir, ex: ExpertsItem, dtype) -> dict[str, np.n
            "w_down": np.empty((e, i, h), dtype)}
     if ex.fused:
         gate_up = ckpt.read(ex.fused[0])
-        out["w_gate"][...] = gate_up[:, :i].transpose(0, 2, 1)
-        out["w_up"][...] = gate_up[:, i:].transpose(0, 2, 1)
+        for x in range(e):
+            transpose_into(out["w_gate"][x], gate_up[x, :i])
+            transpose_into(out["w_up"][x], gate_up[x, i:])
         del gate_up
-        out["w_down"][...] = ckpt.read(ex.fused[1]).transpose(0, 2, 1)
+        w_down = ckpt.read(ex.fused[1])
+        for x in range(e):
+            transpose_into(out["w_down"][x], w_down[x])
+        del w_down
     else:
         for mat, names in ex.per_expert.items():
             for x, name in enumerate(names):
-                out[mat][x] = ckpt.read(name).T
+                transpose_into(out[mat][x], ckpt.read(name))
     return out
 
 
-def read_experts_raw(ckpt: SafetensorsDir, ex: ExpertsItem, pool: Executor | None = None,
-                     buffers: ThreadBuffers | None = None):
-    """Routed experts as stored (torch orientation and dtype), each tensor read with one plain read,
-    put on the device as soon as it is read and waited for there, with no finite check
-    (``experts_to_flax`` counts NaN/Inf): hub ``{w_gate, w_up: E x [I,H], w_down: E x [H,I]}``
-    (lists of per-expert arrays), fused ``{gate_up: [E,2I,H], w_down: [E,H,I]}``.  ``pool`` runs
-    the reads concurrently; host memory holds only the tensors in flight (one per thread).
-    ``buffers``: each thread reads into its one reused buffer, copied to the device before the
-    thread's next read (``device_put`` to an accelerator; on the CPU backend ``jnp.array``, a copy);
-    else a fresh buffer per tensor.  None when one matrix's experts are stored
-    in different dtypes (then ``read_experts`` is the way)."""
+READ_MODES = ("map", "reuse", "fresh")
+
+
+def device_reader(ckpt: SafetensorsDir, mode: str) -> Callable[[str], jax.Array]:
+    """A function that reads one tensor of ``ckpt`` onto the device, waited for there, with no
+    finite check; safe to call from several threads.  ``mode`` (``READ_MODES``): "map" copies it
+    from the mapped file (``SafetensorsDir.mapped``), "reuse" reads it into the calling thread's one
+    reused buffer (``ThreadBuffers``), "fresh" into a new buffer.  Where host memory is reused
+    (map, reuse) the CPU backend copies it with ``jnp.array``: its ``device_put`` may alias a numpy
+    buffer."""
+    if mode not in READ_MODES:
+        raise ValueError(f"read mode must be one of {', '.join(READ_MODES)}, got {mode!r}")
+    put = jnp.array if mode != "fresh" and jax.default_backend() == "cpu" else jax.device_put
+    buffers = ThreadBuffers() if mode == "reuse" else None
+
+    def read(name: str) -> jax.Array:
+        if mode == "map":
+            a = put(ckpt.mapped(name))
+        else:
+            out = buffers.get(ckpt.tensors[name].nbytes) if buffers is not None else None
+            a = put(ckpt.read(name, check_finite=False, out=out))
+        jax.block_until_ready(a)   # the host memory is free once this returns
+        if mode == "map":
+            ckpt.unmap(name)
+        return a
+    return read
+
+
+def read_experts_raw(ckpt: SafetensorsDir, ex: ExpertsItem, read: Callable[[str], jax.Array],
+                     pool: Executor | None = None):
+    """Routed experts as stored (torch orientation and dtype), each tensor on the device as soon as
+    it is read by ``read`` (``device_reader``): hub ``{w_gate, w_up: E x [I,H], w_down: E x [H,I]}``
+    (lists of per-expert arrays), fused ``{gate_up: [E,2I,H], w_down: [E,H,I]}``; ``experts_to_flax``
+    counts their NaN/Inf.  ``pool`` runs the reads concurrently; host memory holds only the tensors
+    in flight (one per thread).  None when one matrix's experts are stored in different dtypes
+    (then ``read_experts`` is the way)."""
     if not ex.fused and any(len({ckpt.tensors[n].dtype for n in names}) != 1 for names in ex.per_expert.values()):
         return None
-
-    # the CPU backend may make a numpy buffer the array itself (``may_alias=False`` does not stop it)
-    put = jnp.array if buffers is not None and jax.default_backend() == "cpu" else jax.device_put
-
-    def read(name):
-        out = buffers.get(ckpt.tensors[name].nbytes) if buffers is not None else None
-        a = put(ckpt.read(name, check_finite=False, out=out))
-        jax.block_until_ready(a)   # the host buffer is free once this returns
-        return a
     if ex.fused:
         return {"gate_up": read(ex.fused[0]), "w_down": read(ex.fused[1])}
     names = [(m, n) for m, ns in ex.per_expert.items() for n in ns]

@@ -2,8 +2,9 @@
 written tensor by tensor (``write_file``).
 
 ``SafetensorsDir`` reads a directory of safetensors (one ``model.safetensors`` or shards named by
-``model.safetensors.index.json``) tensor by tensor with plain file reads: no torch, no mmap, so
-host memory holds only what was asked for.  Headers are validated up front (missing shard,
+``model.safetensors.index.json``) tensor by tensor with plain file reads (no torch), so host memory
+holds only what was asked for; ``mapped`` views a tensor in the mapped file instead, for readers that
+copy it at once (to an accelerator) and then ``unmap`` it.  Headers are validated up front (missing shard,
 truncated/corrupt file, unsupported dtype) with errors naming the file and tensor.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import struct
 import threading
@@ -154,6 +156,8 @@ class SafetensorsDir:
             _refuse_pickles(self.dir)
             raise CheckpointError(f"{self.dir}: no {SINGLE} or {INDEX}")
         self.tensors: dict[str, TensorInfo] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._maps_lock = threading.Lock()
         for f in files:
             for name, info in read_header(self.dir / f).items():
                 if weight_map is not None and weight_map.get(name) != f:
@@ -189,6 +193,37 @@ class SafetensorsDir:
             if bad:
                 raise CheckpointError(f"{info.file}: tensor {name!r} has {bad} NaN/Inf values")
         return a
+
+    def mapped(self, name: str) -> np.ndarray:
+        """One tensor as a read-only view of its file mapped into memory: no copy, the pages are read
+        as they are touched, with read-ahead asked for the whole tensor.  For callers that copy it
+        at once (``device_put``) and then call ``unmap``: until then its pages count as this
+        process's memory.  No finite check; a file truncated while mapped faults (SIGBUS)."""
+        info = self.tensors[name]
+        m = self._map(info.file)
+        if info.nbytes:
+            lo = info.start - info.start % mmap.PAGESIZE
+            m.madvise(mmap.MADV_WILLNEED, lo, info.start + info.nbytes - lo)
+        return np.frombuffer(m, np.uint8, info.nbytes, info.start).view(DTYPES[info.dtype]).reshape(info.shape)
+
+    def unmap(self, name: str) -> None:
+        """Drop a ``mapped`` tensor's pages from this process (the page cache keeps them; touching
+        the view again reads them back)."""
+        info = self.tensors[name]
+        if info.nbytes:
+            lo = info.start - info.start % mmap.PAGESIZE
+            self._map(info.file).madvise(mmap.MADV_DONTNEED, lo, info.start + info.nbytes - lo)
+
+    def _map(self, path: Path) -> mmap.mmap:
+        with self._maps_lock:
+            m = self._maps.get(path)
+            if m is None:
+                try:
+                    with open(path, "rb") as f:
+                        m = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except OSError as e:
+                    raise CheckpointError(f"{path}: cannot map ({e.strerror})") from e
+            return m
 
     def nbytes(self, names: Iterable[str] | None = None) -> int:
         return sum(self.tensors[n].nbytes for n in (self.tensors if names is None else names))

@@ -236,6 +236,9 @@ def test_bad_ratio_and_failure_midway_leave_nothing(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:   # argparse's usage error
         run(["mixtral", "--src", tiny["mixtral"], "--out", tmp_path / "o", "--ratio", 0.7], capsys)
     assert e.value.code == 2 and "expected a number in [0, 0.5]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run(["mixtral", "--src", tiny["mixtral"], "--out", tmp_path / "o", "--read-threads", 0], capsys)
+    assert e.value.code == 2 and "--read-threads" in capsys.readouterr().err
     # NaN in the last layer: found after earlier layers were written to the temp dir
     src = _copy(tiny["mixtral"], tmp_path / "src")
     last = "model.layers.2.block_sparse_moe.experts.7.w2.weight"
@@ -271,14 +274,14 @@ def test_tokenizer_and_generation_config_are_carried_over(tmp_path, capsys):
     ("mixtral", "hub", 0.0, "bfloat16", "float16"), ("deepseek", "fused", 0.5, "float16", "float32")])
 def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dtype, dtype, tmp_path):
     """The pipelined converter (threads; experts stacked on the host or transposed/cast where jax
-    runs) writes exactly what the plain one-thread host path (the converter before the pipeline)
+    runs, read from the mapped files or into fresh or reused buffers) writes exactly what the plain one-thread host path (the converter before the pipeline)
     writes: every tensor, the index and config.json."""
     from puzzlemoe_jax.checkpoint import convert_checkpoint
     src = write_tiny_checkpoint(tmp_path / "src", arch, layout=layout, num_layers=3, dtype=src_dtype)
     outs = {}
     variants = [dict(pipeline=False), dict(device_layout=True, warm_up=True), dict(device_layout=False),
-                dict(device_layout=True, warm_up=False, read_threads=1),
-                dict(device_layout=True, warm_up=False, reuse_buffers=True)]
+                dict(device_layout=True, warm_up=False, read_threads=1, read_mode="fresh"),
+                dict(device_layout=True, warm_up=False, read_mode="reuse")]
     for k, kw in enumerate(variants):
         out = tmp_path / f"out-{k}"
         convert_checkpoint(src, out, arch, ratio=ratio, dtype=dtype, **kw)
@@ -337,6 +340,19 @@ def test_pipeline_error_order_with_other_tensors_read_beside_experts(tmp_path):
         errors.append(str(e.value))
         assert not (tmp_path / f"o{k}").exists()
     assert errors[0] == errors[1] == errors[2] and bad[1] in errors[0]
+
+
+def test_mapped_tensor_equals_read_and_survives_unmap(tmp_path):
+    """A tensor viewed in the mapped file (the accelerators' read path) is the tensor ``read`` gives,
+    read-only, and still readable after ``unmap`` dropped its pages from the process."""
+    src = write_tiny_checkpoint(tmp_path / "src", "mixtral", num_layers=1)
+    ckpt = SafetensorsDir(src)
+    for name in ckpt.tensors:
+        a, ref = ckpt.mapped(name), ckpt.read(name)
+        assert not a.flags.writeable and a.dtype == ref.dtype and a.shape == ref.shape
+        assert a.tobytes() == ref.tobytes(), name
+        ckpt.unmap(name)
+        assert a.tobytes() == ref.tobytes(), name
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import threading
@@ -54,6 +55,15 @@ class StageTimer:
         finally:
             with self._lock:
                 self.seconds[stage] += time.perf_counter() - t
+
+
+def read_ahead(jobs, ckpt: SafetensorsDir) -> int:
+    """Layers the device path reads ahead of the merge: two where four layers' experts fit in a
+    quarter of the device memory (the reads go on while the first merge waits for its compile, and
+    host memory holds only the reads in flight), else one."""
+    largest = max((ckpt.nbytes(ex.sources()) for _, _, ex in jobs if ex is not None), default=0)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return 2 if 16 * largest <= stats.get("bytes_limit", 0) else 1
 
 
 def _np(a) -> np.ndarray:
@@ -348,20 +358,24 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
 
     with CheckpointWriter(out, overwrite) as w:
         # at most three layers in host memory: one being read, one merging, one being written (with
-        # device_layout only the reads in flight and the results of two layers: merged, being written)
-        stages = ThreadPoolExecutor(3) if pipeline else None
-        io_pool = ThreadPoolExecutor(read_threads) if pipeline and read_threads > 1 else None
-        items_pool = ThreadPoolExecutor(1) if pipeline else None
+        # device_layout only the reads in flight and the results of two layers: merged, being written;
+        # the layers read ahead are on the device)
+        stages = ThreadPoolExecutor(4, thread_name_prefix="convert-stage") if pipeline else None
+        io_pool = (ThreadPoolExecutor(read_threads, thread_name_prefix="read-experts")
+                   if pipeline and read_threads > 1 else None)
+        items_pool = ThreadPoolExecutor(1, thread_name_prefix="read-others") if pipeline else None
         try:
-            nxt = stages.submit(read, jobs[0]) if pipeline else None
+            ahead = read_ahead(jobs, ckpt) if device_layout else 1
+            reading = collections.deque(stages.submit(read, job) for job in jobs[:ahead]) if pipeline else None
             first_moe = next((job for job in jobs if job[2] is not None), None)
             warming = stages.submit(compile_on_zeros, first_moe) if warm_up and pipeline and first_moe else None
             writing = None
             for k, _ in enumerate(progress(steps)):
                 if pipeline:
                     with timer("wait read"):
-                        data = nxt.result()
-                    nxt = stages.submit(read, jobs[k + 1]) if k + 1 < len(jobs) else None
+                        data = reading.popleft().result()
+                    if k + ahead < len(jobs):
+                        reading.append(stages.submit(read, jobs[k + ahead]))
                 else:
                     data = read(jobs[k])
                 if warming and jobs[k][2] is not None:

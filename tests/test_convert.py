@@ -272,7 +272,7 @@ def test_tokenizer_and_generation_config_are_carried_over(tmp_path, capsys):
     ("mixtral", "hub", 0.5, "bfloat16", "auto"), ("deepseek", "hub", 0.25, "bfloat16", "auto"),
     ("qwen2_moe", "fused", 0.5, "bfloat16", "auto"), ("qwen3_moe", "fused", 0.25, "float32", "bfloat16"),
     ("mixtral", "hub", 0.0, "bfloat16", "float16"), ("deepseek", "fused", 0.5, "float16", "float32")])
-def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dtype, dtype, tmp_path):
+def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dtype, dtype, tmp_path, monkeypatch):
     """The pipelined converter (threads; experts stacked on the host or transposed/cast where jax
     runs, read from the mapped files or into fresh or reused buffers) writes exactly what the plain one-thread host path (the converter before the pipeline)
     writes: every tensor, the index and config.json."""
@@ -284,6 +284,8 @@ def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dt
                 dict(device_layout=True, warm_up=False, read_mode="reuse")]
     for k, kw in enumerate(variants):
         out = tmp_path / f"out-{k}"
+        # the last variant reads two layers ahead, as on accelerators with room for it
+        monkeypatch.setattr("puzzlemoe_jax.checkpoint.read_ahead", lambda *_: 2 if k == len(variants) - 1 else 1)
         convert_checkpoint(src, out, arch, ratio=ratio, dtype=dtype, **kw)
         ckpt = SafetensorsDir(out)
         outs[k] = ({n: ckpt.read(n, check_finite=False) for n in ckpt.tensors},

@@ -230,12 +230,14 @@ class SafetensorsDir:
 
 
 def write_file(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
-               check: Callable[[str, np.ndarray], None] | None = None) -> str:
+               check: Callable[[str, np.ndarray], None] | None = None, release: bool = False) -> str:
     """Write ``tensors`` (numpy or jax arrays) as one safetensors file, byte for byte what
     ``safetensors.numpy.save_file`` writes, but straight from each tensor's buffer with one large
     write per tensor (save_file first copies the whole file into memory).  Each tensor is fetched
     with ``np.asarray`` only when its turn comes (jax arrays may still be copying to the host) and
-    passed to ``check(name, array)`` before it is written.  Returns the file's xxh3_64 (hex)."""
+    passed to ``check(name, array)`` before it is written; with ``release`` it is then deleted from
+    ``tensors`` (a dict), so its host copy can go before the next one is fetched.  Returns the
+    file's xxh3_64 (hex)."""
     def code(name, a):
         c = WRITE_CODES.get(np.dtype(a.dtype))
         if c is None:
@@ -266,4 +268,6 @@ def write_file(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, st
             while done < len(view):   # raw writes may be short
                 done += f.write(view[done:])
             h.update(view)
+            if release:
+                del tensors[n], a, view
     return h.hexdigest()

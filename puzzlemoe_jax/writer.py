@@ -142,17 +142,19 @@ class CheckpointWriter:
     def _written(self, path: Path) -> None:
         os.chmod(path, self.mode)
 
-    def write_shard(self, tensors: Mapping[str, Any]) -> None:
-        """Write one shard of numpy or jax arrays (each fetched to the host only when written, so
-        device arrays whose host copies were started with ``copy_to_host_async`` overlap)."""
+    def write_shard(self, tensors: dict[str, Any]) -> None:
+        """Write one shard of numpy or jax arrays, emptying ``tensors``: each is fetched to the host
+        only when written (device arrays whose host copies were started with ``copy_to_host_async``
+        overlap) and dropped once written, so the shard never sits whole in host memory."""
         name = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
         check_expert_ids({k: np.asarray(v) for k, v in tensors.items() if k.rsplit(".", 1)[-1] in ID_TENSORS},
                          str(self.out))
+        names, nbytes = list(tensors), sum(int(v.nbytes) for v in tensors.values())
         self.hashes[name] = write_file(self.tmp / name, tensors, {"format": "flax"},
-                                       check=lambda k, v: _check_finite(k, v, str(self.out)))
+                                       check=lambda k, v: _check_finite(k, v, str(self.out)), release=True)
         self._written(self.tmp / name)
-        self.weight_map.update({k: name for k in tensors})
-        self.nbytes += sum(int(v.nbytes) for v in tensors.values())
+        self.weight_map.update({k: name for k in names})
+        self.nbytes += nbytes
 
     def copy_files(self, src: Path, names: Iterable[str]) -> None:
         """Copy the files of ``names`` that exist in ``src`` (tokenizer, generation config) as they are."""

@@ -382,3 +382,6 @@ def test_write_file_byte_identical_to_save_file(seed, tmp_path):
     h = write_file(tmp_path / "got.safetensors", tensors, meta)
     assert (tmp_path / "got.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     assert h == file_hash(tmp_path / "got.safetensors")
+    # release: the same bytes, each tensor dropped from the dict once written
+    left = dict(tensors)
+    assert write_file(tmp_path / "rel.safetensors", left, meta, release=True) == h and not left

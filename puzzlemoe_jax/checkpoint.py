@@ -58,12 +58,12 @@ class StageTimer:
 
 
 def read_ahead(jobs, ckpt: SafetensorsDir) -> int:
-    """Layers the device path reads ahead of the merge: two where four layers' experts fit in a
-    quarter of the device memory (the reads go on while the first merge waits for its compile, and
-    host memory holds only the reads in flight), else one."""
+    """Layers the device path reads ahead of the merge (the reads go on while the first merge
+    waits for its compile; host memory holds only the reads in flight): up to four, as long as
+    those layers' experts take at most an eighth of the device memory, at least one."""
     largest = max((ckpt.nbytes(ex.sources()) for _, _, ex in jobs if ex is not None), default=0)
     stats = jax.local_devices()[0].memory_stats() or {}
-    return 2 if 16 * largest <= stats.get("bytes_limit", 0) else 1
+    return max(1, min(4, stats.get("bytes_limit", 0) // max(1, 8 * largest)))
 
 
 def _np(a) -> np.ndarray:
@@ -360,12 +360,13 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
         # at most three layers in host memory: one being read, one merging, one being written (with
         # device_layout only the reads in flight and the results of two layers: merged, being written;
         # the layers read ahead are on the device)
-        stages = ThreadPoolExecutor(4, thread_name_prefix="convert-stage") if pipeline else None
+        ahead = read_ahead(jobs, ckpt) if device_layout else 1
+        # reads ahead, the warm-up compile and the writer each on their own thread
+        stages = ThreadPoolExecutor(ahead + 2, thread_name_prefix="convert-stage") if pipeline else None
         io_pool = (ThreadPoolExecutor(read_threads, thread_name_prefix="read-experts")
                    if pipeline and read_threads > 1 else None)
         items_pool = ThreadPoolExecutor(1, thread_name_prefix="read-others") if pipeline else None
         try:
-            ahead = read_ahead(jobs, ckpt) if device_layout else 1
             reading = collections.deque(stages.submit(read, job) for job in jobs[:ahead]) if pipeline else None
             first_moe = next((job for job in jobs if job[2] is not None), None)
             warming = stages.submit(compile_on_zeros, first_moe) if warm_up and pipeline and first_moe else None

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import sys
 
-from puzzlemoe_jax import cli
+from puzzlemoe_jax import cli, compile_cache
 from puzzlemoe_jax.config import CLI_ARCHS
 from puzzlemoe_jax.hf_layout import READ_MODES
 from puzzlemoe_jax.merge import METHODS, PAIRINGS, SALIENCIES, MergeConfig
@@ -86,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--read-mode", choices=READ_MODES, default="map",
                        help="how expert tensors reach an accelerator: copied from the mapped file (map, "
                             "default), read into one reused buffer per thread (reuse) or a new one (fresh)")
+        compile_cache.add_argument(s)
         s.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
         s.add_argument("--verbose", action="store_true",
                        help="also print the per-pair statistics (similar, salient, kept, error, clamps)")
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm  # noqa: PLC0415
 
     from puzzlemoe_jax.checkpoint import convert_checkpoint  # noqa: PLC0415
+    compile_cache.enable(args.compile_cache)   # a second conversion of the same shapes skips the merge's compile
     bars = []
 
     def progress(steps):

@@ -64,8 +64,8 @@ def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
     gets its rows rounded up to ``block_m``; one spare block at the end belongs to nobody.
     Returns ``(pad_start [D+2P], tiles [T, 4], padded_rows)``: the padded row where each pair slot
     starts (dense slots: 0, unused), and per tile (pair, block of i, block of j, live), where a pair
-    side with no rows left in the tile reads and writes the spare block; ``T`` = ``rows /
-    block_m + P`` bounds the live tiles, the rest have live = 0.
+    side with no rows left in the tile reads and writes the spare block; ``T`` (``routing_kernel.
+    layout_sizes``) bounds the live tiles, the rest have live = 0.
     """
     D = num_dense
     P = (sizes.shape[0] - D) // 2
@@ -86,7 +86,7 @@ def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
 
 def live_tiles(rows: int, num_pairs: int, block_m: int) -> int:
     """A static bound on the live tiles of ``grouped_layout`` for ``rows`` routed rows: every live
-    tile holds at least one row, and there are at most ``rows / block_m + P`` of them."""
+    tile holds at least one row, and there are at most ``rows / block_m + min(P, rows)`` of them."""
     return max(1, min(rows, routing_kernel.layout_sizes(rows, num_pairs, block_m)[0]))
 
 

@@ -50,11 +50,13 @@ def _pow2(n: int) -> int:
 
 
 def layout_sizes(rows: int, num_pairs: int, block_m: int) -> tuple[int, int]:
-    """``(tiles, padded_rows)`` of the layout: at most ``rows / block_m + P`` live tiles; every pair
-    slot's rows rounded up to ``block_m`` (at most ``rows / block_m + 2P`` blocks) and one spare
-    block that belongs to nobody."""
+    """``(tiles, padded_rows)`` of the layout: every pair slot's rows rounded up to ``block_m``
+    (each slot with rows adds at most one block to ``rows / block_m``; at most ``min(2P, rows)``
+    slots have rows) and one spare block that belongs to nobody; at most ``rows / block_m +
+    min(P, rows)`` live tiles likewise.  Small steps of many pairs get small tables: the activation
+    gather writes, and the launches cover, ``padded_rows`` rows and ``tiles`` tiles."""
     blocks = -(-rows // block_m)
-    return blocks + num_pairs, (blocks + 2 * num_pairs + 1) * block_m
+    return blocks + min(num_pairs, rows), (blocks + min(2 * num_pairs, rows) + 1) * block_m
 
 
 class _Dims:

@@ -72,6 +72,13 @@ def test_fits_gates_on_size_and_dense_experts():
         routing_kernel.pair_layout(jnp.zeros((4, 8), jnp.int32), jnp.zeros((4, 2), jnp.int32), block_m=8, chunk=24)
 
 
+def test_layout_sizes_shrink_with_the_rows():
+    """Tables sized by the slots that can have rows: a one-token step of 64 pairs (8 rows) gets 9
+    tiles and 10 blocks of padded rows, not 65 and 130; large steps keep the 2P bound."""
+    assert routing_kernel.layout_sizes(8, 64, 8) == (1 + 8, (1 + 8 + 1) * 8)
+    assert routing_kernel.layout_sizes(2048, 64, 48) == (43 + 64, (43 + 128 + 1) * 48)
+
+
 def test_default_chunk_is_one_launch_for_small_steps():
     """One chunk (one launch) while the rows fit it; the chunk shrinks as the pairs grow."""
     chunk = routing_kernel.default_chunk

@@ -2,8 +2,7 @@
 (SwiGLU in the epilogue for token blocks up to ``SWIGLU_MAX_BLOCK_M`` rows, else in XLA between the
 launches) and down, which reads the first launch's transposed output as it comes.  Around them: the
 row layout (one Pallas-Triton launch, ``routing_kernel``, where it fits; else sorts and gathers in
-XLA), the gather of the padded rows and the combine (after the routing kernel's layout, the down
-launch's columns are first put back in assignment order by one more launch, ``routing_kernel.unpermute``).
+XLA), the gather of the padded rows and the combine.
 
 The kernel reads the words transposed and gate's and up's stacked (``to_mosaic_words``); models
 that serve with it hold that layout, and ``from_mosaic_words`` gives back the stored ``[K, N]`` words.
@@ -168,10 +167,8 @@ def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
         g = routing.group_packed(topk_ids, experts.pairs, experts.dense_ids)
         tiles, src, row = xla_pair_layout(g, block_m)
     y_t = _pair_rows(x, tiles, src, words, R, block_m, configs, interpret)
-    if fused:   # the launch's columns back in assignment order, K-split partials summed, in one launch
-        parts = [(routing_kernel.unpermute(y_t, src, row, topk_ids.shape[-1], interpret=interpret), None, row >= 0)]
-    else:       # the combine gathers the launch's columns and adds its K-split partials itself
-        parts = [(jnp.transpose(y_t, (2, 0, 1)), jnp.maximum(row, 0), row >= 0)]
+    # the combine gathers the launch's columns and adds its K-split partials itself
+    parts = [(jnp.transpose(y_t, (2, 0, 1)), jnp.maximum(row, 0), row >= 0)]
     if D:
         from kernels.triton_ffn import dense_swiglu  # noqa: PLC0415
         parts.append(routing.dense_part(x, g, experts.dense, swiglu=functools.partial(

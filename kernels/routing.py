@@ -34,8 +34,8 @@ def group_by_slot(slots: jax.Array, k: int, num_slots: int):
 
 def combine(parts, topk_weights: jax.Array, out_dtype, materialize_index: bool = True) -> jax.Array:
     """``sum_k topk_weights[t, k] * out[t*k + k]``: [T, H] in ``out_dtype``.  ``parts``: ``(y, row,
-    valid)`` triples; assignment a's expert output is ``y[row[a]]`` (``row`` None: ``y[a]``) of the
-    part whose ``valid[a]`` holds (at most one; none: zero, whatever the unselected rows hold); a ``y`` [rows, S, H] holds S
+    valid)`` triples; assignment a's expert output is ``y[row[a]]`` of the part whose ``valid[a]``
+    holds (at most one; none: zero, whatever the unselected rows hold); a ``y`` [rows, S, H] holds S
     partial sums of each row, added in the same reduction as the top-k terms (one kernel).
     ``materialize_index``: computed indices stay materialized (fused into the gather, XLA may
     recompute them per element); off where they come from a kernel and cost one select each."""
@@ -44,8 +44,7 @@ def combine(parts, topk_weights: jax.Array, out_dtype, materialize_index: bool =
     if materialize_index:
         index = lax.optimization_barrier(index)
     ys = [y if y.ndim == 3 else y[:, None] for y, _, _ in parts]
-    terms = [jnp.where(valid[:, None, None], (y if row is None else y[row]).astype(jnp.float32), 0.0)
-             for y, (row, valid) in zip(ys, index)]
+    terms = [jnp.where(valid[:, None, None], y[row].astype(jnp.float32), 0.0) for y, (row, valid) in zip(ys, index)]
     out = (terms[0] if len(terms) == 1 else jnp.concatenate(terms, 1)) * topk_weights.reshape(-1, 1, 1).astype(jnp.float32)
     return out.reshape(T, -1, out.shape[-1]).sum(1).astype(out_dtype)
 

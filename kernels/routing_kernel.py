@@ -19,7 +19,6 @@ stores across programs of one launch.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -228,44 +227,3 @@ def pair_layout(topk_ids: jax.Array, pairs: jax.Array, *, block_m: int, chunk: i
         interpret=interpret, compiler_params=params)(counts, slot, rank, tiles, src)
     return tiles.reshape(d.NT, 4), src, row
 
-
-UNPERMUTE_ROWS = 64    # padded rows per program of ``unpermute``
-UNPERMUTE_COLS = 128   # output columns per program (the largest power of two up to this dividing H)
-
-
-def _unpermute_kernel(y_ref, src_ref, row_ref, out_ref, *, S, H, Q, R, k, QB, HB):
-    i32 = jnp.int32
-    q = pl.program_id(0) * QB + lax.iota(i32, QB)
-    t = pltriton.load(src_ref.at[jnp.minimum(q, Q - 1)], mask=q < Q, other=-1)
-    live = t >= 0
-    # the assignment padded row q holds: the one of its token's k whose row is q
-    a = jnp.full((QB,), R, i32)
-    for j in range(k):
-        r = pltriton.load(row_ref.at[_off(live, t * k + j, 0)], mask=live, other=-1)
-        a = jnp.where(live & (r == q), t * k + j, a)
-    h = pl.program_id(1) * HB + lax.iota(i32, HB)
-    m = jnp.broadcast_to(live[:, None], (QB, HB))
-    acc = jnp.zeros((QB, HB), jnp.float32)
-    for s in range(S):   # columns q of y^T: contiguous reads, padding rows not read
-        acc += pltriton.load(y_ref.at[(s * H + h[None, :]) * Q + q[:, None]], mask=m, other=0.0)
-    pltriton.store(out_ref.at[_off(m, a[:, None] * H + h[None, :], R * H)], acc, mask=m)
-
-
-def unpermute(y_t: jax.Array, src: jax.Array, row: jax.Array, k: int, *, interpret: bool = False) -> jax.Array:
-    """The down launch's transposed output back in assignment order: ``[T*k, H]`` f32, row ``a`` =
-    the sum over ``S`` of column ``row[a]`` of ``y_t`` [S, H, padded_rows] (``pair_layout``'s
-    ``src`` and ``row``).  Assignments in no pair (``row`` -1) get no row written: mask them.
-
-    The combine's gather of ``y_t[:, :, row]`` reads each assignment's column with a stride of
-    ``padded_rows``; here each program reads a block of padded rows (consecutive columns, only those
-    holding an assignment) and writes whole output rows."""
-    S, H, Q = y_t.shape
-    R = row.shape[0]
-    QB, HB = UNPERMUTE_ROWS, math.gcd(H, UNPERMUTE_COLS)
-    kernel = functools.partial(_unpermute_kernel, S=S, H=H, Q=Q, R=R, k=k, QB=QB, HB=HB)
-    out = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((R * H,), jnp.float32), grid=(-(-Q // QB), H // HB),
-        interpret=interpret, name="routing_unpermute",
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-    )(y_t.reshape(-1), src.astype(jnp.int32), row.astype(jnp.int32))
-    return out.reshape(R, H)

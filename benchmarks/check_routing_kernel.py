@@ -3,8 +3,9 @@ compiled for the GPU against the XLA layout it replaces (``mosaic_ffn.xla_pair_l
 on random routings of the benchmark shapes (all experts paired, some ids held by no pair, uneven
 routings) at each token count; then, at ``--time-tokens``, CUPTI times (µs, all kernels summed) of
 the launches at their default chunk and at each of ``--chunks``, of the XLA layout, and of
-``--baseline`` (another ``routing_kernel.py``, e.g. main's, where it takes the size).  Every timed
-chunk is checked too.  Exit status 1 on any difference.
+``--baseline`` (another ``routing_kernel.py``, e.g. main's, where it takes the size; its tables
+may be sized otherwise, so ``baseline_same`` is informative only).  Every timed chunk is checked
+too.  Exit status 1 on any difference of this tree's launches.
 
     PYTHONPATH=. python3 benchmarks/check_routing_kernel.py --baseline ../kernels/routing_kernel.py --out $OUT/check_routing_kernel.json
 """

@@ -1,8 +1,8 @@
 """A packed MoE layer on the grouped Mosaic-GPU kernel (Hopper): two launches per step, gate+up
 (SwiGLU in the epilogue for token blocks up to ``SWIGLU_MAX_BLOCK_M`` rows, else in XLA between the
 launches) and down, which reads the first launch's transposed output as it comes.  Around them: the
-row layout (one Pallas-Triton launch, ``routing_kernel``, where it fits; else sorts and gathers in
-XLA), the gather of the padded rows and the combine.
+row layout (Pallas-Triton, ``routing_kernel``, where it fits; else sorts and gathers in XLA), the
+gather of the padded rows and the combine.
 
 The kernel reads the words transposed and gate's and up's stacked (``to_mosaic_words``); models
 that serve with it hold that layout, and ``from_mosaic_words`` gives back the stored ``[K, N]`` words.
@@ -160,7 +160,7 @@ def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
     words = words or to_mosaic_words(experts.packed)
     block_m = configs[0].block_m if configs[0] is not None else grouped_block_m(R, experts.num_experts, x.shape[0])
     fused = routing_kernel.fits(R, P, D, block_m)
-    if fused:   # one launch for the layout; its outputs need no materializing
+    if fused:   # the layout in Pallas-Triton; its outputs need no materializing
         g = None
         tiles, src, row = routing_kernel.pair_layout(topk_ids, experts.pairs, block_m=block_m, interpret=interpret)
     else:

@@ -1,8 +1,8 @@
 """A packed MoE layer on the grouped Mosaic-GPU kernel (Hopper): two launches per step, gate+up
 (SwiGLU in the epilogue for token blocks up to ``SWIGLU_MAX_BLOCK_M`` rows, else in XLA between the
 launches) and down, which reads the first launch's transposed output as it comes.  Around them: the
-row layout (one Pallas-Triton launch, ``routing_kernel``, where it fits; else sorts and gathers in
-XLA), the gather of the padded rows and the combine.
+row layout (Pallas-Triton, ``routing_kernel``, where it fits; else sorts and gathers in XLA), the
+gather of the padded rows and the combine.
 
 The kernel reads the words transposed and gate's and up's stacked (``to_mosaic_words``); models
 that serve with it hold that layout, and ``from_mosaic_words`` gives back the stored ``[K, N]`` words.
@@ -64,8 +64,8 @@ def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
     gets its rows rounded up to ``block_m``; one spare block at the end belongs to nobody.
     Returns ``(pad_start [D+2P], tiles [T, 4], padded_rows)``: the padded row where each pair slot
     starts (dense slots: 0, unused), and per tile (pair, block of i, block of j, live), where a pair
-    side with no rows left in the tile reads and writes the spare block; ``T`` = ``rows /
-    block_m + P`` bounds the live tiles, the rest have live = 0.
+    side with no rows left in the tile reads and writes the spare block; ``T`` (``routing_kernel.
+    layout_sizes``) bounds the live tiles, the rest have live = 0.
     """
     D = num_dense
     P = (sizes.shape[0] - D) // 2
@@ -86,7 +86,7 @@ def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
 
 def live_tiles(rows: int, num_pairs: int, block_m: int) -> int:
     """A static bound on the live tiles of ``grouped_layout`` for ``rows`` routed rows: every live
-    tile holds at least one row, and there are at most ``rows / block_m + P`` of them."""
+    tile holds at least one row, and there are at most ``rows / block_m + min(P, rows)`` of them."""
     return max(1, min(rows, routing_kernel.layout_sizes(rows, num_pairs, block_m)[0]))
 
 
@@ -160,7 +160,7 @@ def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
     words = words or to_mosaic_words(experts.packed)
     block_m = configs[0].block_m if configs[0] is not None else grouped_block_m(R, experts.num_experts, x.shape[0])
     fused = routing_kernel.fits(R, P, D, block_m)
-    if fused:   # one launch for the layout; its outputs need no materializing
+    if fused:   # the layout in Pallas-Triton; its outputs need no materializing
         g = None
         tiles, src, row = routing_kernel.pair_layout(topk_ids, experts.pairs, block_m=block_m, interpret=interpret)
     else:

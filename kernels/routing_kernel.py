@@ -1,14 +1,20 @@
-"""The packed Mosaic layer's routing and row layout in one Pallas-Triton launch.
+"""The packed Mosaic layer's routing and row layout in Pallas-Triton: one launch for small steps,
+two for larger ones.
 
 ``pair_layout`` turns a step's ``topk_ids`` and the layer's pair table into everything the grouped
 launches and the combine need, as ``kernels.mosaic_ffn.xla_pair_layout`` computes it from the
-sorted assignments, but with compares, prefix sums and one scatter store inside one program: the
-XLA form is a sort and some fifteen small kernels around the two launches.  Assignments are ranked
-within their slot by assignment index (what a stable sort gives), so both layouts are identical.
+sorted assignments, with compares and scatter stores instead of a sort and some fifteen small XLA
+kernels.  Assignments are ranked within their slot by assignment index (what a stable sort gives),
+so both layouts are identical.
 
-One program walks the assignments in chunks of ``[rows, pairs]`` compares and the tile table in one
-``[tiles, pairs]`` compare, so its time grows with rows x pairs; ``fits`` takes it only for small
-steps, layers with kept-dense experts and larger steps keep the XLA layout.
+The assignments are cut into chunks of ``chunk`` rows, one program each.  A chunk's program
+compares its ids with the pair table (``[chunk, pairs]``): the slot of each assignment, its rank
+among the chunk's earlier assignments to that slot, and the chunk's rows per slot.  Where there is
+more than one chunk a second launch places them: each program adds up the chunks' counts (totals:
+where each slot starts; earlier chunks: where this chunk's rows of each slot start), writes its
+assignments' rows and tokens, and the tile entries of every ``chunks``-th pair.  The first launch
+also clears the token table and the tile table (padding and dead tiles), so nothing has to order
+stores across programs of one launch.
 """
 from __future__ import annotations
 
@@ -20,21 +26,23 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-MAX_ROWS = 1024        # routed rows (T * top-k) the one program takes
-CHUNK_ELEMS = 4096     # [chunk rows, pairs] compares per step of the assignment loop
-FILL_CHUNK = 1024      # padded rows written per store when clearing the source table
-# the layer uses the launch up to two assignment chunks and this many [tiles, pairs] compares: past
-# them (more chunks, more pairs) it ran slower than the XLA layout (bench_moe_layer, H200)
-MAX_FUSED_ELEMS = 2 * CHUNK_ELEMS
+MAX_ROWS = 4096        # routed rows (T * top-k) the launches take
+# rows per program: of 32, 64 and 128, 32 ran fastest at every size and shape timed
+# (benchmarks/check_routing_kernel.py, H200)
+CHUNK = 32
+FILL = 1024            # elements per store when clearing the tables
 
 
 def fits(rows: int, num_pairs: int, num_dense: int, block_m: int) -> bool:
-    """Whether a layer's step takes ``pair_layout``: no kept-dense experts, and ``[rows, pairs]``
-    and ``[tiles, pairs]`` (power-of-two padded) of at most ``MAX_FUSED_ELEMS`` each."""
-    if num_dense or not 0 < num_pairs or not 0 < rows <= MAX_ROWS:
-        return False
-    tiles, _ = layout_sizes(rows, num_pairs, block_m)
-    return max(_pow2(rows), _pow2(tiles)) * _pow2(num_pairs) <= MAX_FUSED_ELEMS
+    """Whether a layer's step takes ``pair_layout``: no kept-dense experts (their grouping stays in
+    XLA), at least one pair, and at most ``MAX_ROWS`` routed rows."""
+    del block_m   # the launches' cost grows with the chunks, not with the token block
+    return not num_dense and num_pairs > 0 and 0 < rows <= MAX_ROWS
+
+
+def default_chunk(rows: int) -> int:
+    """Rows per program: ``CHUNK``, or the rows (power-of-two padded) where fewer: one launch."""
+    return min(_pow2(rows), CHUNK)
 
 
 def _pow2(n: int) -> int:
@@ -42,80 +50,150 @@ def _pow2(n: int) -> int:
 
 
 def layout_sizes(rows: int, num_pairs: int, block_m: int) -> tuple[int, int]:
-    """``(tiles, padded_rows)`` of the layout: at most ``rows / block_m + P`` live tiles; every pair
-    slot's rows rounded up to ``block_m`` (at most ``rows / block_m + 2P`` blocks) and one spare
-    block that belongs to nobody."""
+    """``(tiles, padded_rows)`` of the layout: every pair slot's rows rounded up to ``block_m``
+    (each slot with rows adds at most one block to ``rows / block_m``; at most ``min(2P, rows)``
+    slots have rows) and one spare block that belongs to nobody; at most ``rows / block_m +
+    min(P, rows)`` live tiles likewise.  Small steps of many pairs get small tables: the activation
+    gather writes, and the launches cover, ``padded_rows`` rows and ``tiles`` tiles."""
     blocks = -(-rows // block_m)
-    return blocks + num_pairs, (blocks + 2 * num_pairs + 1) * block_m
+    return blocks + min(num_pairs, rows), (blocks + min(2 * num_pairs, rows) + 1) * block_m
 
 
-def _kernel(ids_ref, pairs_ref, tiles_ref, src_ref, row_ref, *, R, k, P, block_m, interpret):
-    NT, Q = layout_sizes(R, P, block_m)
-    PP, RP = _pow2(P), _pow2(R)
-    CH = min(RP, max(16, CHUNK_ELEMS // PP))
-    QP = src_ref.shape[0]
+class _Dims:
+    """Static sizes shared by the launches."""
+
+    def __init__(self, R, k, P, block_m, chunk):
+        self.R, self.k, self.P, self.bm, self.CH = R, k, P, block_m, chunk
+        self.C = -(-R // chunk)
+        self.NT, self.Q = layout_sizes(R, P, block_m)
+        self.PP, self.CP = _pow2(P), _pow2(self.C)
+        self.spare = self.Q // block_m - 1
+
+
+def _assign(ids_ref, pairs_ref, c, d: _Dims):
+    """Chunk ``c``: its assignment indices, each one's slot (2p: pair p's i, 2p+1: its j; -1: no
+    pair holds the id) and rank among the chunk's earlier assignments to that slot, and the chunk's
+    rows per i and j slot ``[PP]``."""
     i32 = jnp.int32
-    p = lax.iota(i32, PP)
-    held_i = pltriton.load(pairs_ref.at[jnp.minimum(2 * p, 2 * P - 2)], mask=p < P, other=-1)
-    held_j = pltriton.load(pairs_ref.at[jnp.minimum(2 * p + 1, 2 * P - 1)], mask=p < P, other=-1)
+    p = lax.iota(i32, d.PP)
+    held_i = pltriton.load(pairs_ref.at[jnp.minimum(2 * p, 2 * d.P - 2)], mask=p < d.P, other=-1)
+    held_j = pltriton.load(pairs_ref.at[jnp.minimum(2 * p + 1, 2 * d.P - 1)], mask=p < d.P, other=-1)
+    r = lax.iota(i32, d.CH)
+    a = c * d.CH + r
+    ids = pltriton.load(ids_ref.at[jnp.minimum(a, d.R - 1)], mask=a < d.R, other=-2)
+    oh_i = (ids[:, None] == held_i[None, :]).astype(i32)
+    oh_j = (ids[:, None] == held_j[None, :]).astype(i32)
+    slot = (oh_i * (2 * p + 1)[None, :] + oh_j * (2 * p + 2)[None, :]).sum(1) - 1
+    # an id belongs to one slot, so equal held ids = same slot
+    earlier = (ids[:, None] == ids[None, :]) & (r[None, :] < r[:, None])
+    return a, slot, earlier.astype(i32).sum(1), oh_i.sum(0), oh_j.sum(0)
 
-    def one_hot(c):
-        """Assignments c*CH.. of the chunk, and their [CH, PP] matches with each pair's i and j."""
-        a = c * CH + lax.iota(i32, CH)
-        ids = pltriton.load(ids_ref.at[jnp.minimum(a, R - 1)], mask=a < R, other=-2)
-        return a, (ids[:, None] == held_i[None, :]).astype(i32), (ids[:, None] == held_j[None, :]).astype(i32)
 
-    n_chunks = RP // CH
-    count_i = count_j = jnp.zeros((PP,), i32)
-    for c in range(n_chunks):
-        _, oh_i, oh_j = one_hot(c)
-        count_i, count_j = count_i + oh_i.sum(0), count_j + oh_j.sum(0)
-    blocks_i, blocks_j = lax.div(count_i + block_m - 1, block_m), lax.div(count_j + block_m - 1, block_m)
+def _off(mask, index, size):
+    """``index`` where ``mask`` holds, else ``size`` (past the end): the GPU skips masked lanes, the
+    interpreter writes them back unchanged, which must not land on a lane that does write."""
+    return jnp.where(mask, index, size)
+
+
+def _fill(ref, c, G, n, value):
+    """Program ``c`` of ``G`` sets its stripe of ``ref[:n]`` to ``value``."""
+    stripe = -(-n // G)
+    width = min(FILL, _pow2(stripe))
+    for off in range(0, stripe, width):
+        q = c * stripe + off + lax.iota(jnp.int32, width)
+        m = (q < n) & (q < (c + 1) * stripe)
+        pltriton.store(ref.at[_off(m, q, n)], jnp.full(q.shape, value, jnp.int32), mask=m)
+
+
+def _clear(src_ref, tiles_ref, c, G, d: _Dims):
+    """Program ``c`` of ``G``'s part of the cleared tables: every padded row's token -1, every
+    tile dead (the last pair, both sides on the spare block, live 0) until the placing overwrites it."""
+    _fill(src_ref, c, G, d.Q, -1)
+    t = lax.iota(jnp.int32, _pow2(d.NT))
+    mine = (t < d.NT) & (c == 0)
+    for col, v in enumerate((d.P - 1, d.spare, d.spare, 0)):
+        pltriton.store(tiles_ref.at[_off(mine, 4 * t + col, 4 * d.NT)], jnp.full(t.shape, v, jnp.int32), mask=mine)
+
+
+def _place(a, slot, rank, tot_i, tot_j, prior_i, prior_j, c, G, base_ref, src_ref, row_ref, tiles_ref,
+           d: _Dims, barrier: bool):
+    """Write chunk ``c``'s rows and tokens, and the tile entries of pairs ``c, c + G, ...``, from the
+    totals per slot and the earlier chunks' counts (``[PP]`` each, i and j sides)."""
+    i32, bm = jnp.int32, d.bm
+    p = lax.iota(i32, d.PP)
+    blocks_i, blocks_j = lax.div(tot_i + bm - 1, bm), lax.div(tot_j + bm - 1, bm)
     # slots in the order i0, j0, i1, j1, ...: each starts where the ones before it end (in blocks)
     start_i = jnp.cumsum(blocks_i + blocks_j) - (blocks_i + blocks_j)
     start_j = start_i + blocks_i
-
-    # source token of every padded row: -1 (padding), then each assignment's token at its row
-    for c in range(QP // FILL_CHUNK if QP > FILL_CHUNK else 1):
-        q = c * FILL_CHUNK + lax.iota(i32, min(QP, FILL_CHUNK))
-        pltriton.store(src_ref.at[q], jnp.full(q.shape, -1, i32))
-    if not interpret:   # the clearing stores land before the scatter (the interpreter runs in order)
+    # this chunk's first row of each slot, gathered per assignment through memory
+    base = c * 2 * d.PP + 2 * p
+    pltriton.store(base_ref.at[base], start_i * bm + prior_i)
+    pltriton.store(base_ref.at[base + 1], start_j * bm + prior_j)
+    if barrier:   # the base (and a fused launch's clearing stores) land before they are read / overwritten
         pltriton.debug_barrier()
-    seen_i = seen_j = jnp.zeros((PP,), i32)
-    for c in range(n_chunks):
-        a, oh_i, oh_j = one_hot(c)
-        # rank of an assignment within its slot = earlier assignments to the same slot
-        rank_i = jnp.cumsum(oh_i, axis=0) - 1 + seen_i[None, :]
-        rank_j = jnp.cumsum(oh_j, axis=0) - 1 + seen_j[None, :]
-        row = ((oh_i * (start_i[None, :] * block_m + rank_i)).sum(1)
-               + (oh_j * (start_j[None, :] * block_m + rank_j)).sum(1))
-        valid = (oh_i.sum(1) + oh_j.sum(1)) > 0
-        seen_i, seen_j = seen_i + oh_i.sum(0), seen_j + oh_j.sum(0)
-        pltriton.store(row_ref.at[a], jnp.where(valid, row, -1))
-        # rows of no assignment write -1 into the last row, beyond the layout (QP > Q)
-        pltriton.store(src_ref.at[jnp.where(valid, row, QP - 1)], jnp.where(valid, lax.div(a, k), -1))
+    valid = (slot >= 0) & (a < d.R)
+    row = pltriton.load(base_ref.at[c * 2 * d.PP + jnp.maximum(slot, 0)], mask=valid, other=0) + rank
+    pltriton.store(row_ref.at[_off(a < d.R, a, d.R)], jnp.where(valid, row, -1), mask=a < d.R)
+    pltriton.store(src_ref.at[_off(valid, row, d.Q)], lax.div(a, d.k), mask=valid)
 
-    # tile t: pair jnp.repeat(arange(P), tiles per pair) would give (the last pair past the end)
+    # tiles: pair p's run starts after the runs of the pairs before it, one tile per block of its
+    # longer side; a side with no block left in a tile reads and writes the spare block
     per_pair = jnp.maximum(blocks_i, blocks_j)
-    ends = jnp.cumsum(per_pair)
-    t = jnp.minimum(lax.iota(i32, _pow2(NT)), NT - 1)   # lanes past the table repeat its last row
-    pair = jnp.minimum(((ends[None, :] <= t[:, None]) & (p < P)[None, :]).astype(i32).sum(1), P - 1)
-    sel = p[None, :] == pair[:, None]
+    first = jnp.cumsum(per_pair) - per_pair
+    mine = (p < d.P) & (lax.rem(p, G) == c)
+    n = jnp.where(mine, per_pair, 0)
 
-    def of_pair(v):
-        return jnp.where(sel, v[None, :], 0).sum(1)
-    local = t - of_pair(ends - per_pair)
-    spare = Q // block_m - 1
-    b_i = jnp.where(local < of_pair(blocks_i), of_pair(start_i) + local, spare)
-    b_j = jnp.where(local < of_pair(blocks_j), of_pair(start_j) + local, spare)
-    live = (t < per_pair.sum()).astype(i32)
-    for col, v in enumerate((pair, b_i, b_j, live)):
-        pltriton.store(tiles_ref.at[4 * t + col], v)
+    def tile(l, carry):
+        m = mine & (l < per_pair)
+        t4 = _off(m, 4 * (first + l), 4 * d.NT)
+        pltriton.store(tiles_ref.at[t4], p, mask=m)
+        pltriton.store(tiles_ref.at[t4 + 1], jnp.where(l < blocks_i, start_i + l, d.spare), mask=m)
+        pltriton.store(tiles_ref.at[t4 + 2], jnp.where(l < blocks_j, start_j + l, d.spare), mask=m)
+        pltriton.store(tiles_ref.at[t4 + 3], jnp.ones_like(p), mask=m)
+        return carry
+    lax.fori_loop(0, jnp.max(n), tile, 0)
 
 
-def pair_layout(topk_ids: jax.Array, pairs: jax.Array, *, block_m: int, interpret: bool = False):
-    """The row layout of a packed layer without kept-dense experts, in one launch (any size up to
-    ``MAX_ROWS`` rows; ``fits`` says where a layer uses it).
+def _fused_kernel(ids_ref, pairs_ref, tiles_ref, src_ref, row_ref, base_ref, *, d: _Dims, interpret):
+    a, slot, rank, cnt_i, cnt_j = _assign(ids_ref, pairs_ref, 0, d)
+    _clear(src_ref, tiles_ref, 0, 1, d)
+    zero = jnp.zeros_like(cnt_i)
+    _place(a, slot, rank, cnt_i, cnt_j, zero, zero, 0, 1, base_ref, src_ref, row_ref, tiles_ref, d, not interpret)
+
+
+def _count_kernel(ids_ref, pairs_ref, counts_ref, slot_ref, rank_ref, tiles_ref, src_ref, *, d: _Dims):
+    c = pl.program_id(0)
+    a, slot, rank, cnt_i, cnt_j = _assign(ids_ref, pairs_ref, c, d)
+    p = lax.iota(jnp.int32, d.PP)
+    pltriton.store(counts_ref.at[c * 2 * d.PP + p], cnt_i)
+    pltriton.store(counts_ref.at[c * 2 * d.PP + d.PP + p], cnt_j)
+    pltriton.store(slot_ref.at[a], slot)
+    pltriton.store(rank_ref.at[a], rank)
+    _clear(src_ref, tiles_ref, c, d.C, d)
+
+
+def _place_kernel(counts_ref, slot_ref, rank_ref, tiles_in, src_in, tiles_ref, src_ref, row_ref, base_ref, *,
+                  d: _Dims, interpret):
+    del tiles_in, src_in   # aliased to tiles_ref, src_ref: the first launch's cleared tables
+    c = pl.program_id(0)
+    i32 = jnp.int32
+    cc = lax.iota(i32, d.CP)[:, None]
+    p = lax.iota(i32, d.PP)[None, :]
+    m = cc < d.C
+    cnt_i = pltriton.load(counts_ref.at[cc * 2 * d.PP + p], mask=m, other=0)
+    cnt_j = pltriton.load(counts_ref.at[cc * 2 * d.PP + d.PP + p], mask=m, other=0)
+    before = cc < c
+    a = c * d.CH + lax.iota(i32, d.CH)
+    slot, rank = pltriton.load(slot_ref.at[a]), pltriton.load(rank_ref.at[a])
+    _place(a, slot, rank, cnt_i.sum(0), cnt_j.sum(0), jnp.where(before, cnt_i, 0).sum(0),
+           jnp.where(before, cnt_j, 0).sum(0), c, d.C, base_ref, src_ref, row_ref, tiles_ref, d, not interpret)
+
+
+def pair_layout(topk_ids: jax.Array, pairs: jax.Array, *, block_m: int, chunk: int | None = None,
+                interpret: bool = False):
+    """The row layout of a packed layer without kept-dense experts (any size up to ``MAX_ROWS``
+    rows; ``fits`` says where a layer uses it): one launch where the rows fit one ``chunk``
+    (default ``default_chunk``, a power of two), else two.
 
     ``topk_ids`` [T, k]; ``pairs`` [P, 2] expert ids (ids in neither column: no rows, no output).
     Returns ``(tiles [n_tiles, 4], src [padded_rows], row [T*k])`` int32: the tile table of
@@ -125,14 +203,27 @@ def pair_layout(topk_ids: jax.Array, pairs: jax.Array, *, block_m: int, interpre
     R, P = T * k, pairs.shape[0]
     if not (0 < R <= MAX_ROWS and P > 0):
         raise ValueError(f"pair_layout takes 1..{MAX_ROWS} rows and at least one pair, got {R} and {P}")
-    NT, Q = layout_sizes(R, P, block_m)
-    QP, RP = _pow2(Q + 1), _pow2(R)
-    out = (jax.ShapeDtypeStruct((4 * NT,), jnp.int32), jax.ShapeDtypeStruct((QP,), jnp.int32),
-           jax.ShapeDtypeStruct((RP,), jnp.int32))
-    kernel = functools.partial(_kernel, R=R, k=k, P=P, block_m=block_m, interpret=interpret)
-    tiles, src, row = pl.pallas_call(
-        kernel, out_shape=out, interpret=interpret, name="routing_layout",
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-    )(topk_ids.reshape(-1).astype(jnp.int32), pairs.reshape(-1).astype(jnp.int32))
-    return tiles.reshape(NT, 4), src[:Q], row[:R]
+    chunk = chunk or default_chunk(R)
+    if chunk != _pow2(chunk):
+        raise ValueError(f"pair_layout's chunk must be a power of two, got {chunk}")
+    d = _Dims(R, k, P, block_m, min(chunk, _pow2(R)))
+    i32 = jnp.int32
+    sds = lambda n: jax.ShapeDtypeStruct((n,), i32)  # noqa: E731
+    ids, flat_pairs = topk_ids.reshape(-1).astype(i32), pairs.reshape(-1).astype(i32)
+    params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+    if d.C == 1:
+        tiles, src, row, _ = pl.pallas_call(
+            functools.partial(_fused_kernel, d=d, interpret=interpret), name="routing_layout",
+            out_shape=(sds(4 * d.NT), sds(d.Q), sds(R), sds(2 * d.PP)), interpret=interpret,
+            compiler_params=params)(ids, flat_pairs)
+        return tiles.reshape(d.NT, 4), src, row
+    counts, slot, rank, tiles, src = pl.pallas_call(
+        functools.partial(_count_kernel, d=d), grid=(d.C,), name="routing_count",
+        out_shape=(sds(d.C * 2 * d.PP), sds(d.C * d.CH), sds(d.C * d.CH), sds(4 * d.NT), sds(d.Q)),
+        interpret=interpret, compiler_params=params)(ids, flat_pairs)
+    tiles, src, row, _ = pl.pallas_call(
+        functools.partial(_place_kernel, d=d, interpret=interpret), grid=(d.C,), name="routing_place",
+        out_shape=(sds(4 * d.NT), sds(d.Q), sds(R), sds(d.C * 2 * d.PP)), input_output_aliases={3: 0, 4: 1},
+        interpret=interpret, compiler_params=params)(counts, slot, rank, tiles, src)
+    return tiles.reshape(d.NT, 4), src, row
 

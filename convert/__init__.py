@@ -80,8 +80,7 @@ def parser() -> argparse.ArgumentParser:
                        help="fail if a merged magnitude does not fit the 5-bit exponent")
         s.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
         s.add_argument("--sequential", action="store_true",
-                       help="one thread, host-only reading and merging (for comparisons; the default on "
-                            "the CPU backend with two cores or fewer)")
+                       help="one thread, host-only reading and merging (slower; for comparisons)")
         s.add_argument("--read-threads", type=cli.positive_int, default=8,
                        help="concurrent expert-tensor reads (storage tuning; default 8)")
         s.add_argument("--read-mode", choices=READ_MODES, default="map",
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
                                                seq_len=args.calibration_seq_len, max_windows=args.calibration_windows)
         rep = convert_checkpoint(args.src, args.out, args.arch, ratio=args.ratio, merge=merge, dtype=args.dtype,
                                  overwrite=args.overwrite, progress=progress, calibration=calibration,
-                                 pipeline=False if args.sequential else None, read_threads=args.read_threads,
+                                 pipeline=not args.sequential, read_threads=args.read_threads,
                                  read_mode=args.read_mode)
     except (CheckpointError, ValueError) as e:
         for bar in bars:  # clear the unfinished bar so the error is one clean line

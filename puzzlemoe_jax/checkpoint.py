@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import threading
 import time
 from collections import defaultdict
@@ -210,7 +209,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                        dtype: str = "auto", overwrite: bool = False,
                        progress: Callable[[Iterable], Iterable] = lambda it: it,
                        calibration: Mapping[int, Mapping[str, Any]] | None = None,
-                       pipeline: bool | None = None, read_threads: int = 8, device_layout: bool | None = None,
+                       pipeline: bool = True, read_threads: int = 8, device_layout: bool | None = None,
                        warm_up: bool | None = None, read_mode: str = "map") -> ConvertReport:
     """Convert an HF safetensors checkpoint of ``arch`` to our format, one layer at a time.
 
@@ -220,8 +219,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     ``{"frequencies": [E], "importance": {name: [E, K]}}`` (``puzzlemoe_jax.calibrate``), needed
     by activation saliency and the frequency/drop baselines.
 
-    ``pipeline`` (default, except on the CPU backend with two cores or fewer, where the reader
-    would only take CPU from the merge): a reader thread reads the next layer (experts with ``read_threads``
+    ``pipeline`` (default): a reader thread reads the next layer (experts with ``read_threads``
     concurrent reads into stacked buffers, the layer's other tensors on one more thread beside
     them) while this thread transposes, casts and merges the
     current one where jax runs, and a writer thread writes the previous one.  With
@@ -264,9 +262,6 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     timer = StageTimer()
     on_cpu = jax.default_backend() == "cpu"
     chunk = 1 << 22 if on_cpu else 1 << 26
-    if pipeline is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        pipeline = not on_cpu or cores > 2
     device_layout = (pipeline and not on_cpu) if device_layout is None else device_layout
     device_layout = device_layout and not plan.scales   # FP8 weights are read through the dequantizing wrapper
     warm_up = (device_layout and not on_cpu) if warm_up is None else warm_up and device_layout

@@ -279,10 +279,9 @@ def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dt
     from puzzlemoe_jax.checkpoint import convert_checkpoint
     src = write_tiny_checkpoint(tmp_path / "src", arch, layout=layout, num_layers=3, dtype=src_dtype)
     outs = {}
-    variants = [dict(pipeline=False)] + [dict(pipeline=True, **kw) for kw in (
-        dict(device_layout=True, warm_up=True), dict(device_layout=False),
-        dict(device_layout=True, warm_up=False, read_threads=1, read_mode="fresh"),
-        dict(device_layout=True, warm_up=False, read_mode="reuse"))]
+    variants = [dict(pipeline=False), dict(device_layout=True, warm_up=True), dict(device_layout=False),
+                dict(device_layout=True, warm_up=False, read_threads=1, read_mode="fresh"),
+                dict(device_layout=True, warm_up=False, read_mode="reuse")]
     for k, kw in enumerate(variants):
         out = tmp_path / f"out-{k}"
         # the last variant reads three layers ahead, as on accelerators with room for it
@@ -314,7 +313,7 @@ def test_pipeline_names_nonfinite_expert_tensor(layout, tmp_path):
         t[name] = a.astype(t[name].dtype)
     _rewrite(src, name, fn)
     errors = []
-    for k, kw in enumerate([dict(pipeline=False), dict(pipeline=True, device_layout=True)]):
+    for k, kw in enumerate([dict(pipeline=False), dict(device_layout=True)]):
         with pytest.raises(CheckpointError) as e:
             convert_checkpoint(src, tmp_path / f"o{k}", "qwen3_moe", ratio=0.5, **kw)
         errors.append(str(e.value))
@@ -337,24 +336,12 @@ def test_pipeline_error_order_with_other_tensors_read_beside_experts(tmp_path):
             t[name] = a.astype(t[name].dtype)
         _rewrite(src, name, fn)
     errors = []
-    for k, kw in enumerate([dict(pipeline=False), dict(pipeline=True, device_layout=False),
-                            dict(pipeline=True, device_layout=True)]):
+    for k, kw in enumerate([dict(pipeline=False), dict(device_layout=False), dict(device_layout=True)]):
         with pytest.raises(CheckpointError) as e:
             convert_checkpoint(src, tmp_path / f"o{k}", "qwen3_moe", ratio=0.5, **kw)
         errors.append(str(e.value))
         assert not (tmp_path / f"o{k}").exists()
     assert errors[0] == errors[1] == errors[2] and bad[1] in errors[0]
-
-
-@pytest.mark.parametrize("cores,threaded", [(2, False), (8, True)])
-def test_cpu_pipeline_default_follows_cores(cores, threaded, tmp_path, monkeypatch):
-    """On the CPU backend the default is the one-thread path on two cores or fewer (a reader thread
-    would only take CPU from the merge) and the pipeline with more (its stages appear in the split)."""
-    from puzzlemoe_jax.checkpoint import convert_checkpoint
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
-    src = write_tiny_checkpoint(tmp_path / "src", "mixtral", num_layers=2)
-    rep = convert_checkpoint(src, tmp_path / "out", "mixtral", ratio=0.5)
-    assert ("wait read" in rep.stage_seconds) == threaded, rep.stage_seconds
 
 
 def test_mapped_tensor_equals_read_and_survives_unmap(tmp_path):

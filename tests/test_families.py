@@ -184,7 +184,7 @@ def test_fp8_block_scaled_checkpoint_is_dequantized(tmp_path):
     params = flat_params(load_pretrained(tmp_path / "out"))
     assert params["layers.1.mlp.router.kernel"].dtype == np.float32
     from puzzlemoe_jax.checkpoint import convert_checkpoint
-    convert_checkpoint(src, tmp_path / "out_raw", "deepseek_v3", pipeline=True, device_layout=True)   # the accelerators' read path
+    convert_checkpoint(src, tmp_path / "out_raw", "deepseek_v3", device_layout=True)   # the accelerators' read path
     raw_params = flat_params(load_pretrained(tmp_path / "out_raw"))
     for n, w in params.items():
         np.testing.assert_array_equal(raw_params[n], w, err_msg=n)

@@ -2,8 +2,9 @@
 
 Writes a random bf16 checkpoint with the layer shapes of a real model (HF Hub layout, 2 GB shards)
 to local disk, measures the disk's sequential read rate on it, then runs the converter as a user
-would (a subprocess) once with the pipelined converter and once with ``--sequential`` (the plain
-one-thread host path, i.e. the converter before the pipeline), each from a cold page cache.
+would (a subprocess): once with the CLI's defaults (run "default": the pipelined converter), once
+per ``--variant``, and once with ``--sequential`` (the plain one-thread host path), each from a cold
+page cache.
 Reports GB/s of input, seconds per layer, the read/merge/write time split and peak RSS (with the sampled
 peak anonymous RSS beside it: the CUDA libraries count as file pages), as a table
 and as JSON under ``benchmarks/results/``.
@@ -205,8 +206,8 @@ def main():
     ap.add_argument("--no-sequential", action="store_true", help="skip the --sequential comparison run")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoint for a later run")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                    help="one more pipeline run with these CLI arguments, e.g. 'read4=--read-threads 4' "
-                         "(repeatable; runs after the default pipeline run)")
+                    help="one more run with these CLI arguments, e.g. 'read4=--read-threads 4' "
+                         "(repeatable; runs after the default run)")
     ap.add_argument("--dst-dir", help="where the output goes (default: --out-dir, the source's disk)")
     args = ap.parse_args()
     arch, depth, sizes = SHAPES[args.shape]
@@ -235,10 +236,10 @@ def main():
     device = probe.stdout.strip() or probe.stderr.strip()[-200:]
     commit = git_commit()
     runs = {}
-    variants = {"pipeline": []}
+    variants = {"default": []}
     for v in args.variant:
         name, sep, rest = v.partition("=")
-        if not sep or not name or name in ("pipeline", "sequential"):
+        if not sep or not name or name in ("default", "sequential"):
             ap.error(f"--variant takes NAME=ARGS with a new name, got {v!r}")
         variants[name] = rest.split()
     if not args.no_sequential:
@@ -272,7 +273,7 @@ def main():
               f"{s.get('merge', 0):.1f} | {s.get('write', 0):.1f} | {r['peak_rss_gib']:.2f} | "
               f"{r['peak_rss_anon_gib']:.2f} |")
     if "sequential" in runs:
-        print(f"speed-up {runs['sequential']['wall_s'] / runs['pipeline']['wall_s']:.2f}x")
+        print(f"speed-up {runs['sequential']['wall_s'] / runs['default']['wall_s']:.2f}x")
     dev = re.sub(r"\W+", "_", device.split("|")[1].strip().lower()) if "|" in device else "unknown"
     save_result(ROOT / "benchmarks" / "results" / f"bench_convert_{args.shape}_{dev}.json", result, src, args.keep)
 

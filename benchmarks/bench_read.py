@@ -13,7 +13,8 @@ Variants (``--variants``, each ``NAME`` or ``NAME:T``):
   read-reuse  readinto into one reused buffer per thread, no device
   read-huge   readinto into a fresh anonymous mapping advised MADV_HUGEPAGE, no device
   put-only    device_put + wait of an already-filled host buffer (no disk): host -> device alone
-  current     ``hf_layout.read_experts_raw`` (fresh buffer, device_put, wait, per tensor)
+  current     ``hf_layout.read_experts_raw`` with ``device_reader`` mode "fresh" (fresh buffer, device_put,
+              wait, per tensor: the converter's reader of commit 347a1fb)
   reuse-put   reused buffer per thread, device_put, wait
   huge-put    fresh MADV_HUGEPAGE buffer, device_put, wait
   mmap-put    the file mmapped (MADV_WILLNEED on the tensor), device_put of the view, wait
@@ -51,7 +52,7 @@ from bench_convert import SHAPES, drop_cache, git_commit, read_rate, save_result
 
 import jax  # noqa: E402
 from puzzlemoe_jax.config import ModelConfig  # noqa: E402
-from puzzlemoe_jax.hf_layout import hf_plan, read_experts_raw, read_items  # noqa: E402
+from puzzlemoe_jax.hf_layout import device_reader, hf_plan, read_experts_raw, read_items  # noqa: E402
 from puzzlemoe_jax.safetensors_io import DTYPES, SafetensorsDir  # noqa: E402
 
 DEFAULT = ("read:1,read:4,read:8,read:16,read-reuse:4,read-reuse:8,read-huge:4,put-only:1,put-only:4,put-only:8,"
@@ -244,7 +245,7 @@ def run_variant(ckpt, layers, kind: str, threads: int) -> dict:
                 outs, k = rd.runs(names, pool)
                 nruns += k
             elif kind == "current":
-                raw = read_experts_raw(ckpt, ckpt_item[names[0]], pool)
+                raw = read_experts_raw(ckpt, ckpt_item[names[0]], device_reader(ckpt, "fresh"), pool)
                 outs = [a for v in raw.values() for a in (v if isinstance(v, list) else [v])]
             else:
                 outs = rd.layer(names, pool)

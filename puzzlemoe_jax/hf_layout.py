@@ -232,9 +232,7 @@ def device_reader(ckpt: SafetensorsDir, mode: str) -> Callable[[str], jax.Array]
     from the mapped file (``SafetensorsDir.mapped``), "reuse" reads it into the calling thread's one
     reused buffer (``ThreadBuffers``), "fresh" into a new buffer.  Where host memory is reused
     (map, reuse) the CPU backend copies it with ``jnp.array``: its ``device_put`` may alias a numpy
-    buffer."""
-    if mode not in READ_MODES:
-        raise ValueError(f"read mode must be one of {', '.join(READ_MODES)}, got {mode!r}")
+    buffer.  ``mode`` is checked by the caller (``convert_checkpoint``)."""
     put = jnp.array if mode != "fresh" and jax.default_backend() == "cpu" else jax.device_put
     buffers = ThreadBuffers() if mode == "reuse" else None
 

@@ -201,18 +201,19 @@ class SafetensorsDir:
         process's memory.  No finite check; a file truncated while mapped faults (SIGBUS)."""
         info = self.tensors[name]
         m = self._map(info.file)
-        if info.nbytes:
-            lo = info.start - info.start % mmap.PAGESIZE
-            m.madvise(mmap.MADV_WILLNEED, lo, info.start + info.nbytes - lo)
+        self._advise(info, mmap.MADV_WILLNEED)
         return np.frombuffer(m, np.uint8, info.nbytes, info.start).view(DTYPES[info.dtype]).reshape(info.shape)
 
     def unmap(self, name: str) -> None:
         """Drop a ``mapped`` tensor's pages from this process (the page cache keeps them; touching
         the view again reads them back)."""
-        info = self.tensors[name]
+        self._advise(self.tensors[name], mmap.MADV_DONTNEED)
+
+    def _advise(self, info: TensorInfo, advice: int) -> None:
+        """``madvise`` the pages that hold a tensor (from the page its first byte is on)."""
         if info.nbytes:
             lo = info.start - info.start % mmap.PAGESIZE
-            self._map(info.file).madvise(mmap.MADV_DONTNEED, lo, info.start + info.nbytes - lo)
+            self._map(info.file).madvise(advice, lo, info.start + info.nbytes - lo)
 
     def _map(self, path: Path) -> mmap.mmap:
         with self._maps_lock:

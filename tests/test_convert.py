@@ -274,8 +274,9 @@ def test_tokenizer_and_generation_config_are_carried_over(tmp_path, capsys):
     ("mixtral", "hub", 0.0, "bfloat16", "float16"), ("deepseek", "fused", 0.5, "float16", "float32")])
 def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dtype, dtype, tmp_path, monkeypatch):
     """The pipelined converter (threads; experts stacked on the host or transposed/cast where jax
-    runs, read from the mapped files or into fresh or reused buffers) writes exactly what the plain one-thread host path (the converter before the pipeline)
-    writes: every tensor, the index and config.json."""
+    runs, read from the mapped files or into fresh or reused buffers, one or three layers ahead)
+    writes exactly what the plain one-thread host path (the converter before the pipeline) writes:
+    every tensor, the index and config.json."""
     from puzzlemoe_jax.checkpoint import convert_checkpoint
     src = write_tiny_checkpoint(tmp_path / "src", arch, layout=layout, num_layers=3, dtype=src_dtype)
     outs = {}
@@ -342,6 +343,15 @@ def test_pipeline_error_order_with_other_tensors_read_beside_experts(tmp_path):
         errors.append(str(e.value))
         assert not (tmp_path / f"o{k}").exists()
     assert errors[0] == errors[1] == errors[2] and bad[1] in errors[0]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 300), (128, 128), (257, 129), (0, 5)])
+def test_transpose_into_is_the_transpose(shape):
+    """The tiled host transpose equals numpy's, on shapes below, at and past the tile size."""
+    from puzzlemoe_jax.hf_layout import transpose_into
+    a = np.random.default_rng(shape[0]).integers(0, 1 << 16, size=shape, dtype=np.uint16)
+    got = transpose_into(np.empty(shape[::-1], a.dtype), a)
+    assert np.array_equal(got, a.T)
 
 
 def test_mapped_tensor_equals_read_and_survives_unmap(tmp_path):

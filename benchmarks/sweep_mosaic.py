@@ -5,7 +5,8 @@ packed layer step (CUPTI, every kernel summed, median of ``--iters``) for each v
 each launch's own time by its kernel name, so one compiled variant measures one gate+up and one
 down setting.  Variants override the defaults (``VARIANTS``: pairs of overrides); "old" is the
 rule before the live-tile estimate (configs sized for every pair).  Settings that do not fit
-shared memory or do not divide K are skipped.  Every run is checked against the f32 layer on the
+shared memory or do not divide K are skipped.  ``--block-m`` tries the default settings at other
+token blocks instead (the layout's block follows the gate+up config's).  Every run is checked against the f32 layer on the
 decoded experts (rel. err < 1e-2, finite).  Prints a table per shape, writes JSON.
 
     PYTHONPATH=. python3 benchmarks/sweep_mosaic.py --out $OUT/sweep_mosaic.json
@@ -92,14 +93,17 @@ def sweep_shape(args, shape, tokens, res, t0):
         fused = bm <= SWIGLU_MAX_BLOCK_M
         old = (mosaic_config(bm, H, 2 * I, m_blocks=P, word_tiles=2 if fused else 1),
                mosaic_config(bm, I, H, m_blocks=P))
-        tries = [("old", old, None)] + [(f"v{n}", *variant_configs(base, over, bm, H, I))
-                                        for n, over in enumerate(VARIANTS)]
+        if args.block_m:   # the default settings at other token blocks (a block over T rows is no use)
+            tries = [(f"b{b}", layer_configs(b, T * k, P, H, I), None) for b in args.block_m if b <= max(8, -(-T // 8) * 8)]
+        else:
+            tries = [("old", old, None)] + [(f"v{n}", *variant_configs(base, over, bm, H, I))
+                                            for n, over in enumerate(VARIANTS)]
         seen = set()
         for name, cfgs, skip in tries:
             if cfgs is not None and not skip:
                 skip = "same as an earlier variant" if cfgs in seen else None
                 seen.add(cfgs)
-            v = dict(shape=shape, T=T, variant=name, block_m=bm, active_pairs=touched,
+            v = dict(shape=shape, T=T, variant=name, block_m=cfgs[0].block_m if cfgs else bm, active_pairs=touched,
                      packed_bytes=touched * expert_bytes)
             if cfgs is not None:
                 v.update(gate_up=dataclasses.asdict(cfgs[0]), down=dataclasses.asdict(cfgs[1]))
@@ -147,6 +151,8 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=270, help="variants after this many seconds are skipped")
+    ap.add_argument("--block-m", type=lambda s: [int(b) for b in s.split(",")], default=None,
+                    help="instead of the variants: the default settings at each of these token blocks")
     args = ap.parse_args()
     t0 = time.time()
     res = {"command": " ".join(sys.argv), "info": device_info(), "variants": VARIANTS, "rows": []}

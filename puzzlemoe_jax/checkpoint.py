@@ -70,13 +70,6 @@ def _np(a) -> np.ndarray:
     return np.asarray(jax.device_get(a))
 
 
-def _to_host_async(a):
-    """Start copying a device array to the host (the writer thread fetches it); numpy as is."""
-    if isinstance(a, jax.Array):
-        a.copy_to_host_async()
-    return a
-
-
 def flat_params(model: CausalLM) -> dict[str, np.ndarray]:
     """Model state as ``{"layers.0.attn.q_proj.kernel": array}`` (our checkpoint names); layers in
     the Mosaic layout (``CausalLM.use_mosaic``) give their ``packed_*`` [P, K, N] words, as stored."""
@@ -224,8 +217,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     them) while this thread transposes, casts and merges the
     current one where jax runs, and a writer thread writes the previous one.  With
     ``device_layout`` (default on an accelerator) each expert matrix goes to the device as soon as
-    it is read, everything up to the packed words stays there, and the results' copies back start
-    asynchronously, fetched by the writer; ``warm_up`` (default likewise) compiles that path on a
+    it is read, everything up to the packed words stays there, and the writer fetches the results
+    one tensor at a time (the next one copying while one is written); ``warm_up`` (default likewise) compiles that path on a
     zero layer of the same shapes while the first layer is read.  ``read_mode`` says how the device
     path reads an expert tensor (``hf_layout.device_reader``: from the mapped file by default).
     ``pipeline=False``
@@ -330,8 +323,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
             tensors[experts.dst + ".dense_ids"] = _np(packed.dense_ids)
             tensors[experts.dst + ".dropped_ids"] = _np(packed.dropped_ids)
             for n in MATRICES:
-                tensors[f"{experts.dst}.packed_{n}"] = _to_host_async(packed.packed[n])
-                tensors[f"{experts.dst}.dense_{n}"] = _to_host_async(packed.dense[n])
+                tensors[f"{experts.dst}.packed_{n}"] = packed.packed[n]
+                tensors[f"{experts.dst}.dense_{n}"] = packed.dense[n]
             del packed
             rep.kind, rep.pairs, rep.dropped, rep.stats = "packed", p, d, stats
             if not p and not d:   # weight-editing baselines (hc-smoe, wanda-2:4): plain dense experts
@@ -346,7 +339,7 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
                 rep.rel_err = float(np.mean([np.concatenate([stats[n]["rel_err_i"], stats[n]["rel_err_j"]])
                                              for n in MATRICES]))
         else:
-            tensors.update({f"{experts.dst}.{n}": _to_host_async(weights[n]) for n in MATRICES})
+            tensors.update({f"{experts.dst}.{n}": weights[n] for n in MATRICES})
             del weights
         rep.expert_bytes_out = sum(v.nbytes for k, v in tensors.items() if k.startswith(experts.dst + "."))
         reports.append(rep)

@@ -235,7 +235,8 @@ def write_file(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, st
     """Write ``tensors`` (numpy or jax arrays) as one safetensors file, byte for byte what
     ``safetensors.numpy.save_file`` writes, but straight from each tensor's buffer with one large
     write per tensor (save_file first copies the whole file into memory).  Each tensor is fetched
-    with ``np.asarray`` only when its turn comes (jax arrays may still be copying to the host) and
+    with ``np.asarray`` only when its turn comes (a jax array's copy to the host starts while the
+    one before it is written, so at most two are on the host) and
     passed to ``check(name, array)`` before it is written; with ``release`` it is then deleted from
     ``tensors`` (a dict), so its host copy can go before the next one is fetched.  Returns the
     file's xxh3_64 (hex)."""
@@ -260,7 +261,10 @@ def write_file(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, st
         for chunk in (struct.pack("<Q", len(raw)), raw):
             f.write(chunk)
             h.update(chunk)
-        for n in order:
+        for k, n in enumerate(order):
+            for ahead in order[k:k + 2] if k == 0 else order[k + 1:k + 2]:   # the next copies while this one is written
+                if hasattr(tensors[ahead], "copy_to_host_async"):
+                    tensors[ahead].copy_to_host_async()
             a = np.ascontiguousarray(np.asarray(tensors[n]))
             if check is not None:
                 check(n, a)

@@ -144,8 +144,8 @@ class CheckpointWriter:
 
     def write_shard(self, tensors: dict[str, Any]) -> None:
         """Write one shard of numpy or jax arrays, emptying ``tensors``: each is fetched to the host
-        only when written (device arrays whose host copies were started with ``copy_to_host_async``
-        overlap) and dropped once written, so the shard never sits whole in host memory."""
+        only when written (a device array's copy starts while the one before it is written) and
+        dropped once written, so the shard never sits whole in host memory."""
         name = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
         check_expert_ids({k: np.asarray(v) for k, v in tensors.items() if k.rsplit(".", 1)[-1] in ID_TENSORS},
                          str(self.out))

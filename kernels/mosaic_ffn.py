@@ -142,8 +142,9 @@ def _pair_rows(x, tiles, src, words, rows: int, block_m: int, configs, interpret
         gu_dtype = jnp.bfloat16 if cfg_gu.split_k == 1 else jnp.float32
         gu_t = gemm(xs=xs_pad, words=words["gate_up"], config=cfg_gu, out_dtype=gu_dtype, name="mosaic_gate_up")
         h_t = (jax.nn.silu(gu_t[:inter].astype(jnp.float32)) * gu_t[inter:]).astype(jnp.bfloat16)
-    # h^T [I, R_pad] as it comes when its token blocks fill whole swizzle rows, else transposed
-    h_in = dict(xs=h_t, xs_transposed=True) if block_m % 64 == 0 else dict(xs=h_t.T)
+    # h^T [I, R_pad] as it comes when its token blocks fill whole swizzle rows, else transposed (the
+    # SwiGLU kept apart from the transpose: fused into it, XLA read gate and up with strides)
+    h_in = dict(xs=h_t, xs_transposed=True) if block_m % 64 == 0 else dict(xs=lax.optimization_barrier(h_t).T)
     return gemm(words=words["down"], config=cfg_down, name="mosaic_down", sum_splits=False, **h_in)
 
 

@@ -1,5 +1,5 @@
 """A packed MoE layer on the grouped Mosaic-GPU kernel (Hopper): two launches per step, gate+up
-(SwiGLU in the epilogue for token blocks up to ``SWIGLU_MAX_BLOCK_M`` rows, else in XLA between the
+(SwiGLU in the epilogue for token blocks up to ``SWIGLU_MAX_BLOCK_M`` rows, else between the
 launches) and down, which reads the first launch's transposed output as it comes.  Around them: the
 row layout (Pallas-Triton, ``routing_kernel``, where it fits; else sorts and gathers in XLA), the
 gather of the padded rows and the combine.
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import routing, routing_kernel
+from kernels.swiglu_transpose import swiglu_transposed
 from kernels.gpu import num_sms
 from kernels.mosaic_gemm import MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config, mosaic_grouped_pair_gemm
 
@@ -35,24 +36,32 @@ def from_mosaic_words(words) -> dict[str, jax.Array]:
     return {"w_gate": t(words["gate_up"][:, :i]), "w_up": t(words["gate_up"][:, i:]), "w_down": t(words["down"])}
 
 
+# the largest token block whose K-major launches keep 128-deep K tiles at two CTAs per SM; blocks
+# between it and MAX_BLOCK_M take 64-deep tiles and ran slower than either
+WIDE_BLOCK_M = 80
+
+
 def grouped_block_m(rows: int, num_experts: int, tokens: int | None = None) -> int:
     """Token block of the grouped kernel for ``rows`` routed rows over ``num_experts``.
 
-    An expert with more rows than the block costs its pair a second tile, which streams the pair's
-    words again, and routers are uneven, so the block holds 3x the mean
-    rows per expert, in multiples of 16 (24- and 40-row blocks ran slower than 32 and 48), as long as
-    the SwiGLU epilogue takes it (``SWIGLU_MAX_BLOCK_M``); where 3x does not fit there, 2x the mean
-    or at least that maximum, up to ``MAX_BLOCK_M``.  No expert gets more than ``tokens`` rows (a
-    token picks distinct experts), so the block is never larger than that (rounded up to 8: at
-    T <= 8, 8-row blocks were faster than 16)."""
-    def up(v, m):
-        return -(-math.ceil(v) // m) * m
+    Every tile computes a whole block, so a block much above an expert's rows wastes MMA work on
+    padding, while an expert with more rows than the block costs its pair a second tile, which
+    streams the pair's words again: a larger share of the launch the fewer pairs a layer has.  So
+    the block holds the mean rows per expert plus ``z`` standard deviations of a uniform router's
+    count (each of ``tokens`` tokens picks ``rows / tokens`` distinct experts), z = 3 for layers of
+    up to 16 experts and 2 for more, rounded up to 8 (the wgmma N step), at least 8; above
+    ``WIDE_BLOCK_M`` it is that when the mean plus two deviations fits, else ``MAX_BLOCK_M``.  No
+    expert gets more rows than there are tokens, so it is never larger than ``tokens`` rounded up
+    to 8 (``benchmarks/sweep_mosaic.py --block-m``)."""
     mean = rows / num_experts
-    block = max(16, up(3 * mean, 16))
-    if block > SWIGLU_MAX_BLOCK_M:
-        block = max(SWIGLU_MAX_BLOCK_M, up(2 * mean, 16))
+    share = min(1.0, rows / (tokens * num_experts)) if tokens else 1 / num_experts
+    sd = math.sqrt(mean * (1 - share))
+    up8 = lambda v: max(8, -(-math.ceil(v) // 8) * 8)  # noqa: E731
+    block = up8(mean + (3 if num_experts <= 16 else 2) * sd)
+    if block > WIDE_BLOCK_M:
+        block = WIDE_BLOCK_M if mean + 2 * sd <= WIDE_BLOCK_M else MAX_BLOCK_M
     if tokens is not None:
-        block = min(block, max(8, up(tokens, 8)))
+        block = min(block, up8(tokens))
     return min(MAX_BLOCK_M, block)
 
 
@@ -136,15 +145,17 @@ def _pair_rows(x, tiles, src, words, rows: int, block_m: int, configs, interpret
     gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, **kw)  # noqa: E731
     if block_m <= SWIGLU_MAX_BLOCK_M and cfg_gu.split_k == 1:   # SwiGLU in the kernel's epilogue
         h_t = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=cfg_gu, name="mosaic_gate_up")
+        h_in = dict(xs=h_t, xs_transposed=True) if block_m % 64 == 0 else dict(xs=h_t.T)
     else:
         # one launch writes gate and up rounded to bf16 (as the bf16 model's projections are): half
         # the bytes of f32 to write and to read back for the SwiGLU; K-split partials sum in f32
         gu_dtype = jnp.bfloat16 if cfg_gu.split_k == 1 else jnp.float32
         gu_t = gemm(xs=xs_pad, words=words["gate_up"], config=cfg_gu, out_dtype=gu_dtype, name="mosaic_gate_up")
-        h_t = (jax.nn.silu(gu_t[:inter].astype(jnp.float32)) * gu_t[inter:]).astype(jnp.bfloat16)
-    # h^T [I, R_pad] as it comes when its token blocks fill whole swizzle rows, else transposed (the
-    # SwiGLU kept apart from the transpose: fused into it, XLA read gate and up with strides)
-    h_in = dict(xs=h_t, xs_transposed=True) if block_m % 64 == 0 else dict(xs=lax.optimization_barrier(h_t).T)
+        if block_m % 64 == 0:   # h^T [I, R_pad] as it comes: its token blocks fill whole swizzle rows
+            h_in = dict(xs=(jax.nn.silu(gu_t[:inter].astype(jnp.float32)) * gu_t[inter:]).astype(jnp.bfloat16),
+                        xs_transposed=True)
+        else:
+            h_in = dict(xs=swiglu_transposed(gu_t, interpret=interpret))
     return gemm(words=words["down"], config=cfg_down, name="mosaic_down", sum_splits=False, **h_in)
 
 
@@ -155,8 +166,8 @@ def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
     for the pair table and the kept-dense experts; ``words``: ``to_mosaic_words`` of its packed
     words, else made here per call).  ``configs`` override the (gate+up, down) launches' settings;
     the gate+up config's ``block_m`` sets the layout's token block (default ``grouped_block_m``);
-    a None launch gets ``layer_configs``'s.  A gate+up config with ``split_k > 1`` runs the SwiGLU in
-    XLA between the launches."""
+    a None launch gets ``layer_configs``'s.  A gate+up config with ``split_k > 1`` runs the SwiGLU
+    between the launches."""
     R, P, D = topk_ids.size, experts.pairs.shape[0], experts.dense_ids.shape[0]
     words = words or to_mosaic_words(experts.packed)
     block_m = configs[0].block_m if configs[0] is not None else grouped_block_m(R, experts.num_experts, x.shape[0])

@@ -13,9 +13,10 @@ import pytest
 from kernels.gpu import num_sms, smem_budget, smem_two_per_sm
 from kernels.mosaic_ffn import (from_mosaic_words, grouped_block_m, grouped_layout, layer_configs, live_tiles,
                                 mosaic_moe_ffn, to_mosaic_words)
-from kernels.mosaic_gemm import (MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config,
+from kernels.mosaic_gemm import (MAX_BLOCK_M, MosaicConfig, mosaic_config,
                                  mosaic_grouped_pair_gemm, mosaic_pair_gemm)
 from kernels.mosaic_swar import decode_pairs_swar
+from kernels.swiglu_transpose import swiglu_transposed
 from kernels.reference import pair_gemm_reference
 from puzzlemoe_jax import codec
 from tests.kernel_cases import check, layer_case, random_layer, random_words, rng_for
@@ -156,19 +157,36 @@ def test_grouped_layout_covers_every_pair_row_once(sizes, num_dense, block_m):
     assert max(ends, default=0) <= spare * block_m       # the spare block is nobody's
 
 
-def test_grouped_block_m_holds_three_times_the_mean_within_the_swiglu_epilogue():
-    """The token block: 3x the mean rows per expert in multiples of 16 while that fits the SwiGLU
-    epilogue, else 2x the mean (at least that epilogue's maximum), never above MAX_BLOCK_M nor above
-    the token count (no expert gets more rows than there are tokens)."""
-    got = {t: grouped_block_m(2 * t, 8, t) for t in (1, 4, 8, 12, 16, 32, 48, 64, 96, 128, 160, 256, 4096)}
-    assert got == {1: 8, 4: 8, 8: 8, 12: 16, 16: 16, 32: 32, 48: 48, 64: 48, 96: 64, 128: 64, 160: 80, 256: 128,
+def test_grouped_block_m_holds_the_mean_plus_deviations_of_a_uniform_router():
+    """The token block: the mean rows per expert plus 3 (up to 16 experts) or 2 standard deviations
+    of a uniform router's count, in multiples of 8, 80 above that when the mean plus two deviations
+    fits, else MAX_BLOCK_M; never above the token count rounded up to 8."""
+    got = {t: grouped_block_m(2 * t, 8, t) for t in (1, 4, 8, 12, 16, 32, 64, 96, 128, 160, 256, 512, 4096)}
+    assert got == {1: 8, 4: 8, 8: 8, 12: 8, 16: 16, 32: 16, 64: 32, 96: 40, 128: 48, 160: 64, 256: 80, 512: 128,
                    4096: 128}
+    assert {t: grouped_block_m(8 * t, 128, t) for t in (16, 64, 256)} == {16: 8, 64: 8, 256: 24}   # Qwen3-30B-A3B
     for rows in range(1, 2000, 7):
         for e in (8, 60, 64):
             bm = grouped_block_m(rows, e)
-            assert bm % 16 == 0 and 16 <= bm <= MAX_BLOCK_M
-            assert bm >= min(3 * rows / e, SWIGLU_MAX_BLOCK_M) or bm == MAX_BLOCK_M
-            assert grouped_block_m(rows, e, tokens=rows) == min(bm, -(-rows // 8) * 8)
+            mean = rows / e
+            sd = (mean * (1 - 1 / e)) ** 0.5
+            assert bm % 8 == 0 and 8 <= bm <= MAX_BLOCK_M
+            assert bm >= mean + 2 * sd or bm == MAX_BLOCK_M
+            assert bm < mean + (3 if e <= 16 else 2) * sd + 8 or bm in (8, MAX_BLOCK_M)
+            assert grouped_block_m(rows, e, tokens=rows) <= max(8, -(-rows // 8) * 8)
+
+
+@pytest.mark.parametrize("dtype,inter,rows", [(jnp.bfloat16, 128, 80), (jnp.float32, 192, 24), (jnp.bfloat16, 64, 8)])
+def test_swiglu_transposed_matches_jnp(dtype, inter, rows):
+    """The Pallas-Triton SwiGLU + transpose (interpreter) against the jnp formula, bit for bit."""
+    gu_t = (jax.random.normal(jax.random.key(rows), (2 * inter, rows), jnp.float32) * 3).astype(dtype)
+    got = swiglu_transposed(gu_t, interpret=True)
+    want = (jax.nn.silu(gu_t[:inter].astype(jnp.float32)) * gu_t[inter:].astype(jnp.float32)).astype(jnp.bfloat16).T
+    assert got.shape == (rows, inter) and got.dtype == jnp.bfloat16
+    assert bool(jnp.isfinite(got.astype(jnp.float32)).all())
+    assert bool(jnp.array_equal(got, want))
+    with pytest.raises(ValueError, match="multiple"):
+        swiglu_transposed(gu_t[:, :rows - 3], interpret=True)
 
 
 def test_word_layout_round_trips():
@@ -185,6 +203,7 @@ def test_word_layout_round_trips():
     (9, 0.5, False, (MosaicConfig(block_m=8), None)),      # a token block other than grouped_block_m's
     (9, 0.5, False, (MosaicConfig(block_m=64), None)),     # SwiGLU epilogue, down reads h^T as it comes
     (9, 0.25, True, (MosaicConfig(block_m=128), None)),    # SwiGLU in XLA on the transposed result
+    (9, 0.5, False, (MosaicConfig(block_m=80), None)),     # SwiGLU and transpose in swiglu_transposed
     (9, 0.5, False, (MosaicConfig(block_m=8, block_k=64, split_k=2), None)),   # gate+up split-K, SwiGLU in XLA
     (5, 0.25, True, (None, MosaicConfig(block_m=8, block_k=64, split_k=3))),   # down split-K partials summed
 ])

@@ -13,8 +13,6 @@ import sys
 
 from puzzlemoe_jax import cli, compile_cache
 from puzzlemoe_jax.config import CLI_ARCHS
-from puzzlemoe_jax.hf_layout import READ_MODES
-from puzzlemoe_jax.merge import METHODS, PAIRINGS, SALIENCIES, MergeConfig
 from puzzlemoe_jax.report import format_table, pair_rows, summary
 from puzzlemoe_jax.safetensors_io import CheckpointError
 
@@ -32,6 +30,10 @@ DESCRIPTIONS = {
 
 
 def parser() -> argparse.ArgumentParser:
+    # jax comes in here, not at import: ``python -m convert`` starts its read-ahead first (__main__)
+    from puzzlemoe_jax.hf_layout import READ_MODES  # noqa: PLC0415
+    from puzzlemoe_jax.merge import METHODS, PAIRINGS, SALIENCIES, MergeConfig  # noqa: PLC0415
+
     p = argparse.ArgumentParser(prog="python -m convert",
                                 description="Convert a Hugging Face safetensors MoE checkpoint to a Flax "
                                             "checkpoint, optionally merging expert pairs (PuzzleMoE).")
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm  # noqa: PLC0415
 
     from puzzlemoe_jax.checkpoint import convert_checkpoint  # noqa: PLC0415
+    from puzzlemoe_jax.merge import MergeConfig  # noqa: PLC0415
     compile_cache.enable(args.compile_cache)   # a second conversion of the same shapes skips the merge's compile
     bars = []
 

@@ -88,6 +88,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--read-mode", choices=READ_MODES, default="map",
                        help="how expert tensors reach an accelerator: copied from the mapped file (map, "
                             "default), read into one reused buffer per thread (reuse) or a new one (fresh)")
+        s.add_argument("--no-prefetch", action="store_true",
+                       help="do not read the first layers ahead while the converter starts (python -m convert)")
         compile_cache.add_argument(s)
         s.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
         s.add_argument("--verbose", action="store_true",

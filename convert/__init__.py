@@ -13,6 +13,8 @@ import sys
 
 from puzzlemoe_jax import cli, compile_cache
 from puzzlemoe_jax.config import CLI_ARCHS
+from puzzlemoe_jax.hf_layout import READ_MODES
+from puzzlemoe_jax.merge import METHODS, PAIRINGS, SALIENCIES, MergeConfig
 from puzzlemoe_jax.report import format_table, pair_rows, summary
 from puzzlemoe_jax.safetensors_io import CheckpointError
 
@@ -30,10 +32,6 @@ DESCRIPTIONS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    # jax comes in here, not at import: ``python -m convert`` starts its read-ahead first (__main__)
-    from puzzlemoe_jax.hf_layout import READ_MODES  # noqa: PLC0415
-    from puzzlemoe_jax.merge import METHODS, PAIRINGS, SALIENCIES, MergeConfig  # noqa: PLC0415
-
     p = argparse.ArgumentParser(prog="python -m convert",
                                 description="Convert a Hugging Face safetensors MoE checkpoint to a Flax "
                                             "checkpoint, optionally merging expert pairs (PuzzleMoE).")
@@ -88,8 +86,6 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--read-mode", choices=READ_MODES, default="map",
                        help="how expert tensors reach an accelerator: copied from the mapped file (map, "
                             "default), read into one reused buffer per thread (reuse) or a new one (fresh)")
-        s.add_argument("--no-prefetch", action="store_true",
-                       help="do not read the first layers ahead while the converter starts (python -m convert)")
         compile_cache.add_argument(s)
         s.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
         s.add_argument("--verbose", action="store_true",
@@ -103,7 +99,6 @@ def main(argv=None) -> int:
     from tqdm import tqdm  # noqa: PLC0415
 
     from puzzlemoe_jax.checkpoint import convert_checkpoint  # noqa: PLC0415
-    from puzzlemoe_jax.merge import MergeConfig  # noqa: PLC0415
     compile_cache.enable(args.compile_cache)   # a second conversion of the same shapes skips the merge's compile
     bars = []
 

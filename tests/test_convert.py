@@ -395,38 +395,3 @@ def test_write_file_byte_identical_to_save_file(seed, tmp_path):
     # release: the same bytes, each tensor dropped from the dict once written
     left = dict(tensors)
     assert write_file(tmp_path / "rel.safetensors", left, meta, release=True) == h and not left
-
-
-def test_prefetch_plans_the_first_layers_within_the_budget(tiny):
-    """The read-ahead of ``python -m convert`` covers layer 0 first, then layer 1, ..., the tensors
-    outside the layers last, in whole tensors up to the budget, at each tensor's bytes."""
-    from puzzlemoe_jax import prefetch  # noqa: PLC0415
-    src = tiny["mixtral"]
-    ckpt = SafetensorsDir(src)
-    everything = prefetch.plan(src, 1 << 40)
-    assert len(everything) == len(ckpt.tensors)
-    layer_of = {}
-    for path in src.glob("*.safetensors"):
-        for name, span in prefetch._spans(path).items():
-            m = prefetch.LAYER.search(name)
-            layer_of[(path, *span)] = int(m.group(1)) if m else 99
-            with open(path, "rb") as f:   # the span is the tensor's bytes
-                f.seek(span[0])
-                assert f.read(span[1] - span[0]) == np.ascontiguousarray(ckpt.read(name)).tobytes(), name
-    layers = [layer_of[s] for s in everything]
-    assert layers == sorted(layers) and layers[0] == 0 and layers[-1] == 99
-    budget = sum(b - a for _, a, b in everything) // 3
-    part = prefetch.plan(src, budget)
-    assert 0 < len(part) < len(everything) and part == everything[:len(part)]
-    assert sum(b - a for _, a, b in part) <= budget
-    assert prefetch.plan(src, 0) == []
-    prefetch.prefetch_first_layers(src, budget).join(timeout=30)   # the syscalls themselves run
-    assert prefetch.src_argument(["mixtral", "--src", "A", "--out", "B"]) == "A"
-    assert prefetch.src_argument(["mixtral", "--src=A"]) == "A" and prefetch.src_argument(["--help"]) is None
-
-
-def test_python_m_convert_imports_jax_after_the_read_ahead_starts():
-    """``import convert`` leaves jax out, so ``python -m convert`` (``__main__``) starts the read-ahead first."""
-    code = "import sys, convert; print('jax' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "False"

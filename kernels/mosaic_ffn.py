@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import routing, routing_kernel
-from kernels.swiglu_transpose import swiglu_transposed
 from kernels.gpu import num_sms
 from kernels.mosaic_gemm import MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config, mosaic_grouped_pair_gemm
+from kernels.swiglu_transpose import swiglu_transposed
 
 
 def to_mosaic_words(packed) -> dict[str, jax.Array]:
@@ -60,9 +60,7 @@ def grouped_block_m(rows: int, num_experts: int, tokens: int | None = None) -> i
     block = up8(mean + (3 if num_experts <= 16 else 2) * sd)
     if block > WIDE_BLOCK_M:
         block = WIDE_BLOCK_M if mean + 2 * sd <= WIDE_BLOCK_M else MAX_BLOCK_M
-    if tokens is not None:
-        block = min(block, up8(tokens))
-    return min(MAX_BLOCK_M, block)
+    return block if tokens is None else min(block, up8(tokens))
 
 
 def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):

@@ -218,8 +218,8 @@ def convert_checkpoint(src, out, arch: str, *, ratio: float = 0.0, merge: MergeC
     current one where jax runs, and a writer thread writes the previous one.  With
     ``device_layout`` (default on an accelerator) each expert matrix goes to the device as soon as
     it is read, everything up to the packed words stays there, and the writer fetches the results
-    one tensor at a time (the next one copying while one is written); ``warm_up`` (default likewise) compiles that path on a
-    zero layer of the same shapes while the first layer is read.  ``read_mode`` says how the device
+    one tensor at a time (the next one copying while one is written); ``warm_up`` (default
+    likewise) compiles that path on a zero layer of the same shapes while the first layer is read.  ``read_mode`` says how the device
     path reads an expert tensor (``hf_layout.device_reader``: from the mapped file by default).
     ``pipeline=False``
     is the plain one-thread host path (numpy stacking), kept as the oracle the pipeline's output

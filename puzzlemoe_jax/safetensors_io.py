@@ -261,10 +261,12 @@ def write_file(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, st
         for chunk in (struct.pack("<Q", len(raw)), raw):
             f.write(chunk)
             h.update(chunk)
+        def start_copy(k):   # a jax array's copy to the host, while the one before it is written
+            if k < len(order) and hasattr(tensors[order[k]], "copy_to_host_async"):
+                tensors[order[k]].copy_to_host_async()
+        start_copy(0)
         for k, n in enumerate(order):
-            for ahead in order[k:k + 2] if k == 0 else order[k + 1:k + 2]:   # the next copies while this one is written
-                if hasattr(tensors[ahead], "copy_to_host_async"):
-                    tensors[ahead].copy_to_host_async()
+            start_copy(k + 1)
             a = np.ascontiguousarray(np.asarray(tensors[n]))
             if check is not None:
                 check(n, a)

@@ -16,8 +16,8 @@ from kernels.mosaic_ffn import (from_mosaic_words, grouped_block_m, grouped_layo
 from kernels.mosaic_gemm import (MAX_BLOCK_M, MosaicConfig, mosaic_config,
                                  mosaic_grouped_pair_gemm, mosaic_pair_gemm)
 from kernels.mosaic_swar import decode_pairs_swar
-from kernels.swiglu_transpose import swiglu_transposed
 from kernels.reference import pair_gemm_reference
+from kernels.swiglu_transpose import swiglu_transposed
 from puzzlemoe_jax import codec
 from tests.kernel_cases import check, layer_case, random_layer, random_words, rng_for
 
@@ -204,7 +204,7 @@ def test_word_layout_round_trips():
     (9, 0.5, False, (MosaicConfig(block_m=64), None)),     # SwiGLU epilogue, down reads h^T as it comes
     (9, 0.25, True, (MosaicConfig(block_m=128), None)),    # SwiGLU in XLA on the transposed result
     (9, 0.5, False, (MosaicConfig(block_m=80), None)),     # SwiGLU and transpose in swiglu_transposed
-    (9, 0.5, False, (MosaicConfig(block_m=8, block_k=64, split_k=2), None)),   # gate+up split-K, SwiGLU in XLA
+    (9, 0.5, False, (MosaicConfig(block_m=8, block_k=64, split_k=2), None)),   # gate+up split-K, swiglu_transposed on its f32 sum
     (5, 0.25, True, (None, MosaicConfig(block_m=8, block_k=64, split_k=3))),   # down split-K partials summed
 ])
 def test_mosaic_layer_matches_dense_reference(t, ratio, drop, configs):

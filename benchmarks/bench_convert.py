@@ -153,10 +153,12 @@ def sample_rss(proc: subprocess.Popen, peak: dict, timed: bool, every: float = 0
 def run_convert(arch: str, src: Path, out: Path, ratio: float, extra: list[str]) -> dict:
     """Run the CLI (with the ``extra`` arguments) in a subprocess; wall time, peak RSS and the
     summary's time split."""
+    settings = dict(t.split("=", 1) for t in extra if re.match(r"[A-Z_][A-Z0-9_]*=", t))   # VAR=VALUE: environment
     cmd = [sys.executable, "-m", "convert", arch, "--src", str(src), "--out", str(out), "--ratio", str(ratio),
-           "--overwrite", "--compile-cache", "none"] + extra   # every run compiles, as a first conversion does
+           "--overwrite", "--compile-cache", "none"] + [t for t in extra if t.split("=", 1)[0] not in settings]
+    # (--compile-cache none: every run compiles, as a first conversion does)
     timed = Path("/usr/bin/time").exists()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, **settings, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     t = time.perf_counter()
     proc = subprocess.Popen((["/usr/bin/time", "-v"] if timed else []) + cmd, cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -176,7 +178,7 @@ def run_convert(arch: str, src: Path, out: Path, ratio: float, extra: list[str])
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # max over children so far
     m = re.search(r"time split[^:]*: (.*)", p.stdout)
     split = {k: float(v) for k, v in re.findall(r"(\w[\w -]*?) ([\d.]+) s", m.group(1) if m else "")}
-    return {"command": " ".join(cmd), "wall_s": wall, "peak_rss_gib": rss, "peak_rss_anon_gib": peak["anon"] / 2**20,
+    return {"command": " ".join([*(f"{k}={v}" for k, v in settings.items()), *cmd]), "wall_s": wall, "peak_rss_gib": rss, "peak_rss_anon_gib": peak["anon"] / 2**20,
             "peak_rss_file_gib": peak["file"] / 2**20, "split_s": split,
             "summary_tail": p.stdout.splitlines()[-4:]}
 
@@ -206,7 +208,8 @@ def main():
     ap.add_argument("--no-sequential", action="store_true", help="skip the --sequential comparison run")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoint for a later run")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                    help="one more run with these CLI arguments, e.g. 'read4=--read-threads 4' "
+                    help="one more run with these CLI arguments, e.g. 'read4=--read-threads 4', and VAR=VALUE "
+                         "environment settings, e.g. 'noprealloc=XLA_PYTHON_CLIENT_PREALLOCATE=false' "
                          "(repeatable; runs after the default run)")
     ap.add_argument("--dst-dir", help="where the output goes (default: --out-dir, the source's disk)")
     args = ap.parse_args()

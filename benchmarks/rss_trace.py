@@ -31,7 +31,7 @@ def top_maps(n=12):
     for line in open("/proc/self/smaps"):
         f = line.split()
         if f and "-" in f[0] and len(f) >= 5 and not f[0].endswith(":"):
-            cur = f[5] if len(f) > 5 else "[anon]"
+            cur = f[5] if len(f) > 5 else f"[anon {f[0]}]"   # each anonymous mapping on its own
         elif f and f[0] in ("Rss:", "Anonymous:"):
             m = maps.setdefault(cur, [0, 0])
             m[0 if f[0] == "Rss:" else 1] += int(f[1])
@@ -41,11 +41,13 @@ def top_maps(n=12):
 
 def probe(merge: bool) -> None:
     """RSS at each stage of a bare jax process (optionally a merge compile after it), as one JSON line."""
-    out = {"env": {k: os.environ.get(k) for k in ("CUDA_MODULE_LOADING", "MALLOC_ARENA_MAX", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS")}}
+    out = {"env": {k: v for k, v in os.environ.items() if k.startswith(("CUDA_", "MALLOC_", "XLA_"))}}
     out["start"] = rollup()
     import jax  # noqa: PLC0415 (measured: RSS before and after the import)
     import jax.numpy as jnp  # noqa: PLC0415
     out["import"] = rollup()
+    jax.devices()
+    out["devices"] = rollup()
     jnp.ones(4).block_until_ready()
     out["first_op"] = rollup()
     out["top_after_first_op"] = top_maps()

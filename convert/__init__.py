@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from puzzlemoe_jax import cli, compile_cache
@@ -95,6 +96,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    # jax reserves 75 % of the GPU up front, and the process then holds host memory in proportion to
+    # the reservation (3.3 GiB of RSS on an H200: benchmarks/RESULTS.md); the converter needs a few
+    # layers of device memory, so it grows its pool on demand unless the user set this
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     # heavy imports after argument parsing, so --help is fast
     from tqdm import tqdm  # noqa: PLC0415
 

@@ -41,6 +41,8 @@ FORMAT_VERSION = 1
 # files of an HF checkpoint directory that the converted model keeps (tokenizer, generation defaults)
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "chat_template.jinja")
+
+
 class StageTimer:
     """Seconds spent in each named stage, summed over threads (stages overlap in the pipeline)."""
 

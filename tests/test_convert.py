@@ -105,6 +105,18 @@ def test_help_and_exit_code(tmp_path):
     assert bad.stderr.strip().count("\n") == 0 and "--src" in bad.stderr and "no such directory" in bad.stderr
 
 
+@pytest.mark.parametrize("preset", [None, "true"])
+def test_cli_grows_the_device_pool_unless_told(preset, tmp_path, monkeypatch):
+    """The converter turns jax's up-front GPU reservation off (it costs host RSS in proportion), and
+    leaves a user's own setting alone."""
+    if preset is None:
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    else:
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", preset)
+    assert main(["mixtral", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == (preset or "false")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_fp16_fp32_checkpoints(dtype, tmp_path, capsys):
     src = write_tiny_checkpoint(tmp_path / "src", "qwen3_moe", num_layers=2, dtype=dtype, max_shard_bytes=1 << 30)

@@ -39,6 +39,8 @@ def from_mosaic_words(words) -> dict[str, jax.Array]:
 # the largest token block whose K-major launches keep 128-deep K tiles at two CTAs per SM; blocks
 # between it and MAX_BLOCK_M take 64-deep tiles and ran slower than either
 WIDE_BLOCK_M = 80
+# the cap of the four-times-the-mean floor of layers with up to 16 experts (grouped_block_m)
+FEW_EXPERTS_MIN_BLOCK_M = 32
 
 
 def grouped_block_m(rows: int, num_experts: int, tokens: int | None = None) -> int:
@@ -49,15 +51,21 @@ def grouped_block_m(rows: int, num_experts: int, tokens: int | None = None) -> i
     streams the pair's words again: a larger share of the launch the fewer pairs a layer has.  So
     the block holds the mean rows per expert plus ``z`` standard deviations of a uniform router's
     count (each of ``tokens`` tokens picks ``rows / tokens`` distinct experts), z = 3 for layers of
-    up to 16 experts and 2 for more, rounded up to 8 (the wgmma N step), at least 8; above
-    ``WIDE_BLOCK_M`` it is that when the mean plus two deviations fits, else ``MAX_BLOCK_M``.  No
-    expert gets more rows than there are tokens, so it is never larger than ``tokens`` rounded up
-    to 8 (``benchmarks/sweep_mosaic.py --block-m``)."""
+    up to 16 experts and 2 for more, rounded up to 8 (the wgmma N step), at least 8.  Layers of
+    up to 16 experts also take at least four times the mean rows, up to 32: there, smaller blocks
+    measured slower down launches even where no expert overflowed them (the cause is not isolated;
+    the layers of more experts measured the other way).  Above ``WIDE_BLOCK_M`` the block is that
+    when the mean plus two deviations fits, else ``MAX_BLOCK_M``.  No expert gets more rows than
+    there are tokens, so it is never larger than ``tokens`` rounded up to 8
+    (``benchmarks/sweep_mosaic.py --block-m``, RESULTS.md "Token blocks")."""
     mean = rows / num_experts
     share = min(1.0, rows / (tokens * num_experts)) if tokens else 1 / num_experts
     sd = math.sqrt(mean * (1 - share))
     up8 = lambda v: max(8, -(-math.ceil(v) // 8) * 8)  # noqa: E731
-    block = up8(mean + (3 if num_experts <= 16 else 2) * sd)
+    few = num_experts <= 16
+    block = up8(mean + (3 if few else 2) * sd)
+    if few:
+        block = max(block, up8(min(4 * mean, FEW_EXPERTS_MIN_BLOCK_M)))
     if block > WIDE_BLOCK_M:
         block = WIDE_BLOCK_M if mean + 2 * sd <= WIDE_BLOCK_M else MAX_BLOCK_M
     return block if tokens is None else min(block, up8(tokens))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from kernels.gpu import num_sms, smem_budget, smem_two_per_sm
-from kernels.mosaic_ffn import (from_mosaic_words, grouped_block_m, grouped_layout, layer_configs, live_tiles,
-                                mosaic_moe_ffn, to_mosaic_words)
+from kernels.mosaic_ffn import (FEW_EXPERTS_MIN_BLOCK_M, from_mosaic_words, grouped_block_m, grouped_layout,
+                                layer_configs, live_tiles, mosaic_moe_ffn, to_mosaic_words)
 from kernels.mosaic_gemm import (MAX_BLOCK_M, MosaicConfig, mosaic_config,
                                  mosaic_grouped_pair_gemm, mosaic_pair_gemm)
 from kernels.mosaic_swar import decode_pairs_swar
@@ -159,11 +159,12 @@ def test_grouped_layout_covers_every_pair_row_once(sizes, num_dense, block_m):
 
 def test_grouped_block_m_holds_the_mean_plus_deviations_of_a_uniform_router():
     """The token block: the mean rows per expert plus 3 (up to 16 experts) or 2 standard deviations
-    of a uniform router's count, in multiples of 8, 80 above that when the mean plus two deviations
-    fits, else MAX_BLOCK_M; never above the token count rounded up to 8."""
-    got = {t: grouped_block_m(2 * t, 8, t) for t in (1, 4, 8, 12, 16, 32, 64, 96, 128, 160, 256, 512, 4096)}
-    assert got == {1: 8, 4: 8, 8: 8, 12: 8, 16: 16, 32: 16, 64: 32, 96: 40, 128: 48, 160: 64, 256: 80, 512: 128,
-                   4096: 128}
+    of a uniform router's count, in multiples of 8 (up to 16 experts: at least 4x the mean, up to
+    32), 80 above that when the mean plus two deviations fits, else MAX_BLOCK_M; never above the
+    token count rounded up to 8."""
+    got = {t: grouped_block_m(2 * t, 8, t) for t in (1, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 256, 512, 4096)}
+    assert got == {1: 8, 4: 8, 8: 8, 12: 16, 16: 16, 24: 24, 32: 32, 48: 32, 64: 32, 96: 40, 128: 48, 160: 64,
+                   256: 80, 512: 128, 4096: 128}
     assert {t: grouped_block_m(8 * t, 128, t) for t in (16, 64, 256)} == {16: 8, 64: 8, 256: 24}   # Qwen3-30B-A3B
     for rows in range(1, 2000, 7):
         for e in (8, 60, 64):
@@ -172,7 +173,9 @@ def test_grouped_block_m_holds_the_mean_plus_deviations_of_a_uniform_router():
             sd = (mean * (1 - 1 / e)) ** 0.5
             assert bm % 8 == 0 and 8 <= bm <= MAX_BLOCK_M
             assert bm >= mean + 2 * sd or bm == MAX_BLOCK_M
-            assert bm < mean + (3 if e <= 16 else 2) * sd + 8 or bm in (8, MAX_BLOCK_M)
+            floor = min(4 * mean, FEW_EXPERTS_MIN_BLOCK_M) if e <= 16 else 0
+            assert bm < max(mean + (3 if e <= 16 else 2) * sd, floor) + 8 or bm in (8, MAX_BLOCK_M)
+            assert bm >= floor
             assert grouped_block_m(rows, e, tokens=rows) <= max(8, -(-rows // 8) * 8)
 
 

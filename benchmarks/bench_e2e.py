@@ -3,7 +3,7 @@
     python benchmarks/bench_e2e.py [--shape mixtral-8x7b] [--batches 1,4,16,64] [--prefill 16]
         [--decode 128] [--packed-layers 32] [--dense-layers auto] [--budget-s 420] [--json OUT]
         [--impl auto] [--configs dense,packed-all] [--compile-cache DIR]
-        [--meshes 1x1,2x1] [--concurrent-single] [--profile-steps 8]
+        [--meshes 1x1,2x1] [--concurrent-single] [--profile]
 
 A Mixtral-8x7B-shaped model (bf16) is built directly on the device with random weights
 (normal, std 0.02; RMSNorm scales 1), not read from disk.  Packed layers: ``compress.compress_layer``
@@ -161,6 +161,7 @@ def _mesh(args):
 def worker(args) -> dict:
     """One configuration in this process: build, then generation at each batch size."""
     import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     from puzzlemoe_jax.generate import Generator, prepare_batch  # noqa: PLC0415
     t_start = time.perf_counter()
@@ -232,13 +233,17 @@ def worker(args) -> dict:
                 run.update(prefill_chunk_slots=chunk, prefill_chunked_s=statistics.median(chunked),
                            prefill_chunked_same_first_token=bool((np.asarray(first_c) == np.asarray(first)).all()))
                 ok = ok & ok_c
-            if args.profile_steps:   # where a decode step's device time goes, kernels summed by name
+            if args.profile:   # where a decode step's device time goes, kernels summed by name
                 from common import cupti_time  # noqa: PLC0415
-                n = min(args.profile_steps, args.decode - 1)
+                from puzzlemoe_jax.generate import _decode  # noqa: PLC0415
                 first, cache, _ = gen.prefill(batch, args.decode)
-                _, ms, _, per = cupti_time(lambda f, c: gen.decode(batch, f, c, n + 1)[0], (first, cache),
-                                           iterations=3, by_kernel=True)
+                stop, key, one = jnp.asarray([-1], jnp.int32), jax.random.key(1), jnp.float32(1.0)
+                step = lambda state, f, c: _decode(gen.graphdef, state, f, c, batch.valid, batch.next_pos, stop,  # noqa: E731
+                                                   key, one, one, max_new=args.decode, greedy=True)[0]
+                # the weights are an argument: a closure would make them constants of the measured jit
+                _, ms, _, per = cupti_time(step, (gen.state, first, cache), iterations=2, by_kernel=True)
                 del cache
+                n = args.decode - 1
                 top = sorted(per.items(), key=lambda kv: -kv[1])[:30]
                 run["profile"] = {"steps": n, "device_ms_per_step": ms / n,
                                   "kernels_us_per_step": {k: round(1e3 * v / n, 2) for k, v in top}}
@@ -416,8 +421,8 @@ def main(argv=None):
     ap.add_argument("--compare-prefill-chunk", type=int, default=0, metavar="TOKENS",
                     help="also time the prefill in chunks of <= TOKENS tokens a step (packed models' default "
                          "before 2026-11-24: 256)")
-    ap.add_argument("--profile-steps", type=int, default=0, metavar="N",
-                    help="also run N decode steps under CUPTI at each batch: device ms per step and the kernels' "
+    ap.add_argument("--profile", action="store_true",
+                    help="also run the decode loop under CUPTI at each batch: device ms per step and the kernels' "
                          "time per step by name (JSON 'profile')")
     # worker mode
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -452,7 +457,7 @@ def main(argv=None):
         print("CHECK", json.dumps(out["check"]), flush=True)
     base = ["--shape", args.shape, "--batches", ",".join(map(str, args.batches)), "--prefill", str(args.prefill),
             "--decode", str(args.decode), "--reps", str(args.reps), "--compare-prefill-chunk", str(args.compare_prefill_chunk),
-            "--profile-steps", str(args.profile_steps)]
+            *(["--profile"] if args.profile else [])]
     all_layers = args.packed_layers or SHAPES[args.shape]["num_layers"]
     import jax  # noqa: PLC0415 (only the device count and bytes limit; workers use their own processes)
     n_gpus = jax.device_count()

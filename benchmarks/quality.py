@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from puzzlemoe_jax import evaluate  # noqa: E402
 from puzzlemoe_jax.calibrate import calibrate_checkpoint, routed_inputs  # noqa: E402
-from puzzlemoe_jax.checkpoint import convert_checkpoint, load_pretrained  # noqa: E402
+from puzzlemoe_jax.checkpoint import load_pretrained  # noqa: E402
+from puzzlemoe_jax.conversion import convert_checkpoint  # noqa: E402
 from puzzlemoe_jax.merge import MergeConfig  # noqa: E402
 from puzzlemoe_jax.pairing import pair_share  # noqa: E402
 

@@ -3,7 +3,7 @@
     python -m convert ARCH --src HF_DIR --out OUT_DIR [--ratio 0.5]
 
 Bad input exits with status 2 and one line ``error: ...`` naming the file/tensor at fault; no
-output directory is left behind.  The work is done by ``puzzlemoe_jax.checkpoint.convert_checkpoint``.
+output directory is left behind.  The work is done by ``puzzlemoe_jax.conversion.convert_checkpoint``.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     # heavy imports after argument parsing, so --help is fast
     from tqdm import tqdm  # noqa: PLC0415
 
-    from puzzlemoe_jax.checkpoint import convert_checkpoint  # noqa: PLC0415
+    from puzzlemoe_jax.conversion import convert_checkpoint  # noqa: PLC0415
     compile_cache.enable(args.compile_cache)   # a second conversion of the same shapes skips the merge's compile
     bars = []
 

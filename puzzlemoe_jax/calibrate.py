@@ -27,7 +27,8 @@ from flax import nnx
 
 from kernels import routing
 from puzzlemoe_jax import evaluate
-from puzzlemoe_jax.checkpoint import convert_checkpoint, load_pretrained
+from puzzlemoe_jax.checkpoint import load_pretrained
+from puzzlemoe_jax.conversion import convert_checkpoint
 from puzzlemoe_jax.models import CausalLM, DenseExperts
 
 

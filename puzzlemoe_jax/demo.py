@@ -18,7 +18,8 @@ import numpy as np
 
 from kernels import IMPL_CHOICES, IMPL_HELP, ImplError, resolve_impl
 from puzzlemoe_jax import compile_cache, evaluate
-from puzzlemoe_jax.checkpoint import convert_checkpoint, load_pretrained
+from puzzlemoe_jax.checkpoint import load_pretrained
+from puzzlemoe_jax.conversion import convert_checkpoint
 from puzzlemoe_jax.report import format_table, pair_rows, summary
 
 ROOT = Path(__file__).resolve().parents[1]

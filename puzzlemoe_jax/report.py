@@ -1,6 +1,6 @@
 """What a conversion did, as data and as plain-text tables.
 
-``ConvertReport``/``LayerReport`` are what ``checkpoint.convert_checkpoint`` returns; ``summary``
+``ConvertReport``/``LayerReport`` are what ``conversion.convert_checkpoint`` returns; ``summary``
 prints sizes and per-layer statistics, ``pair_rows``/``format_table`` the merge statistics with
 one row per (layer, pair, matrix).
 """

@@ -17,6 +17,9 @@ import xxhash
 from filelock import FileLock, Timeout
 from puzzlemoe_jax.safetensors_io import EXPONENT, INDEX, WRITE_CODES, CheckpointError, count_nonfinite, write_file
 
+# the version of the config.json "puzzlemoe" section and tensor names that converters and
+# save_pretrained write and load_pretrained accepts
+FORMAT_VERSION = 1
 DTYPE_NAMES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 FLOAT_DTYPES = {np.dtype(t) for t in (*DTYPE_NAMES.values(), np.float64)}
 

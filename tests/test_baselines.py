@@ -175,14 +175,14 @@ def tiny(tmp_path_factory):
 
 
 def convert_checkpoint_dense(src, out):
-    from puzzlemoe_jax.checkpoint import convert_checkpoint  # noqa: PLC0415
+    from puzzlemoe_jax.conversion import convert_checkpoint  # noqa: PLC0415
     convert_checkpoint(src, out, "mixtral")
     return out
 
 
 @pytest.mark.parametrize("method", ["reap", "naee", "hc-smoe", "wanda-2:4"])
 def test_baselines_convert_and_load(tmp_path, tiny, method):
-    from puzzlemoe_jax.checkpoint import convert_checkpoint  # noqa: PLC0415
+    from puzzlemoe_jax.conversion import convert_checkpoint  # noqa: PLC0415
     src, _, cal, tokens = tiny
     out = tmp_path / "o"
     convert_checkpoint(src, out, "mixtral", ratio=0.5, merge=MergeConfig(method=method), calibration=cal)

@@ -105,6 +105,17 @@ def test_help_and_exit_code(tmp_path):
     assert bad.stderr.strip().count("\n") == 0 and "--src" in bad.stderr and "no such directory" in bad.stderr
 
 
+def test_converter_imports_neither_the_model_nor_the_kernels():
+    """``python -m convert`` starts without Flax and the kernels (a second of imports from a cold
+    page cache, in front of every conversion)."""
+    code = ("import sys, convert, puzzlemoe_jax.conversion; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flax', 'kernels') or m == 'puzzlemoe_jax.models'))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("preset", [None, "true"])
 def test_cli_grows_the_device_pool_unless_told(preset, tmp_path, monkeypatch):
     """The converter turns jax's up-front GPU reservation off (it costs host RSS in proportion), and
@@ -289,7 +300,7 @@ def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dt
     runs, read from the mapped files or into fresh or reused buffers, one or three layers ahead)
     writes exactly what the plain one-thread host path (the converter before the pipeline) writes:
     every tensor, the index and config.json."""
-    from puzzlemoe_jax.checkpoint import convert_checkpoint
+    from puzzlemoe_jax.conversion import convert_checkpoint
     src = write_tiny_checkpoint(tmp_path / "src", arch, layout=layout, num_layers=3, dtype=src_dtype)
     outs = {}
     variants = [dict(pipeline=False), dict(device_layout=True, warm_up=True), dict(device_layout=False),
@@ -298,7 +309,7 @@ def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dt
     for k, kw in enumerate(variants):
         out = tmp_path / f"out-{k}"
         # the last variant reads three layers ahead, as on accelerators with room for it
-        monkeypatch.setattr("puzzlemoe_jax.checkpoint.read_ahead", lambda *_: 3 if k == len(variants) - 1 else 1)
+        monkeypatch.setattr("puzzlemoe_jax.conversion.read_ahead", lambda *_: 3 if k == len(variants) - 1 else 1)
         convert_checkpoint(src, out, arch, ratio=ratio, dtype=dtype, **kw)
         ckpt = SafetensorsDir(out)
         outs[k] = ({n: ckpt.read(n, check_finite=False) for n in ckpt.tensors},
@@ -314,7 +325,7 @@ def test_pipeline_output_bit_identical_to_sequential(arch, layout, ratio, src_dt
 @pytest.mark.parametrize("layout", ["hub", "fused"])
 def test_pipeline_names_nonfinite_expert_tensor(layout, tmp_path):
     """NaN in an expert: the device path raises the host reader's error (file and tensor named)."""
-    from puzzlemoe_jax.checkpoint import convert_checkpoint
+    from puzzlemoe_jax.conversion import convert_checkpoint
     from puzzlemoe_jax.safetensors_io import CheckpointError
     src = write_tiny_checkpoint(tmp_path / "src", "qwen3_moe", layout=layout, num_layers=2)
     name = ("model.layers.1.mlp.experts.down_proj" if layout == "fused" else
@@ -338,7 +349,7 @@ def test_pipeline_error_order_with_other_tensors_read_beside_experts(tmp_path):
     """NaN in an expert and in a non-expert tensor of the same layer: the pipeline (which reads the
     layer's other tensors on their own thread beside the experts) names the non-expert tensor, as
     the one-thread path does, on the host and the device read path."""
-    from puzzlemoe_jax.checkpoint import convert_checkpoint
+    from puzzlemoe_jax.conversion import convert_checkpoint
     from puzzlemoe_jax.safetensors_io import CheckpointError
     src = write_tiny_checkpoint(tmp_path / "src", "qwen3_moe", layout="hub", num_layers=2)
     bad = ["model.layers.1.mlp.experts.5.up_proj.weight", "model.layers.1.self_attn.o_proj.weight"]

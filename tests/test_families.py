@@ -183,7 +183,7 @@ def test_fp8_block_scaled_checkpoint_is_dequantized(tmp_path):
     assert main(["deepseek_v3", "--src", str(src), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     params = flat_params(load_pretrained(tmp_path / "out"))
     assert params["layers.1.mlp.router.kernel"].dtype == np.float32
-    from puzzlemoe_jax.checkpoint import convert_checkpoint
+    from puzzlemoe_jax.conversion import convert_checkpoint
     convert_checkpoint(src, tmp_path / "out_raw", "deepseek_v3", device_layout=True)   # the accelerators' read path
     raw_params = flat_params(load_pretrained(tmp_path / "out_raw"))
     for n, w in params.items():

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from puzzlemoe_jax import load_pretrained
-from puzzlemoe_jax.checkpoint import convert_checkpoint
+from puzzlemoe_jax.conversion import convert_checkpoint
 from puzzlemoe_jax.generate import Generator
 
 ROOT = Path(__file__).resolve().parents[1]

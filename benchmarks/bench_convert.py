@@ -4,7 +4,7 @@ Writes a random bf16 checkpoint with the layer shapes of a real model (HF Hub la
 to local disk, measures the disk's sequential read rate on it, then runs the converter as a user
 would (a subprocess): once with the CLI's defaults (run "default": the pipelined converter), once
 per ``--variant``, and once with ``--sequential`` (the plain one-thread host path), each from a cold
-page cache.
+page cache; ``--repeat N`` runs every setting N times, in rounds.
 Reports GB/s of input, seconds per layer, the read/merge/write time split and peak RSS (with the sampled
 peak anonymous RSS beside it: the CUDA libraries count as file pages), as a table
 and as JSON under ``benchmarks/results/``.
@@ -211,6 +211,8 @@ def main():
                     help="one more run with these CLI arguments, e.g. 'read4=--read-threads 4', and VAR=VALUE "
                          "environment settings, e.g. 'noprealloc=XLA_PYTHON_CLIENT_PREALLOCATE=false' "
                          "(repeatable; runs after the default run)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run every setting N times, in rounds (the later rounds' runs are named NAME#2, ...)")
     ap.add_argument("--dst-dir", help="where the output goes (default: --out-dir, the source's disk)")
     args = ap.parse_args()
     arch, depth, sizes = SHAPES[args.shape]
@@ -247,7 +249,10 @@ def main():
         variants[name] = rest.split()
     if not args.no_sequential:
         variants["sequential"] = ["--sequential"]
-    for name, extra in variants.items():
+    # rounds: every run once per round, so no setting always goes first (the first conversion after the
+    # source was written measured slowest on the H200 machines, whatever its setting)
+    order = [(f"{name}#{k + 1}" if k else name, extra) for k in range(args.repeat) for name, extra in variants.items()]
+    for name, extra in order:
         drop_cache(src)
         r = run_convert(arch, src, out, args.ratio, extra)
         r.update(gb_per_s=gb / r["wall_s"], s_per_layer=r["wall_s"] / layers)

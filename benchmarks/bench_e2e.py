@@ -237,11 +237,12 @@ def worker(args) -> dict:
                 from common import cupti_time  # noqa: PLC0415
                 from puzzlemoe_jax.generate import _decode  # noqa: PLC0415
                 first, cache, _ = gen.prefill(batch, args.decode)
-                stop, key, one = jnp.asarray([-1], jnp.int32), jax.random.key(1), jnp.float32(1.0)
-                step = lambda state, f, c: _decode(gen.graphdef, state, f, c, batch.valid, batch.next_pos, stop,  # noqa: E731
-                                                   key, one, one, max_new=args.decode, greedy=True)[0]
+                step = functools.partial(_decode, gen.graphdef, max_new=args.decode, greedy=True)
+                one = jnp.float32(1.0)
                 # the weights are an argument: a closure would make them constants of the measured jit
-                _, ms, _, per = cupti_time(step, (gen.state, first, cache), iterations=2, by_kernel=True)
+                _, ms, _, per = cupti_time(step, (gen.state, first, cache, batch.valid, batch.next_pos,
+                                                  jnp.asarray([-1], jnp.int32), jax.random.key(1), one, one),
+                                           iterations=2, by_kernel=True)
                 del cache
                 n = args.decode - 1
                 top = sorted(per.items(), key=lambda kv: -kv[1])[:30]

@@ -1,7 +1,8 @@
 """End-to-end ``python -m convert`` speed on a real-size-shaped checkpoint, page cache cold.
 
 Writes a random bf16 checkpoint with the layer shapes of a real model (HF Hub layout, 2 GB shards)
-to local disk, measures the disk's sequential read rate on it, then runs the converter as a user
+to local disk, measures the disk's sequential read rate on it (alone, and while writing the share of
+it a conversion writes back), then runs the converter as a user
 would (a subprocess): once with the CLI's defaults (run "default": the pipelined converter), once
 per ``--variant``, and once with ``--sequential`` (the plain one-thread host path), each from a cold
 page cache; ``--repeat N`` runs every setting N times, in rounds.
@@ -132,6 +133,32 @@ def read_rate(d: Path) -> float:
     return n / 1e9 / (time.perf_counter() - t)
 
 
+def read_write_rate(d: Path, out: Path, write_share: float) -> tuple[float, float]:
+    """The disk's rate with a converter's mix of traffic: ``d``'s shards read once (64 MiB reads) while
+    another thread writes ``write_share`` of their bytes to a scratch file in ``out`` (then removed).
+    Returns (read GB/s, read + written GB/s)."""
+    total = sum(p.stat().st_size for p in d.glob("*.safetensors"))
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = out / "bench_write_scratch"
+    block = np.zeros(CHUNK, np.uint8)
+
+    def write():
+        with open(scratch, "wb", buffering=0) as f:
+            for _ in range(int(write_share * total) // CHUNK):
+                f.write(block)
+            os.fsync(f.fileno())
+    t = time.perf_counter()
+    writer = threading.Thread(target=write)
+    writer.start()
+    read_s = read_rate(d)
+    read_s = total / 1e9 / read_s   # seconds the reads took
+    writer.join()
+    both = time.perf_counter() - t
+    written = scratch.stat().st_size
+    scratch.unlink()
+    return total / 1e9 / read_s, (total + written) / 1e9 / both
+
+
 def sample_rss(proc: subprocess.Popen, peak: dict, timed: bool, every: float = 0.05) -> None:
     """Largest RssAnon / RssFile (KiB) of the converter process seen while it runs (sampled; the
     CUDA libraries' mappings count as file pages, the converter's buffers as anonymous ones)."""
@@ -235,6 +262,9 @@ def main():
     gb = sum(p.stat().st_size for p in src.glob("*.safetensors")) / 1e9
     how = drop_cache(src)
     disk = read_rate(src)
+    drop_cache(src)
+    # the converter writes about half its input back to the same disk (ratio 0.5) while it reads
+    mixed_read, mixed_total = read_write_rate(src, out.parent, min(1.0, 1.05 - args.ratio))
     probe = subprocess.run([sys.executable, "-c", "import jax; d = jax.devices()[0]; "
                             "print(jax.default_backend(), '|', d.device_kind, '|', jax.device_count())"],
                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -264,14 +294,16 @@ def main():
     rss_limit = (3 * layer_bytes + 1e9) / 2**30   # issue 21: 3 layers' expert bytes + 1 GB
     result = {"shape": args.shape, "arch": arch, "layers": layers, "input_gb": gb,
               "expert_gb_per_layer": layer_bytes / 1e9, "rss_limit_gib": rss_limit, "ratio": args.ratio, "cache": how,
-              "disk_read_gb_per_s": disk, "device": device, "cpus": os.cpu_count(), "commit": commit,
+              "disk_read_gb_per_s": disk, "disk_mixed_read_gb_per_s": mixed_read,
+              "disk_mixed_read_write_gb_per_s": mixed_total, "device": device, "cpus": os.cpu_count(), "commit": commit,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv), "output_dir": str(out.parent), "runs": runs}
     cols = ("run", "wall s", "GB/s", "s/layer", "read s", "read others s", "wait read s", "merge s", "write s",
             "peak RSS GiB", "peak RssAnon GiB")
     print(f"\n{args.shape}: {layers} layers, {gb:.2f} GB input, {layer_bytes / 1e9:.2f} GB experts/layer, "
           f"ratio {args.ratio}; device {device}; {os.cpu_count()} CPUs; disk sequential read "
-          f"{disk:.2f} GB/s (cache: {how}); commit {commit}; peak RSS limit (3 layers' experts + 1 GB) "
+          f"{disk:.2f} GB/s (cache: {how}), {mixed_read:.2f} GB/s while writing ({mixed_total:.2f} GB/s read + "
+          f"written); commit {commit}; peak RSS limit (3 layers' experts + 1 GB) "
           f"{rss_limit:.2f} GiB")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for name, r in runs.items():

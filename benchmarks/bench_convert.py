@@ -150,13 +150,12 @@ def read_write_rate(d: Path, out: Path, write_share: float) -> tuple[float, floa
     t = time.perf_counter()
     writer = threading.Thread(target=write)
     writer.start()
-    read_s = read_rate(d)
-    read_s = total / 1e9 / read_s   # seconds the reads took
+    read = read_rate(d)
     writer.join()
     both = time.perf_counter() - t
     written = scratch.stat().st_size
     scratch.unlink()
-    return total / 1e9 / read_s, (total + written) / 1e9 / both
+    return read, (total + written) / 1e9 / both
 
 
 def sample_rss(proc: subprocess.Popen, peak: dict, timed: bool, every: float = 0.05) -> None:
@@ -205,8 +204,8 @@ def run_convert(arch: str, src: Path, out: Path, ratio: float, extra: list[str])
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # max over children so far
     m = re.search(r"time split[^:]*: (.*)", p.stdout)
     split = {k: float(v) for k, v in re.findall(r"(\w[\w -]*?) ([\d.]+) s", m.group(1) if m else "")}
-    return {"command": " ".join([*(f"{k}={v}" for k, v in settings.items()), *cmd]), "wall_s": wall, "peak_rss_gib": rss, "peak_rss_anon_gib": peak["anon"] / 2**20,
-            "peak_rss_file_gib": peak["file"] / 2**20, "split_s": split,
+    return {"command": " ".join([*(f"{k}={v}" for k, v in settings.items()), *cmd]), "wall_s": wall,
+            "peak_rss_gib": rss, "peak_rss_anon_gib": peak["anon"] / 2**20, "peak_rss_file_gib": peak["file"] / 2**20, "split_s": split,
             "summary_tail": p.stdout.splitlines()[-4:]}
 
 
@@ -242,6 +241,8 @@ def main():
                     help="run every setting N times, in rounds (the later rounds' runs are named NAME#2, ...)")
     ap.add_argument("--dst-dir", help="where the output goes (default: --out-dir, the source's disk)")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     arch, depth, sizes = SHAPES[args.shape]
     work = Path(args.out_dir)
     src, out = work / f"src-{args.shape}", Path(args.dst_dir or work) / f"out-{args.shape}"

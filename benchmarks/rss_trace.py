@@ -18,23 +18,25 @@ import time
 def rollup(pid="self"):
     """GiB of ``/proc/PID/smaps_rollup``: Rss, Anonymous, Shmem, Pss_File."""
     d = {}
-    for line in open(f"/proc/{pid}/smaps_rollup"):
-        parts = line.split()
-        if len(parts) >= 3 and parts[-1] == "kB":
-            d[parts[0].rstrip(":")] = int(parts[1]) / 2**20
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[-1] == "kB":
+                d[parts[0].rstrip(":")] = int(parts[1]) / 2**20
     return {k: round(d.get(k, 0), 3) for k in ("Rss", "Anonymous", "Shmem", "Pss_File")}
 
 
 def top_maps(n=12):
     """The ``n`` largest mappings of this process by Rss: (file, Rss GiB, Anonymous GiB)."""
     maps, cur = {}, None
-    for line in open("/proc/self/smaps"):
-        f = line.split()
-        if f and "-" in f[0] and len(f) >= 5 and not f[0].endswith(":"):
-            cur = f[5] if len(f) > 5 else f"[anon {f[0]}]"   # each anonymous mapping on its own
-        elif f and f[0] in ("Rss:", "Anonymous:"):
-            m = maps.setdefault(cur, [0, 0])
-            m[0 if f[0] == "Rss:" else 1] += int(f[1])
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            f = line.split()
+            if f and "-" in f[0] and len(f) >= 5 and not f[0].endswith(":"):
+                cur = f[5] if len(f) > 5 else f"[anon {f[0]}]"   # each anonymous mapping on its own
+            elif f and f[0] in ("Rss:", "Anonymous:"):
+                m = maps.setdefault(cur, [0, 0])
+                m[0 if f[0] == "Rss:" else 1] += int(f[1])
     top = sorted(maps.items(), key=lambda kv: -kv[1][0])[:n]
     return [(os.path.basename(k), round(v[0] / 2**20, 3), round(v[1] / 2**20, 3)) for k, v in top]
 
@@ -55,7 +57,8 @@ def probe(merge: bool) -> None:
         from puzzlemoe_jax.compress import compress_layer  # noqa: PLC0415
         k = jax.random.key(0)
         E, H, I = 64, 2048, 1408
-        w = {n: jax.random.normal(k, (E, *s), jnp.bfloat16) for n, s in (("w_gate", (H, I)), ("w_up", (H, I)), ("w_down", (I, H)))}
+        shapes = {"w_gate": (H, I), "w_up": (H, I), "w_down": (I, H)}
+        w = {n: jax.random.normal(k, (E, *s), jnp.bfloat16) for n, s in shapes.items()}
         jax.block_until_ready(compress_layer(w, 0.5, chunk_elems=1 << 26))
         out["after_merge_compile"] = rollup()
         out["top_after_merge"] = top_maps()

@@ -3,7 +3,7 @@
     python benchmarks/bench_e2e.py [--shape mixtral-8x7b] [--batches 1,4,16,64] [--prefill 16]
         [--decode 128] [--packed-layers 32] [--dense-layers auto] [--budget-s 420] [--json OUT]
         [--impl auto] [--configs dense,packed-all] [--compile-cache DIR]
-        [--meshes 1x1,2x1] [--concurrent-single] [--profile]
+        [--meshes 1x1,2x1] [--concurrent-single] [--profile] [--timeline]
 
 A Mixtral-8x7B-shaped model (bf16) is built directly on the device with random weights
 (normal, std 0.02; RMSNorm scales 1), not read from disk.  Packed layers: ``compress.compress_layer``
@@ -248,6 +248,12 @@ def worker(args) -> dict:
                 top = sorted(per.items(), key=lambda kv: -kv[1])[:30]
                 run["profile"] = {"steps": n, "device_ms_per_step": ms / n,
                                   "kernels_us_per_step": {k: round(1e3 * v / n, 2) for k, v in top}}
+            if args.timeline:  # when the GPU idles during one decode call, as the user calls it
+                from common import device_timeline  # noqa: PLC0415
+                first, cache, _ = gen.prefill(batch, args.decode)
+                jax.block_until_ready(cache)
+                _, run["timeline"] = device_timeline(lambda: gen.decode(batch, first, cache, args.decode), ())
+                del cache
             finite = bool(ok) and bool(ok2)
             assert int(steps) == args.decode, int(steps)
             p, d = statistics.median(pre), statistics.median(dec)
@@ -425,6 +431,9 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="also run the decode loop under CUPTI at each batch: device ms per step and the kernels' "
                          "time per step by name (JSON 'profile')")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also trace one decode call at each batch (jax.profiler): the GPU's busy time, its idle "
+                         "time before, between and after the kernels, the longest gaps (JSON 'timeline')")
     # worker mode
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker-check", action="store_true", help=argparse.SUPPRESS)
@@ -458,7 +467,7 @@ def main(argv=None):
         print("CHECK", json.dumps(out["check"]), flush=True)
     base = ["--shape", args.shape, "--batches", ",".join(map(str, args.batches)), "--prefill", str(args.prefill),
             "--decode", str(args.decode), "--reps", str(args.reps), "--compare-prefill-chunk", str(args.compare_prefill_chunk),
-            *(["--profile"] if args.profile else [])]
+            *(["--profile"] if args.profile else []), *(["--timeline"] if args.timeline else [])]
     all_layers = args.packed_layers or SHAPES[args.shape]["num_layers"]
     import jax  # noqa: PLC0415 (only the device count and bytes limit; workers use their own processes)
     n_gpus = jax.device_count()

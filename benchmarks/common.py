@@ -86,3 +86,85 @@ def write_json(path: str, obj) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1, default=str)
     os.replace(path + ".tmp", path)
+
+
+def device_timeline(fn, args, *, top: int = 12):
+    """Run ``fn(*args)`` once under ``jax.profiler`` and summarise when the GPU was busy
+    (``gap_summary``): where a call's wall clock goes beyond the kernels' own time."""
+    import glob  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+    from jax.profiler import ProfileData, TraceAnnotation  # noqa: PLC0415
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            with TraceAnnotation("timeline_call"):
+                out = jax.block_until_ready(fn(*args))
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            return out, {"error": "the profiler wrote no trace"}
+        data = ProfileData.from_file(paths[0])
+    kernels, host, window = [], [], None
+    for plane in data.planes:
+        on_gpu = plane.name.startswith("/device:GPU")
+        for line in plane.lines:
+            if on_gpu and not line.name.startswith("Stream"):
+                continue                 # derived lines ("XLA Ops", "XLA Modules") repeat the stream events
+            for e in line.events:
+                if on_gpu:
+                    kernels.append((e.start_ns, e.end_ns, e.name))
+                elif plane.name.startswith("/host"):
+                    if e.name == "timeline_call":
+                        window = (e.start_ns, e.end_ns)
+                    host.append((e.start_ns, e.end_ns, e.name, line.name))
+    if not kernels or window is None:
+        return out, {"error": "no GPU stream events in the trace" if not kernels else "call not found in the trace"}
+    return out, gap_summary(kernels, host, window, top=top)
+
+
+GAP_BINS_US = (2, 10, 50, 200, 1000)
+
+
+def gap_summary(kernels, host, window, *, top: int = 12) -> dict:
+    """GPU busy and idle time of one call from trace events (times in ns).
+
+    ``kernels``: (start, end, name) on the GPU's streams; ``host``: (start, end, name, thread);
+    ``window``: (start, end) of the host call.  Idle = the call's window minus the union of the
+    kernels: before the first kernel (``lead``), between kernels (histogram by gap length, the
+    kernel pairs around the most idle time, the longest gaps with the host events inside them)
+    and after the last one (``tail``)."""
+    ks = sorted(kernels)
+    merged = []                                   # [start, end, first name, last name]
+    for s, e, n in ks:
+        if merged and s <= merged[-1][1]:
+            if e > merged[-1][1]:
+                merged[-1][1], merged[-1][3] = e, n
+        else:
+            merged.append([s, e, n, n])
+    busy = sum(e - s for s, e, _, _ in merged)
+    gaps = [(b[0] - a[1], a[3], b[2], a[1], b[0]) for a, b in zip(merged, merged[1:])]
+    us = lambda ns: round(ns / 1e3, 2)  # noqa: E731
+    bins, lo = [], 0
+    for hi in (*GAP_BINS_US, float("inf")):
+        sel = [g for g, *_ in gaps if lo * 1e3 <= g < hi * 1e3]
+        bins.append({"us": f"{lo}-{hi}", "count": len(sel), "total_us": us(sum(sel))})
+        lo = hi
+    pairs: dict = {}
+    for g, a, b, _, _ in gaps:
+        c = pairs.setdefault((a, b), [0, 0])
+        c[0] += 1
+        c[1] += g
+    short = (window[1] - window[0]) / 4          # host events shorter than this say what the host did
+
+    def inside(s0, e0):
+        hits = [(min(e, e0) - max(s, s0), n, t) for s, e, n, t in host
+                if s < e0 and e > s0 and e - s < short and n != "timeline_call"]
+        return [f"{n} [{t}] {us(o)} us" for o, n, t in sorted(hits, reverse=True)[:4]]
+
+    return {
+        "kernels": len(ks), "window_us": us(window[1] - window[0]), "busy_us": us(busy),
+        "lead_us": us(merged[0][0] - window[0]), "tail_us": us(window[1] - merged[-1][1]),
+        "between_us": us(sum(g for g, *_ in gaps)), "gap_bins": bins,
+        "top_pairs": [{"after": a, "before": b, "count": c, "total_us": us(t)}
+                      for (a, b), (c, t) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]],
+        "longest": [{"us": us(g), "after": a, "before": b, "host": inside(s, e)}
+                    for g, a, b, s, e in sorted(gaps, reverse=True)[:top]],
+    }

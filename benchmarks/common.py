@@ -130,7 +130,7 @@ def gap_summary(kernels, host, window, *, top: int = 12) -> dict:
     ``window``: (start, end) of the host call.  Idle = the call's window minus the union of the
     kernels: before the first kernel (``lead``), between kernels (histogram by gap length, the
     kernel pairs around the most idle time, the longest gaps with the host events inside them)
-    and after the last one (``tail``)."""
+    and after the last one (``tail``); and each kernel name's count and time."""
     ks = sorted(kernels)
     merged = []                                   # [start, end, first name, last name]
     for s, e, n in ks:
@@ -159,7 +159,14 @@ def gap_summary(kernels, host, window, *, top: int = 12) -> dict:
                 if s < e0 and e > s0 and e - s < short and n != "timeline_call"]
         return [f"{n} [{t}] {us(o)} us" for o, n, t in sorted(hits, reverse=True)[:4]]
 
+    by_name: dict = {}
+    for s, e, n in ks:
+        c = by_name.setdefault(n, [0, 0])
+        c[0] += 1
+        c[1] += e - s
     return {
+        "by_kernel": [{"name": n, "count": c, "total_us": us(t)}
+                      for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:3 * top]],
         "kernels": len(ks), "window_us": us(window[1] - window[0]), "busy_us": us(busy),
         "lead_us": us(merged[0][0] - window[0]), "tail_us": us(window[1] - merged[-1][1]),
         "between_us": us(sum(g for g, *_ in gaps)), "gap_bins": bins,

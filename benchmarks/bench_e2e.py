@@ -202,7 +202,7 @@ def worker(args) -> dict:
             compile_events.clear()
             t0 = time.perf_counter()
             first, cache, ok = gen.prefill(batch, args.decode)
-            out, steps, ok2 = gen.decode(batch, first, cache, args.decode)
+            out, steps, ok2, cache = gen.decode(batch, first, cache, args.decode)
             jax.block_until_ready(out)
             run["compile_and_first_s"] = time.perf_counter() - t0
             run["compile_stages_s"] = dict(compile_events)
@@ -212,7 +212,7 @@ def worker(args) -> dict:
                 first, cache, ok = gen.prefill(batch, args.decode)
                 jax.block_until_ready((first, cache))
                 t1 = time.perf_counter()
-                out, steps, ok2 = gen.decode(batch, first, cache, args.decode)
+                out, steps, ok2, cache = gen.decode(batch, first, cache, args.decode)
                 jax.block_until_ready(out)
                 t2 = time.perf_counter()
                 pre.append(t1 - t0)
@@ -235,9 +235,11 @@ def worker(args) -> dict:
                 ok = ok & ok_c
             if args.profile:   # where a decode step's device time goes, kernels summed by name
                 from common import cupti_time  # noqa: PLC0415
-                from puzzlemoe_jax.generate import _decode  # noqa: PLC0415
+                from puzzlemoe_jax.generate import DECODE_STATIC, decode_steps  # noqa: PLC0415
                 first, cache, _ = gen.prefill(batch, args.decode)
-                step = functools.partial(_decode, gen.graphdef, max_new=args.decode, greedy=True)
+                # the cache is not donated here: every timed iteration reads the same one
+                step = functools.partial(jax.jit(decode_steps, static_argnames=DECODE_STATIC), gen.graphdef,
+                                         max_new=args.decode, greedy=True)
                 one = jnp.float32(1.0)
                 # the weights are an argument: a closure would make them constants of the measured jit
                 _, ms, _, per = cupti_time(step, (gen.state, first, cache, batch.valid, batch.next_pos,

@@ -118,9 +118,13 @@ def _prefill(graphdef, state, ids, positions, valid, key, temperature, top_p, *,
     return tok, cache, jnp.all(jnp.isfinite(logits))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy"))
-def _decode(graphdef, state, first, cache, valid, next_pos, stop_ids, key, temperature, top_p, *,
-            max_new: int, greedy: bool):
+DECODE_STATIC = ("graphdef", "max_new", "greedy")
+
+
+def decode_steps(graphdef, state, first, cache, valid, next_pos, stop_ids, key, temperature, top_p, *,
+                 max_new: int, greedy: bool):
+    """Every decode step after the prefill's first token, in one ``lax.while_loop``: returns
+    (tokens ``[B, max_new]``, steps run, all logits finite, the cache after the last step)."""
     model = nnx.merge(graphdef, state)
     b = first.shape[0]
     start = valid.shape[1] - max_new                          # slot of the first generated token
@@ -144,8 +148,13 @@ def _decode(graphdef, state, first, cache, valid, next_pos, stop_ids, key, tempe
         return i + 1, nxt, cache, done | jnp.isin(nxt, stop_ids), out, key, finite
 
     init = (jnp.int32(1), first, cache, done, out, key, jnp.bool_(True))
-    i, _, _, _, out, _, finite = jax.lax.while_loop(cond, body, init)
-    return out, i, finite
+    i, _, cache, _, out, _, finite = jax.lax.while_loop(cond, body, init)
+    return out, i, finite, cache
+
+
+# the prefill's cache is donated and returned, so the loop updates it in place: a long context holds
+# one cache, not two
+_decode = jax.jit(decode_steps, static_argnames=DECODE_STATIC, donate_argnames=("cache",))
 
 
 def _check_sampling(greedy, temperature, top_p):
@@ -187,6 +196,8 @@ class Generator:
 
     def decode(self, batch: Batch, first, cache, max_new_tokens: int, *, stop=None, greedy=True,
                temperature=1.0, top_p=1.0, key=None):
+        """``decode_steps``: (tokens after ``first``, steps, finite, cache); the ``cache`` passed in
+        (the prefill's) is consumed, updated in place into the one returned."""
         key = jax.random.key(1) if key is None else key
         stop = jnp.asarray([-1], jnp.int32) if stop is None else stop
         return _decode(self.graphdef, self.state, first, cache, batch.valid, batch.next_pos, stop, key,
@@ -201,8 +212,8 @@ class Generator:
         k0, k1 = jax.random.split(jax.random.key(seed))
         first, cache, ok = self.prefill(batch, max_new_tokens, greedy=greedy, temperature=temperature,
                                         top_p=top_p, key=k0)
-        out, steps, ok2 = self.decode(batch, first, cache, max_new_tokens, stop=stop, greedy=greedy,
-                                      temperature=temperature, top_p=top_p, key=k1)
+        out, steps, ok2, _ = self.decode(batch, first, cache, max_new_tokens, stop=stop, greedy=greedy,
+                                         temperature=temperature, top_p=top_p, key=k1)
         if not (bool(ok) and bool(ok2)):
             raise FloatingPointError("non-finite logits during generation")
         out = np.asarray(out)[:, :int(steps)]

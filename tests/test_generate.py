@@ -89,9 +89,12 @@ def test_chunked_prefill_same_tokens(mixtral_packed):
     outs = []
     for chunk in (7, 3, 1):
         first, cache, ok = gen.prefill(b, 5, chunk=chunk)
-        out, steps, ok2 = gen.decode(b, first, cache, 5)
+        out, steps, ok2, after = gen.decode(b, first, cache, 5)
         assert bool(ok) and bool(ok2) and int(steps) == 5
         outs.append(np.asarray(out))
+        # the decode took the prefill's cache over in place: no second cache held beside it
+        assert all(c.is_deleted() for kv in cache for c in kv)
+        assert [c.shape for kv in after for c in kv] == [c.shape for kv in cache for c in kv]
     assert all((o == outs[0]).all() for o in outs)
 
 

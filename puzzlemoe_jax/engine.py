@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from puzzlemoe_jax.generate import PAD_ID, sample_logits
+from puzzlemoe_jax.generate import PAD_ID, sample_logits, split_static
 
 log = logging.getLogger("puzzlemoe_jax.engine")
 MODES = ("auto", "batched", "exact")
@@ -102,7 +102,7 @@ def _prefill(graphdef, state, ids, length, seed, temperature, top_p, *, max_len:
     """One prompt ``ids [P]`` (right-padded, ``length`` real tokens) into a fresh cache row of
     ``max_len`` positions; returns (first token, row cache, logits finite).  Only the hidden state of
     the last real token reaches the head."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef.graph, state)
     positions = jnp.arange(ids.shape[0], dtype=jnp.int32)[None]
     logits, new = model.forward_cached(ids[None], positions, jnp.ones((1, max_len), bool),
                                        model.init_cache(1, max_len), 0, last_index=length - 1)
@@ -160,7 +160,7 @@ def _decode_batched(model, tokens, pos, active, cache):
 def _decode(graphdef, state, cache, tokens, pos, active, seeds, counts, temperature, top_p, *, mode: str):
     """One token for every slot: ``tokens [B]`` go into cache position ``pos [B]``; returns
     (next tokens [B], cache, finite [B])."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef.graph, state)
     step = _decode_exact if mode == "exact" else _decode_batched
     logits, cache = step(model, tokens, pos, active, cache)
     logits = logits.astype(jnp.float32)
@@ -190,7 +190,7 @@ class Engine:
         self.buckets = tuple(sorted(b for b in set(buckets or prefill_buckets(self.max_len)) if b < self.max_len))
         self.buckets += (self.max_len,)
         self.stop_ids = frozenset(int(t) for t in stop_ids)
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, self.state = split_static(model)
         self.cache = model.init_cache(max_batch, self.max_len)
         self.slots: list[Request | None] = [None] * max_batch
         self.tokens = np.zeros(max_batch, np.int32)

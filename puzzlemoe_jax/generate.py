@@ -103,10 +103,32 @@ def sample_logits(logits, key, *, greedy: bool, temperature, top_p):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+class StaticGraph:
+    """A model's ``nnx`` graph definition as a static jit argument whose hash is computed once.
+
+    jit hashes its static arguments on every call, and hashing a many-layer GraphDef took
+    milliseconds, paid before every launch (per token in the serving loop)."""
+
+    def __init__(self, graph):
+        self.graph, self._hash = graph, hash(graph)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, StaticGraph) and (self.graph is other.graph or self.graph == other.graph)
+
+
+def split_static(model) -> tuple[StaticGraph, nnx.State]:
+    """``nnx.split`` with the graph wrapped for jit (``StaticGraph``)."""
+    graph, state = nnx.split(model)
+    return StaticGraph(graph), state
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "chunk"))
 def _prefill(graphdef, state, ids, positions, valid, key, temperature, top_p, *, max_new: int, greedy: bool,
              chunk: int):
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef.graph, state)
     b, L = ids.shape
     cache = model.init_cache(b, L + max_new)
     for s0 in range(0, L, chunk):     # chunked prefill: the same function, fewer tokens per step
@@ -119,37 +141,55 @@ def _prefill(graphdef, state, ids, positions, valid, key, temperature, top_p, *,
 
 
 DECODE_STATIC = ("graphdef", "max_new", "greedy")
+# decode steps per inner loop: a loop of known trip count runs without the host reading its condition
+# back from the GPU, so its steps are launched back to back; the stop check runs between chunks
+DECODE_CHUNK = 8
 
 
 def decode_steps(graphdef, state, first, cache, valid, next_pos, stop_ids, key, temperature, top_p, *,
                  max_new: int, greedy: bool):
-    """Every decode step after the prefill's first token, in one ``lax.while_loop``: returns
-    (tokens ``[B, max_new]``, steps run, all logits finite, the cache after the last step)."""
-    model = nnx.merge(graphdef, state)
+    """Every decode step after the prefill's first token, in one jit: returns (tokens ``[B, max_new]``,
+    steps run, all logits finite, the cache after the last step).
+
+    The steps run in chunks of ``DECODE_CHUNK`` (an inner loop of fixed length inside a
+    ``lax.while_loop`` that stops once every sequence has emitted a stop token): a chunk may run past
+    the last step or the last stop; such steps write no tokens, count no steps, and put their keys
+    and values only in cache slots no returned token depends on (slots past the last step's, the
+    last slot at most, where the cache index clamps)."""
+    model = nnx.merge(graphdef.graph, state)
     b = first.shape[0]
     start = valid.shape[1] - max_new                          # slot of the first generated token
-    out = jnp.full((b, max_new), PAD_ID, jnp.int32).at[:, 0].set(first)
+    n = max_new - 1                                           # steps after the prefill's token
+    chunk = max(1, min(DECODE_CHUNK, n))
+    n_chunks = -(-n // chunk)
+    out = jnp.full((b, 1 + n_chunks * chunk), PAD_ID, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stop_ids)
 
-    def cond(c):
-        i, _, _, done, _, _, _ = c
-        return (i < max_new) & ~jnp.all(done)
-
-    def body(c):
-        i, tok, cache, done, out, key, finite = c
+    def step(i, c):
+        tok, cache, done, out, key, finite, steps = c
+        live = (i < max_new) & ~jnp.all(done)                 # a step the plain loop would have run
         key, sub = jax.random.split(key)
         pos = (next_pos + i - 1)[:, None]
         logits, cache = model.forward_cached(tok[:, None], pos, valid, cache, start + i - 1)
         logits = logits[:, -1].astype(jnp.float32)
         nxt = sample_logits(logits, sub, greedy=greedy, temperature=temperature, top_p=top_p)
-        finite &= jnp.all(jnp.isfinite(logits) | done[:, None])
+        finite &= jnp.all(jnp.isfinite(logits) | done[:, None]) | ~live
         nxt = jnp.where(done, PAD_ID, nxt)
         out = out.at[:, i].set(nxt)
-        return i + 1, nxt, cache, done | jnp.isin(nxt, stop_ids), out, key, finite
+        steps = jnp.where(live, i + 1, steps)
+        return nxt, cache, done | jnp.isin(nxt, stop_ids), out, key, finite, steps
 
-    init = (jnp.int32(1), first, cache, done, out, key, jnp.bool_(True))
-    i, _, cache, _, out, _, finite = jax.lax.while_loop(cond, body, init)
-    return out, i, finite, cache
+    def cond(c):
+        j, carry = c
+        return (j < n_chunks) & ~jnp.all(carry[2])
+
+    def body(c):
+        j, carry = c
+        return j + 1, jax.lax.fori_loop(0, chunk, lambda t, cc: step(1 + j * chunk + t, cc), carry)
+
+    init = (first, cache, done, out, key, jnp.bool_(True), jnp.int32(1))
+    _, (_, cache, _, out, _, finite, steps) = jax.lax.while_loop(cond, body, (jnp.int32(0), init))
+    return out[:, :max_new], steps, finite, cache
 
 
 # the prefill's cache is donated and returned, so the loop updates it in place: a long context holds
@@ -180,7 +220,7 @@ class Generator:
     def __init__(self, model):
         self.model = model
         self.vocab_size = model.config.vocab_size
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, self.state = split_static(model)
 
     def prefill(self, batch: Batch, max_new_tokens: int, *, greedy=True, temperature=1.0, top_p=1.0, key=None,
                 chunk: int | None = None):

@@ -144,6 +144,47 @@ def test_stop_tokens(mixtral):
     assert generate(mixtral, PROMPTS, 10, stop_tokens=firsts) == [[f[0]] for f in full]
 
 
+@pytest.mark.parametrize("max_new", [2, G.DECODE_CHUNK + 3, 2 * G.DECODE_CHUNK + 1])
+def test_chunked_decode_counts_steps_and_tokens_as_a_plain_loop(mixtral, max_new):
+    """The decode runs in chunks of DECODE_CHUNK steps: the steps it reports and the tokens it
+    returns are those of a loop that checks for stops before every step, whatever the overrun."""
+    full = [row[:max_new] for row in generate(mixtral, PROMPTS, 2 * G.DECODE_CHUNK + 2)]
+    assert generate(mixtral, PROMPTS, max_new) == full            # the overrun changes no token
+    gen = Generator(mixtral)
+    b = prepare_batch(PROMPTS, max_new, 160)
+    stop = sorted({f[min(2, max_new - 1)] for f in full})       # every row stops by its third token
+    first, cache, _ = gen.prefill(b, max_new)
+    out, steps, ok, _ = gen.decode(b, first, cache, max_new, stop=jnp.asarray(stop, jnp.int32))
+    ends = [next(i for i, t in enumerate(f) if t in stop) + 1 for f in full]
+    assert bool(ok) and int(steps) == max(ends)
+    out = np.asarray(out)
+    assert out.shape == (len(PROMPTS), max_new)
+    for row, f, e in zip(out.tolist(), full, ends):
+        assert row == f[:e] + [G.PAD_ID] * (max_new - e)
+
+
+def test_decode_never_rehashes_the_model_graph(mixtral, monkeypatch):
+    """jit hashes static arguments per call; the graph's hash is taken once (StaticGraph), and a
+    second Generator over the same model reuses the compiled decode."""
+    gen = Generator(mixtral)
+    b = prepare_batch(PROMPTS, 4, 160)
+    first, cache, _ = gen.prefill(b, 4)
+    gen.decode(b, first, cache, 4)
+    compiled = G._decode._cache_size()
+    hashed = []
+    graph_type = type(gen.graphdef.graph)
+    real = graph_type.__hash__
+    monkeypatch.setattr(graph_type, "__hash__", lambda self: hashed.append(1) or real(self))
+    for g in (gen, gen):
+        first, cache, _ = g.prefill(b, 4)
+        g.decode(b, first, cache, 4)
+    assert hashed == []
+    other = Generator(mixtral)                                    # hashes its graph once, at split
+    first, cache, _ = other.prefill(b, 4)
+    other.decode(b, first, cache, 4)
+    assert len(hashed) == 1 and G._decode._cache_size() == compiled
+
+
 def test_non_finite_logits_raise():
     model = load_pretrained(F.converted("mixtral"))
     model.lm_head.kernel.set_value(jnp.full_like(model.lm_head.kernel[...], jnp.nan))

@@ -10,8 +10,9 @@ greedy output equals ``transformers``' ``generate`` token for token.
 
 Steps: ``prefill`` runs the padded prompts through the model in one call, filling cache slots
 ``0..L-1`` and sampling the first token; ``decode`` then runs all further steps inside one jit
-(``lax.while_loop``: one dispatch for the whole generation, stopping early when every sequence
-has emitted a stop token).  Non-finite logits raise ``FloatingPointError``.
+(one dispatch for the whole generation: fixed-length chunks of steps inside a ``lax.while_loop``
+that stops after the chunk in which every sequence has emitted a stop token; the prefill's KV cache is
+updated in place).  Non-finite logits raise ``FloatingPointError``.
 """
 from __future__ import annotations
 

@@ -147,11 +147,7 @@ def gap_summary(kernels, host, window, *, top: int = 12) -> dict:
         sel = [g for g, *_ in gaps if lo * 1e3 <= g < hi * 1e3]
         bins.append({"us": f"{lo}-{hi}", "count": len(sel), "total_us": us(sum(sel))})
         lo = hi
-    pairs: dict = {}
-    for g, a, b, _, _ in gaps:
-        c = pairs.setdefault((a, b), [0, 0])
-        c[0] += 1
-        c[1] += g
+    pairs = _tally(((a, b), g) for g, a, b, _, _ in gaps)
     short = (window[1] - window[0]) / 4          # host events shorter than this say what the host did
 
     def inside(s0, e0):
@@ -159,11 +155,7 @@ def gap_summary(kernels, host, window, *, top: int = 12) -> dict:
                 if s < e0 and e > s0 and e - s < short and n != "timeline_call"]
         return [f"{n} [{t}] {us(o)} us" for o, n, t in sorted(hits, reverse=True)[:4]]
 
-    by_name: dict = {}
-    for s, e, n in ks:
-        c = by_name.setdefault(n, [0, 0])
-        c[0] += 1
-        c[1] += e - s
+    by_name = _tally((n, e - s) for s, e, n in ks)
     return {
         "by_kernel": [{"name": n, "count": c, "total_us": us(t)}
                       for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:3 * top]],
@@ -175,3 +167,13 @@ def gap_summary(kernels, host, window, *, top: int = 12) -> dict:
         "longest": [{"us": us(g), "after": a, "before": b, "host": inside(s, e)}
                     for g, a, b, s, e in sorted(gaps, reverse=True)[:top]],
     }
+
+
+def _tally(items) -> dict:
+    """{key: [count, total]} of (key, value) pairs."""
+    out: dict = {}
+    for key, value in items:
+        c = out.setdefault(key, [0, 0])
+        c[0] += 1
+        c[1] += value
+    return out

@@ -175,9 +175,9 @@ def test_decode_never_rehashes_the_model_graph(mixtral, monkeypatch):
     graph_type = type(gen.graphdef.graph)
     real = graph_type.__hash__
     monkeypatch.setattr(graph_type, "__hash__", lambda self: hashed.append(1) or real(self))
-    for g in (gen, gen):
-        first, cache, _ = g.prefill(b, 4)
-        g.decode(b, first, cache, 4)
+    for _ in range(2):
+        first, cache, _ = gen.prefill(b, 4)
+        gen.decode(b, first, cache, 4)
     assert hashed == []
     other = Generator(mixtral)                                    # hashes its graph once, at split
     first, cache, _ = other.prefill(b, 4)

@@ -5,7 +5,9 @@ packed layer step (CUPTI, every kernel summed, median of ``--iters``) for each v
 each launch's own time by its kernel name, so one compiled variant measures one gate+up and one
 down setting.  Variants override the defaults (``VARIANTS``: pairs of overrides); "old" is the
 rule before the live-tile estimate (configs sized for every pair).  Settings that do not fit
-shared memory or do not divide K are skipped.  ``--block-m`` tries the default settings at other
+shared memory or do not divide K are skipped.  ``--variants`` replaces ``VARIANTS`` (and drops "old")
+with a JSON list of such pairs, e.g. the decode forms: '[[{}, {}], [{"decode": "prmt"}, {"decode": "prmt"}]]'.
+``--block-m`` tries the default settings at other
 token blocks instead (the layout's block follows the gate+up config's).  Every run is checked
 against the f32 layer on the decoded experts (rel. err < 1e-2, finite).  Prints a table per shape, writes JSON.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 
@@ -96,8 +99,9 @@ def sweep_shape(args, shape, tokens, res, t0):
         if args.block_m:   # the default settings at other token blocks (a block over T rows is no use)
             tries = [(f"b{b}", layer_configs(b, T * k, P, H, I), None) for b in args.block_m if b <= max(8, -(-T // 8) * 8)]
         else:
-            tries = [("old", old, None)] + [(f"v{n}", *variant_configs(base, over, bm, H, I))
-                                            for n, over in enumerate(VARIANTS)]
+            tries = [] if args.variants else [("old", old, None)]
+            tries += [(f"v{n}", *variant_configs(base, over, bm, H, I))
+                      for n, over in enumerate(args.variants or VARIANTS)]
         seen = set()
         for name, cfgs, skip in tries:
             if cfgs is not None and not skip:
@@ -130,7 +134,8 @@ def sweep_shape(args, shape, tokens, res, t0):
 def cfg_text(c: dict | None) -> str:
     if not c:
         return "-"
-    return f"n{c['block_n']} k{c['block_k']} st{c['num_stages']} s{c['split_k']}"
+    form = f" {c['decode']}" if c.get("decode") else ""
+    return f"n{c['block_n']} k{c['block_k']} st{c['num_stages']} s{c['split_k']}{form}"
 
 
 def row_line(v) -> str:
@@ -151,11 +156,13 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=270, help="variants after this many seconds are skipped")
+    ap.add_argument("--variants", type=json.loads, default=None,
+                    help="JSON list of [gate+up overrides, down overrides] pairs instead of VARIANTS")
     ap.add_argument("--block-m", type=lambda s: [int(b) for b in s.split(",")], default=None,
                     help="instead of the variants: the default settings at each of these token blocks")
     args = ap.parse_args()
     t0 = time.time()
-    res = {"command": " ".join(sys.argv), "info": device_info(), "variants": VARIANTS, "rows": []}
+    res = {"command": " ".join(sys.argv), "info": device_info(), "variants": args.variants or VARIANTS, "rows": []}
     for part in args.shapes.split(";"):
         shape, tokens = part.split(":")
         sweep_shape(args, shape, [int(t) for t in tokens.split(",")], res, t0)

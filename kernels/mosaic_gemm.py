@@ -39,7 +39,7 @@ MIN_CTAS = 128      # a launch splits K until it has about one CTA per SM
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    """Settings of one Mosaic kernel call.  ``decode`` ("swar" | "select") and ``a_in_smem``
+    """Settings of one Mosaic kernel call.  ``decode`` ("swar" | "prmt" | "select") and ``a_in_smem``
     (stage the decoded tiles in shared memory for the wgmma) left None follow the backend: SWAR
     and registers on the GPU, "select" and shared memory in the interpreter."""
     block_m: int            # tokens per CTA, a multiple of 8 in [8, MAX_BLOCK_M]
@@ -55,8 +55,8 @@ class MosaicConfig:
             raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, {MAX_BLOCK_M}]")
         if self.block_n not in (64, 128):
             raise ValueError(f"block_n={self.block_n} must be 64 or 128")
-        if self.decode not in (None, "swar", "select"):
-            raise ValueError(f"decode={self.decode!r} must be 'swar' or 'select'")
+        if self.decode not in (None, *mosaic_swar.DECODE_FORMS):
+            raise ValueError(f"decode={self.decode!r} must be one of {mosaic_swar.DECODE_FORMS}")
         if self.num_stages < 1 or self.split_k < 1:
             raise ValueError(f"num_stages and split_k must be >= 1, got {self.num_stages}, {self.split_k}")
 

@@ -15,7 +15,7 @@ from kernels.mosaic_ffn import (FEW_EXPERTS_MIN_BLOCK_M, from_mosaic_words, grou
                                 layer_configs, live_tiles, mosaic_moe_ffn, to_mosaic_words)
 from kernels.mosaic_gemm import (MAX_BLOCK_M, MosaicConfig, mosaic_config,
                                  mosaic_grouped_pair_gemm, mosaic_pair_gemm)
-from kernels.mosaic_swar import decode_pairs_swar
+from kernels.mosaic_swar import decode_pairs_prmt, decode_pairs_swar
 from kernels.reference import pair_gemm_reference
 from kernels.swiglu_transpose import swiglu_transposed
 from puzzlemoe_jax import codec
@@ -44,12 +44,13 @@ def test_mosaic_pair_kernel_matches_reference(mi, mj, k, n, block_n, block_k, sp
         check(g, r, f"mosaic (default config) O_{name}")
 
 
-def test_swar_decode_math_equals_codec_on_every_word_pair():
+@pytest.mark.parametrize("decode_pairs", [decode_pairs_swar, decode_pairs_prmt], ids=["swar", "prmt"])
+def test_swar_decode_math_equals_codec_on_every_word_pair(decode_pairs):
     words = jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16)
     partner = jnp.roll(words, 12345)   # every word in both halves, next to varied partners
     for lo, hi in ((words, partner), (partner, words)):
         lanes = lo.astype(jnp.uint32) | (hi.astype(jnp.uint32) << 16)
-        for got, (want_lo, want_hi) in zip(decode_pairs_swar(lanes), zip(codec.decode_words(lo), codec.decode_words(hi))):
+        for got, (want_lo, want_hi) in zip(decode_pairs(lanes), zip(codec.decode_words(lo), codec.decode_words(hi))):
             assert bool(jnp.array_equal((got & 0xFFFF).astype(jnp.uint16), want_lo))
             assert bool(jnp.array_equal((got >> 16).astype(jnp.uint16), want_hi))
 

@@ -40,8 +40,9 @@ MIN_CTAS = 128      # a launch splits K until it has about one CTA per SM
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
     """Settings of one Mosaic kernel call.  ``decode`` ("swar" | "prmt" | "select") and ``a_in_smem``
-    (stage the decoded tiles in shared memory for the wgmma) left None follow the backend: SWAR
-    and registers on the GPU, "select" and shared memory in the interpreter."""
+    (stage the decoded tiles in shared memory for the wgmma) left None follow the backend: "prmt"
+    (the faster SWAR form, ``mosaic_swar``) and registers on the GPU, "select" and shared memory in
+    the interpreter."""
     block_m: int            # tokens per CTA, a multiple of 8 in [8, MAX_BLOCK_M]
     block_n: int = 64       # output columns (word rows) per CTA: 64 or 128
     block_k: int = 128
@@ -49,6 +50,9 @@ class MosaicConfig:
     split_k: int = 1
     decode: str | None = None
     a_in_smem: bool | None = None
+    # keep one step's wgmmas in flight while the next step decodes: the activation slots are
+    # released a step later (``delay_release``), so this needs ``num_stages >= 3`` to prefetch
+    mma_overlap: bool = False
 
     def __post_init__(self):
         if self.block_m % 8 or not 8 <= self.block_m <= MAX_BLOCK_M:
@@ -59,10 +63,12 @@ class MosaicConfig:
             raise ValueError(f"decode={self.decode!r} must be one of {mosaic_swar.DECODE_FORMS}")
         if self.num_stages < 1 or self.split_k < 1:
             raise ValueError(f"num_stages and split_k must be >= 1, got {self.num_stages}, {self.split_k}")
+        if self.mma_overlap and self.num_stages < 2:
+            raise ValueError(f"mma_overlap=True takes num_stages >= 2, got {self.num_stages}")
 
     def for_backend(self, interpret: bool) -> "MosaicConfig":
         """The decode form and operand staging filled in for the interpreter or the GPU."""
-        return dataclasses.replace(self, decode=self.decode or ("select" if interpret else "swar"),
+        return dataclasses.replace(self, decode=self.decode or ("select" if interpret else "prmt"),
                                    a_in_smem=interpret if self.a_in_smem is None else self.a_in_smem)
 
 
@@ -130,7 +136,7 @@ def mosaic_pair_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *, config
     nk = K // cfg.block_k // cfg.split_k
     tile = functools.partial(_pair_tile, block_n=cfg.block_n, block_k=cfg.block_k, block_m=block_m,
                              num_stages=cfg.num_stages, nk=nk, decode=cfg.decode, a_in_smem=cfg.a_in_smem,
-                             diagnostic=diagnostic)
+                             mma_overlap=cfg.mma_overlap, diagnostic=diagnostic)
 
     def body(ai_gmem, aj_gmem, w_gmem, oi_gmem, oj_gmem):
         t = lax.axis_index("m")
@@ -151,7 +157,7 @@ def _kernel(body, out_type, grid, interpret, name):
 
 
 def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, block_k, block_m, num_stages, nk,
-               decode, a_in_smem, diagnostic=None, up_blocks=None, a_transposed=False):
+               decode, a_in_smem, mma_overlap=False, diagnostic=None, up_blocks=None, a_transposed=False):
     """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
     ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
     (rows of ``block_m``), store the ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
@@ -161,6 +167,8 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     output never leaves the CTA in f32.
     ``a_transposed``: the activations are given as ``[K, rows]`` (the previous launch's ``O^T``), their
     token blocks are column blocks, fed to the wgmma as an MN-major operand (no transpose in between).
+    ``mma_overlap``: a step waits only for the previous step's wgmmas, not its own, and the activation
+    slots (which those wgmmas read) are released a step later.
     The results are stored in ``oi_gmem``'s dtype."""
     n, s = lax.axis_index("n"), lax.axis_index("s")
     row_blocks = (0,) if up_blocks is None else (0, up_blocks)
@@ -184,18 +192,24 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
                 plgpu.wgmma(acc_j, w_j, aj_smem if a_transposed else aj_smem.T)
                 if dec_smem is not None:   # the staging buffer is reused by the next word tile
                     plgpu.wgmma_wait(0)
-            plgpu.wgmma_wait(0)
+            # with the overlap, this step's wgmmas (one group per expert and word tile) stay in flight
+            plgpu.wgmma_wait(2 * len(row_blocks) if mma_overlap else 0)
 
         word_specs = [plgpu.BlockSpec((block_n, block_k), lambda k, r=r: (n + r, s * nk + k)) for r in row_blocks]
+        delay = int(mma_overlap and min(num_stages, nk) > 1)   # the pipeline keeps min(stages, nk) slots
         if a_transposed:
-            a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (s * nk + k, b)) for b in (bi, bj)]
+            a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (s * nk + k, b), delay_release=delay)
+                       for b in (bi, bj)]
         else:
-            a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, s * nk + k)) for b in (bi, bj)]
+            a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, s * nk + k), delay_release=delay)
+                       for b in (bi, bj)]
         plgpu.emit_pipeline(
             step, grid=(nk,),
             in_specs=[*word_specs, *a_specs],
             max_concurrent_steps=num_stages,
         )(*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem)
+        if mma_overlap:
+            plgpu.wgmma_wait(0)
         return tuple(acc[...] for acc in accs)
 
     accs = [plgpu.ACC((block_n, block_m)) for _ in range(2 * len(row_blocks))]
@@ -261,7 +275,7 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     nk = K // block_k // split_k
     tile = functools.partial(_pair_tile, block_n=block_n, block_k=block_k, block_m=block_m,
                              num_stages=cfg.num_stages, nk=nk, decode=cfg.decode, a_in_smem=cfg.a_in_smem,
-                             up_blocks=n_out // block_n if swiglu else None, a_transposed=xs_transposed)
+                             mma_overlap=cfg.mma_overlap, up_blocks=n_out // block_n if swiglu else None, a_transposed=xs_transposed)
 
     def body(tiles_gmem, x_gmem, w_gmem, o_gmem):
         t = lax.axis_index("m")

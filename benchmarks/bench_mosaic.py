@@ -40,9 +40,10 @@ CONTROL_VARIANTS = [
     dict(block_n=64, block_k=128, steps=8, _control="stream_only"),
     dict(block_n=64, block_k=64, steps=4, _control="stream_only"),
 ]
-# --variants decode: one word per 16-bit op ("select") vs two per 32-bit op ("swar")
+# --variants decode: one word per 16-bit op ("select") vs two per 32-bit op ("swar", "prmt")
 DECODE_VARIANTS = [
     dict(block_n=64, block_k=128, steps=4, decode="select"), dict(block_n=64, block_k=128, steps=4, decode="swar"),
+    dict(block_n=64, block_k=128, steps=4, decode="prmt"),
     dict(block_n=64, block_k=128, steps=4, _control="no_decode"),
     dict(block_n=128, block_k=64, steps=4, decode="swar"), dict(block_n=64, block_k=64, steps=6, decode="swar"),
 ]
@@ -122,7 +123,7 @@ def main():
             for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "decode": DECODE_VARIANTS,
                       "default": [], "split": SPLIT_VARIANTS,
                       "large": LARGE_VARIANTS, "occupancy": OCCUPANCY_VARIANTS}[args.variants]:
-                if args.interpret and v.get("decode") == "swar":
+                if args.interpret and v.get("decode") in ("swar", "prmt"):
                     continue   # the interpreter has no inline_mgpu
                 bn, bk = v["block_n"], v["block_k"]
                 # the rule of the runs recorded with these variant lists (>= 200 CTAs; mosaic_config now uses 128)

@@ -50,9 +50,6 @@ class MosaicConfig:
     split_k: int = 1
     decode: str | None = None
     a_in_smem: bool | None = None
-    # keep one step's wgmmas in flight while the next step decodes: the activation slots are
-    # released a step later (``delay_release``), so this needs ``num_stages >= 3`` to prefetch
-    mma_overlap: bool = False
 
     def __post_init__(self):
         if self.block_m % 8 or not 8 <= self.block_m <= MAX_BLOCK_M:
@@ -63,8 +60,6 @@ class MosaicConfig:
             raise ValueError(f"decode={self.decode!r} must be one of {mosaic_swar.DECODE_FORMS}")
         if self.num_stages < 1 or self.split_k < 1:
             raise ValueError(f"num_stages and split_k must be >= 1, got {self.num_stages}, {self.split_k}")
-        if self.mma_overlap and self.num_stages < 2:
-            raise ValueError(f"mma_overlap=True takes num_stages >= 2, got {self.num_stages}")
 
     def for_backend(self, interpret: bool) -> "MosaicConfig":
         """The decode form and operand staging filled in for the interpreter or the GPU."""
@@ -136,7 +131,7 @@ def mosaic_pair_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *, config
     nk = K // cfg.block_k // cfg.split_k
     tile = functools.partial(_pair_tile, block_n=cfg.block_n, block_k=cfg.block_k, block_m=block_m,
                              num_stages=cfg.num_stages, nk=nk, decode=cfg.decode, a_in_smem=cfg.a_in_smem,
-                             mma_overlap=cfg.mma_overlap, diagnostic=diagnostic)
+                             diagnostic=diagnostic)
 
     def body(ai_gmem, aj_gmem, w_gmem, oi_gmem, oj_gmem):
         t = lax.axis_index("m")
@@ -157,7 +152,7 @@ def _kernel(body, out_type, grid, interpret, name):
 
 
 def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, block_k, block_m, num_stages, nk,
-               decode, a_in_smem, mma_overlap=False, diagnostic=None, up_blocks=None, a_transposed=False):
+               decode, a_in_smem, diagnostic=None, up_blocks=None, a_transposed=False):
     """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
     ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
     (rows of ``block_m``), store the ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
@@ -167,8 +162,6 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     output never leaves the CTA in f32.
     ``a_transposed``: the activations are given as ``[K, rows]`` (the previous launch's ``O^T``), their
     token blocks are column blocks, fed to the wgmma as an MN-major operand (no transpose in between).
-    ``mma_overlap``: a step waits only for the previous step's wgmmas, not its own, and the activation
-    slots (which those wgmmas read) are released a step later.
     The results are stored in ``oi_gmem``'s dtype."""
     n, s = lax.axis_index("n"), lax.axis_index("s")
     row_blocks = (0,) if up_blocks is None else (0, up_blocks)
@@ -192,24 +185,18 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
                 plgpu.wgmma(acc_j, w_j, aj_smem if a_transposed else aj_smem.T)
                 if dec_smem is not None:   # the staging buffer is reused by the next word tile
                     plgpu.wgmma_wait(0)
-            # with the overlap, this step's wgmmas (one group per expert and word tile) stay in flight
-            plgpu.wgmma_wait(2 * len(row_blocks) if mma_overlap else 0)
+            plgpu.wgmma_wait(0)
 
         word_specs = [plgpu.BlockSpec((block_n, block_k), lambda k, r=r: (n + r, s * nk + k)) for r in row_blocks]
-        delay = int(mma_overlap and min(num_stages, nk) > 1)   # the pipeline keeps min(stages, nk) slots
         if a_transposed:
-            a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (s * nk + k, b), delay_release=delay)
-                       for b in (bi, bj)]
+            a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (s * nk + k, b)) for b in (bi, bj)]
         else:
-            a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, s * nk + k), delay_release=delay)
-                       for b in (bi, bj)]
+            a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, s * nk + k)) for b in (bi, bj)]
         plgpu.emit_pipeline(
             step, grid=(nk,),
             in_specs=[*word_specs, *a_specs],
             max_concurrent_steps=num_stages,
         )(*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem)
-        if mma_overlap:
-            plgpu.wgmma_wait(0)
         return tuple(acc[...] for acc in accs)
 
     accs = [plgpu.ACC((block_n, block_m)) for _ in range(2 * len(row_blocks))]
@@ -275,7 +262,7 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     nk = K // block_k // split_k
     tile = functools.partial(_pair_tile, block_n=block_n, block_k=block_k, block_m=block_m,
                              num_stages=cfg.num_stages, nk=nk, decode=cfg.decode, a_in_smem=cfg.a_in_smem,
-                             mma_overlap=cfg.mma_overlap, up_blocks=n_out // block_n if swiglu else None, a_transposed=xs_transposed)
+                             up_blocks=n_out // block_n if swiglu else None, a_transposed=xs_transposed)
 
     def body(tiles_gmem, x_gmem, w_gmem, o_gmem):
         t = lax.axis_index("m")

@@ -66,14 +66,14 @@ def decode_registers(words, form: str = "swar"):
         regs_i, regs_j = np.empty_like(w.registers), np.empty_like(w.registers)
         for idx, reg in np.ndenumerate(w.registers):
             n = ir.VectorType(reg.type).shape[0]
+            if form == "prmt":
+                regs_i[idx], regs_j[idx] = _prmt_pair(reg, ir.VectorType.get([n], bf16))
+                continue
             vt = ir.VectorType.get([n // 2], i32)
 
             def c(v, vt=vt):   # i32 splat; bit patterns >= 2**31 as their signed value
                 v = v - (1 << 32) if v >= 1 << 31 else v
                 return arith.constant(vt, ir.DenseElementsAttr.get_splat(vt, ir.IntegerAttr.get(i32, v)))
-            if form == "prmt":
-                regs_i[idx], regs_j[idx] = _prmt_pair(reg, ir.VectorType.get([n], bf16))
-                continue
             x = vector.bitcast(vt, reg)
             base = arith.addi(arith.andi(x, c(SWAR_FIELD)), c(SWAR_OFFSET))
             ones = lambda bit: arith.muli(arith.andi(arith.shrui(x, c(bit)), c(SWAR_ONES)), c(0xFFFF))  # noqa: E731

@@ -1,7 +1,7 @@
 """Mosaic-GPU kernels (kernels/mosaic_*.py) in Mosaic GPU's CPU interpreter, which has no
 register-operand wgmma: there the decoded tiles are staged in shared memory; the register (SWAR)
-form runs only on a Hopper GPU (benchmarks/check_mosaic_layer.py checks it against an f32
-reference there).  Configs, the SWAR arithmetic and the grouped layout are checked exactly."""
+forms run only on a Hopper GPU (benchmarks/check_mosaic_layer.py checks them against an f32
+reference there); here they are built by lowering the kernels for CUDA.  Configs, the SWAR arithmetic and the grouped layout are checked exactly."""
 import dataclasses
 import functools
 
@@ -53,6 +53,26 @@ def test_swar_decode_math_equals_codec_on_every_word_pair(decode_pairs):
         for got, (want_lo, want_hi) in zip(decode_pairs(lanes), zip(codec.decode_words(lo), codec.decode_words(hi))):
             assert bool(jnp.array_equal((got & 0xFFFF).astype(jnp.uint16), want_lo))
             assert bool(jnp.array_equal((got >> 16).astype(jnp.uint16), want_hi))
+
+
+@pytest.mark.parametrize("form", ["swar", "prmt"])
+def test_register_decode_forms_build_their_kernels_for_hopper(form):
+    """The GPU-only decode forms (registers, ``inline_mgpu``) never run in the interpreter; lowering the
+    kernels for CUDA on this CPU machine builds them: the pair kernel, the grouped SwiGLU launch and a
+    grouped launch reading its activations transposed."""
+    cfg = lambda bm: MosaicConfig(block_m=bm, decode=form, a_in_smem=False)  # noqa: E731
+    sds = jax.ShapeDtypeStruct
+    lower = lambda f, *args: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
+    texts = [
+        lower(lambda ai, aj, w: mosaic_pair_gemm(ai, aj, w, config=cfg(16)),
+              sds((16, 256), jnp.bfloat16), sds((16, 256), jnp.bfloat16), sds((128, 256), jnp.uint16)),
+        lower(lambda x, t, w: mosaic_grouped_pair_gemm(x, t, w, block_m=16, swiglu=True, config=cfg(16)),
+              sds((48, 256), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 256, 256), jnp.uint16)),
+        lower(lambda x, t, w: mosaic_grouped_pair_gemm(x, t, w, block_m=64, xs_transposed=True, config=cfg(64)),
+              sds((128, 192), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 128, 128), jnp.uint16)),
+    ]
+    for text in texts:
+        assert ("prmt.b32" in text) == (form == "prmt")
 
 
 def test_mosaic_config_fits_shared_memory_and_fills_the_gpu():

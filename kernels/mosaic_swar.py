@@ -31,6 +31,11 @@ SWAR_SIGN_FIELD = SWAR_SIGN | SWAR_FIELD
 PRMT_HALF_SIGNS = 0xBB99
 
 
+def _signed(v: int) -> int:
+    """A 32-bit pattern as the signed value an i32 MLIR constant takes."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
 def decode_pairs_swar(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """uint32 lanes holding two words each -> (expert i, expert j) uint32 lanes of two bf16 bit
     patterns each: the math of the in-kernel SWAR decode, in jnp (tests compare it with the codec)."""
@@ -52,7 +57,7 @@ def decode_pairs_prmt(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return base_i & half_signs(x << (15 - codec.MASK_I_BIT)), base_j & half_signs(x << (15 - codec.MASK_J_BIT))
 
 
-def decode_registers(words, form: str = "swar"):
+def decode_registers(words, form: str):
     """In-kernel SWAR decode at the register level (``plgpu.inline_mgpu``): each 32-bit register
     of the WGMMA-layout uint16 array holds two words; decode both with 32-bit ops in ``form``
     ("swar" or "prmt", the same result)."""
@@ -71,9 +76,8 @@ def decode_registers(words, form: str = "swar"):
                 continue
             vt = ir.VectorType.get([n // 2], i32)
 
-            def c(v, vt=vt):   # i32 splat; bit patterns >= 2**31 as their signed value
-                v = v - (1 << 32) if v >= 1 << 31 else v
-                return arith.constant(vt, ir.DenseElementsAttr.get_splat(vt, ir.IntegerAttr.get(i32, v)))
+            def c(v, vt=vt):   # i32 splat
+                return arith.constant(vt, ir.DenseElementsAttr.get_splat(vt, ir.IntegerAttr.get(i32, _signed(v))))
             x = vector.bitcast(vt, reg)
             base = arith.addi(arith.andi(x, c(SWAR_FIELD)), c(SWAR_OFFSET))
             ones = lambda bit: arith.muli(arith.andi(arith.shrui(x, c(bit)), c(SWAR_ONES)), c(0xFFFF))  # noqa: E731
@@ -94,7 +98,7 @@ def _prmt_pair(reg, out_type):
         raise ValueError(f"the prmt decode takes registers of two 16-bit words, got {reg.type}")
 
     def c(v):
-        return arith.constant(i32, v - (1 << 32) if v >= 1 << 31 else v)
+        return arith.constant(i32, _signed(v))
 
     def half_signs(t):
         return mgpu.utils.prmt(t, t, c(PRMT_HALF_SIGNS))

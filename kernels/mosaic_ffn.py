@@ -18,7 +18,8 @@ from jax import lax
 
 from kernels import routing, routing_kernel
 from kernels.gpu import num_sms
-from kernels.mosaic_gemm import MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config, mosaic_grouped_pair_gemm
+from kernels.mosaic_gemm import (MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config, mosaic_grouped_pair_gemm,
+                                 reads_transposed)
 from kernels.swiglu_transpose import swiglu_transposed
 
 
@@ -151,13 +152,13 @@ def _pair_rows(x, tiles, src, words, rows: int, block_m: int, configs, interpret
     gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, **kw)  # noqa: E731
     if block_m <= SWIGLU_MAX_BLOCK_M and cfg_gu.split_k == 1:   # SwiGLU in the kernel's epilogue
         h_t = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=cfg_gu, name="mosaic_gate_up")
-        h_in = dict(xs=h_t, xs_transposed=True) if block_m % 64 == 0 else dict(xs=h_t.T)
+        h_in = dict(xs=h_t, xs_transposed=True) if reads_transposed(block_m) else dict(xs=h_t.T)
     else:
         # one launch writes gate and up rounded to bf16 (as the bf16 model's projections are): half
         # the bytes of f32 to write and to read back for the SwiGLU; K-split partials sum in f32
         gu_dtype = jnp.bfloat16 if cfg_gu.split_k == 1 else jnp.float32
         gu_t = gemm(xs=xs_pad, words=words["gate_up"], config=cfg_gu, out_dtype=gu_dtype, name="mosaic_gate_up")
-        if block_m % 64 == 0:   # h^T [I, R_pad] as it comes: its token blocks fill whole swizzle rows
+        if reads_transposed(block_m):   # h^T [I, R_pad] as it comes
             h_in = dict(xs=(jax.nn.silu(gu_t[:inter].astype(jnp.float32)) * gu_t[inter:]).astype(jnp.bfloat16),
                         xs_transposed=True)
         else:

@@ -37,6 +37,12 @@ SWIGLU_MAX_BLOCK_M = 64
 MIN_CTAS = 128      # a launch splits K until it has about one CTA per SM
 
 
+def reads_transposed(block_m: int) -> bool:
+    """Whether a launch can take its activations as ``[K, rows]`` (``xs_transposed``): Mosaic tiles an
+    MN-major wgmma operand in (8, 16) elements, so its token blocks must be whole 16-column tiles."""
+    return block_m % 16 == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
     """Settings of one Mosaic kernel call.  ``decode`` ("swar" | "prmt" | "select") and ``a_in_smem``
@@ -234,8 +240,7 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     ``swiglu``: ``words`` is gate's then up's words ([P, 2I, K]) and the result is bf16
     [I, R_pad], ``silu(W_gate^T xs) * (W_up^T xs)``, computed in the CTA (block_m <=
     ``SWIGLU_MAX_BLOCK_M``, no K split).  ``xs_transposed``: ``xs`` is given as [K, R_pad] (a
-    previous launch's result, as it comes; ``block_m`` a multiple of 64, a whole 128-byte swizzle
-    row).  ``config`` (default: ``mosaic_config`` sized for every pair; a layer passes
+    previous launch's result, as it comes; ``reads_transposed(block_m)``).  ``config`` (default: ``mosaic_config`` sized for every pair; a layer passes
     ``mosaic_ffn.layer_configs``'): its ``block_m`` must be ``block_m``.  ``name``: the launch's kernel name.
     ``sum_splits=False``: the f32 K-split partials [split_k, N, R_pad] as written, for a consumer that
     sums them itself (one kernel fewer).
@@ -248,8 +253,8 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     if cfg.block_m != block_m or rows % block_m:
         raise ValueError(f"block_m={block_m} (config: {cfg.block_m}) must divide the {rows} rows and equal "
                          "the config's block_m")
-    if xs_transposed and block_m % 64:
-        raise ValueError(f"xs_transposed=True takes block_m a multiple of 64, got {block_m}")
+    if xs_transposed and not reads_transposed(block_m):
+        raise ValueError(f"xs_transposed=True takes block_m a multiple of 16, got {block_m}")
     if xs.shape[0 if xs_transposed else 1] != K:
         raise ValueError(f"xs {xs.shape} (transposed: {xs_transposed}) does not match the words' K = {K}")
     n_out = N // 2 if swiglu else N

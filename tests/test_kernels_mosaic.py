@@ -59,7 +59,7 @@ def test_swar_decode_math_equals_codec_on_every_word_pair(decode_pairs):
 def test_register_decode_forms_build_their_kernels_for_hopper(form):
     """The GPU-only decode forms (registers, ``inline_mgpu``) never run in the interpreter; lowering the
     kernels for CUDA on this CPU machine builds them: the pair kernel, the grouped SwiGLU launch and a
-    grouped launch reading its activations transposed."""
+    grouped launch reading its activations transposed (64- and 16-column token blocks)."""
     cfg = lambda bm: MosaicConfig(block_m=bm, decode=form, a_in_smem=False)  # noqa: E731
     sds = jax.ShapeDtypeStruct
     lower = lambda f, *args: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
@@ -70,6 +70,8 @@ def test_register_decode_forms_build_their_kernels_for_hopper(form):
               sds((48, 256), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 256, 256), jnp.uint16)),
         lower(lambda x, t, w: mosaic_grouped_pair_gemm(x, t, w, block_m=64, xs_transposed=True, config=cfg(64)),
               sds((128, 192), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 128, 128), jnp.uint16)),
+        lower(lambda x, t, w: mosaic_grouped_pair_gemm(x, t, w, block_m=16, xs_transposed=True, config=cfg(16)),
+              sds((128, 48), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 128, 128), jnp.uint16)),
     ]
     for text in texts:
         assert ("prmt.b32" in text) == (form == "prmt")
@@ -134,8 +136,8 @@ def test_mosaic_kernels_reject_bad_shapes_and_settings():
     grouped = functools.partial(mosaic_grouped_pair_gemm, tiles=tiles, interpret=True)
     with pytest.raises(ValueError, match="multiples of block_n"):
         grouped(jnp.zeros((16, 256), jnp.bfloat16), words=jnp.zeros((1, 96, 256), jnp.uint16), block_m=8)
-    with pytest.raises(ValueError, match="xs_transposed=True takes block_m a multiple of 64"):
-        grouped(jnp.zeros((256, 32), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=32,
+    with pytest.raises(ValueError, match="xs_transposed=True takes block_m a multiple of 16"):
+        grouped(jnp.zeros((256, 48), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=24,
                 xs_transposed=True)
     with pytest.raises(ValueError, match="does not match the words' K = 256"):
         grouped(jnp.zeros((64, 128), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=64)
@@ -226,8 +228,10 @@ def test_word_layout_round_trips():
     (7, 0.25, True, (None, None)),
     (9, 0.5, False, (MosaicConfig(block_m=8), None)),      # a token block other than grouped_block_m's
     (9, 0.5, False, (MosaicConfig(block_m=64), None)),     # SwiGLU epilogue, down reads h^T as it comes
+    (9, 0.5, False, (MosaicConfig(block_m=16), None)),     # the same in 16-column tiles
+    (9, 0.5, False, (MosaicConfig(block_m=48), None)),     # ... and 48 (three of them)
     (9, 0.25, True, (MosaicConfig(block_m=128), None)),    # SwiGLU in XLA on the transposed result
-    (9, 0.5, False, (MosaicConfig(block_m=80), None)),     # SwiGLU and transpose in swiglu_transposed
+    (9, 0.5, False, (MosaicConfig(block_m=80), None)),     # the same at 80 rows
     (9, 0.5, False, (MosaicConfig(block_m=8, block_k=64, split_k=2), None)),   # gate+up split-K, swiglu_transposed on its f32 sum
     (5, 0.25, True, (None, MosaicConfig(block_m=8, block_k=64, split_k=3))),   # down split-K partials summed
 ])

@@ -38,9 +38,11 @@ MIN_CTAS = 128      # a launch splits K until it has about one CTA per SM
 
 
 def reads_transposed(block_m: int) -> bool:
-    """Whether a launch can take its activations as ``[K, rows]`` (``xs_transposed``): Mosaic tiles an
-    MN-major wgmma operand in (8, 16) elements, so its token blocks must be whole 16-column tiles."""
-    return block_m % 16 == 0
+    """Whether a launch takes its activations as ``[K, rows]`` (``xs_transposed``): token blocks that
+    fill whole swizzle rows of the MN-major wgmma operand (16 or 32 columns: one 32- or 64-byte row;
+    multiples of 64: 128-byte rows).  Other multiples of 16 build, but their down launch measured far
+    slower than reading the transposed copy (RESULTS.md, "Transposed reads")."""
+    return block_m in (16, 32) or block_m % 64 == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +256,7 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
         raise ValueError(f"block_m={block_m} (config: {cfg.block_m}) must divide the {rows} rows and equal "
                          "the config's block_m")
     if xs_transposed and not reads_transposed(block_m):
-        raise ValueError(f"xs_transposed=True takes block_m a multiple of 16, got {block_m}")
+        raise ValueError(f"xs_transposed=True takes block_m 16, 32 or a multiple of 64, got {block_m}")
     if xs.shape[0 if xs_transposed else 1] != K:
         raise ValueError(f"xs {xs.shape} (transposed: {xs_transposed}) does not match the words' K = {K}")
     n_out = N // 2 if swiglu else N

@@ -136,8 +136,8 @@ def test_mosaic_kernels_reject_bad_shapes_and_settings():
     grouped = functools.partial(mosaic_grouped_pair_gemm, tiles=tiles, interpret=True)
     with pytest.raises(ValueError, match="multiples of block_n"):
         grouped(jnp.zeros((16, 256), jnp.bfloat16), words=jnp.zeros((1, 96, 256), jnp.uint16), block_m=8)
-    with pytest.raises(ValueError, match="xs_transposed=True takes block_m a multiple of 16"):
-        grouped(jnp.zeros((256, 48), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=24,
+    with pytest.raises(ValueError, match="xs_transposed=True takes block_m 16, 32 or a multiple of 64"):
+        grouped(jnp.zeros((256, 96), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=48,
                 xs_transposed=True)
     with pytest.raises(ValueError, match="does not match the words' K = 256"):
         grouped(jnp.zeros((64, 128), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=64)
@@ -229,9 +229,9 @@ def test_word_layout_round_trips():
     (9, 0.5, False, (MosaicConfig(block_m=8), None)),      # a token block other than grouped_block_m's
     (9, 0.5, False, (MosaicConfig(block_m=64), None)),     # SwiGLU epilogue, down reads h^T as it comes
     (9, 0.5, False, (MosaicConfig(block_m=16), None)),     # the same in 16-column tiles
-    (9, 0.5, False, (MosaicConfig(block_m=48), None)),     # ... and 48 (three of them)
+    (9, 0.5, False, (MosaicConfig(block_m=32), None)),     # ... and 32
     (9, 0.25, True, (MosaicConfig(block_m=128), None)),    # SwiGLU in XLA on the transposed result
-    (9, 0.5, False, (MosaicConfig(block_m=80), None)),     # the same at 80 rows
+    (9, 0.5, False, (MosaicConfig(block_m=80), None)),     # SwiGLU and transpose in swiglu_transposed
     (9, 0.5, False, (MosaicConfig(block_m=8, block_k=64, split_k=2), None)),   # gate+up split-K, swiglu_transposed on its f32 sum
     (5, 0.25, True, (None, MosaicConfig(block_m=8, block_k=64, split_k=3))),   # down split-K partials summed
 ])

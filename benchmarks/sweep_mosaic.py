@@ -135,6 +135,7 @@ def cfg_text(c: dict | None) -> str:
     if not c:
         return "-"
     form = f" {c['decode']}" if c.get("decode") else ""
+    form += " tm" if c.get("token_major_out") else ""
     return f"n{c['block_n']} k{c['block_k']} st{c['num_stages']} s{c['split_k']}{form}"
 
 

@@ -150,19 +150,24 @@ def _pair_rows(x, tiles, src, words, rows: int, block_m: int, configs, interpret
     default = layer_configs(block_m, rows, P, x.shape[1], inter)
     cfg_gu, cfg_down = (c or d for c, d in zip(configs, default))
     gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, **kw)  # noqa: E731
+    swiglu = lambda g, u: (jax.nn.silu(g.astype(jnp.float32)) * u).astype(jnp.bfloat16)  # noqa: E731
     if block_m <= SWIGLU_MAX_BLOCK_M and cfg_gu.split_k == 1:   # SwiGLU in the kernel's epilogue
-        h_t = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=cfg_gu, name="mosaic_gate_up")
-        h_in = dict(xs=h_t, xs_transposed=True) if reads_transposed(block_m) else dict(xs=h_t.T)
+        h = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=cfg_gu, name="mosaic_gate_up")
+        if cfg_gu.token_major_out:   # h [R_pad, I]
+            h_in = dict(xs=h)
+        else:                        # h^T [I, R_pad]
+            h_in = dict(xs=h, xs_transposed=True) if reads_transposed(block_m) else dict(xs=h.T)
     else:
         # one launch writes gate and up rounded to bf16 (as the bf16 model's projections are): half
         # the bytes of f32 to write and to read back for the SwiGLU; K-split partials sum in f32
         gu_dtype = jnp.bfloat16 if cfg_gu.split_k == 1 else jnp.float32
-        gu_t = gemm(xs=xs_pad, words=words["gate_up"], config=cfg_gu, out_dtype=gu_dtype, name="mosaic_gate_up")
-        if reads_transposed(block_m):   # h^T [I, R_pad] as it comes
-            h_in = dict(xs=(jax.nn.silu(gu_t[:inter].astype(jnp.float32)) * gu_t[inter:]).astype(jnp.bfloat16),
-                        xs_transposed=True)
+        gu = gemm(xs=xs_pad, words=words["gate_up"], config=cfg_gu, out_dtype=gu_dtype, name="mosaic_gate_up")
+        if cfg_gu.token_major_out:      # [R_pad, 2I]
+            h_in = dict(xs=swiglu(gu[:, :inter], gu[:, inter:]))
+        elif reads_transposed(block_m):   # h^T [I, R_pad] as it comes
+            h_in = dict(xs=swiglu(gu[:inter], gu[inter:]), xs_transposed=True)
         else:
-            h_in = dict(xs=swiglu_transposed(gu_t, interpret=interpret))
+            h_in = dict(xs=swiglu_transposed(gu, interpret=interpret))
     return gemm(words=words["down"], config=cfg_down, name="mosaic_down", sum_splits=False, **h_in)
 
 

@@ -50,7 +50,10 @@ class MosaicConfig:
     """Settings of one Mosaic kernel call.  ``decode`` ("swar" | "prmt" | "select") and ``a_in_smem``
     (stage the decoded tiles in shared memory for the wgmma) left None follow the backend: "prmt"
     (the faster SWAR form, ``mosaic_swar``) and registers on the GPU, "select" and shared memory in
-    the interpreter."""
+    the interpreter.  ``token_major_out`` (grouped launches with a bf16 result and no K split): write
+    the result as ``[rows, N]``, the accumulators stored through a transposed shared-memory view, so
+    that the next launch reads it without a transpose in between; off by default until measured on
+    the GPU (``benchmarks/sweep_mosaic.py --variants '[[{"token_major_out": true}, {}]]'``)."""
     block_m: int            # tokens per CTA, a multiple of 8 in [8, MAX_BLOCK_M]
     block_n: int = 64       # output columns (word rows) per CTA: 64 or 128
     block_k: int = 128
@@ -58,6 +61,7 @@ class MosaicConfig:
     split_k: int = 1
     decode: str | None = None
     a_in_smem: bool | None = None
+    token_major_out: bool = False
 
     def __post_init__(self):
         if self.block_m % 8 or not 8 <= self.block_m <= MAX_BLOCK_M:
@@ -131,6 +135,8 @@ def mosaic_pair_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *, config
     N, K = words.shape
     m = max(a_i.shape[0], a_j.shape[0])
     cfg = (config or mosaic_config(m, K, N)).for_backend(interpret)
+    if cfg.token_major_out:
+        raise ValueError("token_major_out=True is a grouped-launch setting; the pair kernel writes O^T")
     if N % cfg.block_n:
         raise ValueError(f"N={N} must be a multiple of block_n={cfg.block_n}")
     if K % (cfg.block_k * cfg.split_k):
@@ -160,7 +166,7 @@ def _kernel(body, out_type, grid, interpret, name):
 
 
 def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, block_k, block_m, num_stages, nk,
-               decode, a_in_smem, diagnostic=None, up_blocks=None, a_transposed=False):
+               decode, a_in_smem, diagnostic=None, up_blocks=None, a_transposed=False, token_major_out=False):
     """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
     ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
     (rows of ``block_m``), store the ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
@@ -218,14 +224,22 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     else:   # (gate_i, gate_j, up_i, up_j)
         acc_i, acc_j = ((silu(g) * u).astype(jnp.bfloat16) for g, u in zip(outs[:2], outs[2:]))
 
-    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((2, block_n, block_m), acc_i.dtype))
+    o_shape = (2, block_m, block_n) if token_major_out else (2, block_n, block_m)
+
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM(o_shape, acc_i.dtype))
     def _store(o_smem):
-        o_smem[0] = acc_i
-        o_smem[1] = acc_j
+        cols = pl.ds(n * block_n, block_n)
+        if token_major_out:   # O tiles [block_m, block_n]: the accumulators stored through a transposed view
+            o_smem.at[0].transpose((1, 0))[...] = acc_i
+            o_smem.at[1].transpose((1, 0))[...] = acc_j
+            dst_i, dst_j = oi_gmem.at[s, pl.ds(bi * block_m, block_m), cols], oj_gmem.at[s, pl.ds(bj * block_m, block_m), cols]
+        else:
+            o_smem[0] = acc_i
+            o_smem[1] = acc_j
+            dst_i, dst_j = oi_gmem.at[s, cols, pl.ds(bi * block_m, block_m)], oj_gmem.at[s, cols, pl.ds(bj * block_m, block_m)]
         plgpu.commit_smem()
-        rows = pl.ds(n * block_n, block_n)
-        plgpu.copy_smem_to_gmem(o_smem.at[0], oi_gmem.at[s, rows, pl.ds(bi * block_m, block_m)])
-        plgpu.copy_smem_to_gmem(o_smem.at[1], oj_gmem.at[s, rows, pl.ds(bj * block_m, block_m)])
+        plgpu.copy_smem_to_gmem(o_smem.at[0], dst_i)
+        plgpu.copy_smem_to_gmem(o_smem.at[1], dst_j)
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -238,7 +252,8 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     layout with token blocks of ``block_m`` rows, ``tiles`` its tile table, ``words`` uint16
     [P, N, K] (transposed).  Returns the transposed result, as the swap-AB kernel writes it:
     [N, R_pad] in ``out_dtype``, column r = W^T xs[r] of the pair side owning r's block; columns of
-    the spare block and of blocks no live tile covers are **not written** (select them away).
+    the spare block and of blocks no live tile covers are **not written** (select them away); with
+    the config's ``token_major_out`` the same as [R_pad, N] (rows of it unwritten instead).
     ``swiglu``: ``words`` is gate's then up's words ([P, 2I, K]) and the result is bf16
     [I, R_pad], ``silu(W_gate^T xs) * (W_up^T xs)``, computed in the CTA (block_m <=
     ``SWIGLU_MAX_BLOCK_M``, no K split).  ``xs_transposed``: ``xs`` is given as [K, R_pad] (a
@@ -269,7 +284,8 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     nk = K // block_k // split_k
     tile = functools.partial(_pair_tile, block_n=block_n, block_k=block_k, block_m=block_m,
                              num_stages=cfg.num_stages, nk=nk, decode=cfg.decode, a_in_smem=cfg.a_in_smem,
-                             up_blocks=n_out // block_n if swiglu else None, a_transposed=xs_transposed)
+                             up_blocks=n_out // block_n if swiglu else None, a_transposed=xs_transposed,
+                             token_major_out=cfg.token_major_out)
 
     def body(tiles_gmem, x_gmem, w_gmem, o_gmem):
         t = lax.axis_index("m")
@@ -280,7 +296,10 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
             tile(w_gmem.at[p], x_gmem, x_gmem, b_i, b_j, o_gmem, o_gmem)
 
     kernel_dtype = jnp.bfloat16 if swiglu else out_dtype if split_k == 1 else jnp.float32
-    out = jax.ShapeDtypeStruct((split_k, n_out, rows), kernel_dtype)
+    if cfg.token_major_out and (split_k != 1 or kernel_dtype != jnp.bfloat16):
+        raise ValueError(f"token_major_out=True takes a bf16 result without K split, got split_k={split_k}, "
+                         f"out_dtype={jnp.dtype(out_dtype).name}")
+    out = jax.ShapeDtypeStruct((split_k, rows, n_out) if cfg.token_major_out else (split_k, n_out, rows), kernel_dtype)
     o = _kernel(body, out, (tiles.shape[0], n_out // block_n, split_k), interpret, name)(
         tiles.astype(jnp.int32), xs.astype(jnp.bfloat16), words.astype(jnp.uint16))
     if not sum_splits:

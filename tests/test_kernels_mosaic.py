@@ -59,7 +59,8 @@ def test_swar_decode_math_equals_codec_on_every_word_pair(decode_pairs):
 def test_register_decode_forms_build_their_kernels_for_hopper(form):
     """The GPU-only decode forms (registers, ``inline_mgpu``) never run in the interpreter; lowering the
     kernels for CUDA on this CPU machine builds them: the pair kernel, the grouped SwiGLU launch and a
-    grouped launch reading its activations transposed (64- and 16-column token blocks)."""
+    grouped launch reading its activations transposed (64- and 16-column token blocks), and one writing its
+    result token-major."""
     cfg = lambda bm: MosaicConfig(block_m=bm, decode=form, a_in_smem=False)  # noqa: E731
     sds = jax.ShapeDtypeStruct
     lower = lambda f, *args: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
@@ -72,6 +73,8 @@ def test_register_decode_forms_build_their_kernels_for_hopper(form):
               sds((128, 192), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 128, 128), jnp.uint16)),
         lower(lambda x, t, w: mosaic_grouped_pair_gemm(x, t, w, block_m=16, xs_transposed=True, config=cfg(16)),
               sds((128, 48), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 128, 128), jnp.uint16)),
+        lower(lambda x, t, w: mosaic_grouped_pair_gemm(x, t, w, block_m=8, swiglu=True, config=dataclasses.replace(
+            cfg(8), token_major_out=True)), sds((32, 256), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 256, 256), jnp.uint16)),
     ]
     for text in texts:
         assert ("prmt.b32" in text) == (form == "prmt")
@@ -139,11 +142,31 @@ def test_mosaic_kernels_reject_bad_shapes_and_settings():
     with pytest.raises(ValueError, match="xs_transposed=True takes block_m 16, 32 or a multiple of 64"):
         grouped(jnp.zeros((256, 96), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=48,
                 xs_transposed=True)
+    with pytest.raises(ValueError, match="token_major_out=True takes a bf16 result without K split"):
+        grouped(jnp.zeros((16, 256), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=8,
+                config=MosaicConfig(block_m=8, token_major_out=True))
+    with pytest.raises(ValueError, match="pair kernel writes O"):
+        mosaic_pair_gemm(a, a, jnp.zeros((64, 256), jnp.uint16), config=MosaicConfig(block_m=8, token_major_out=True),
+                         interpret=True)
     with pytest.raises(ValueError, match="does not match the words' K = 256"):
         grouped(jnp.zeros((64, 128), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=64)
     with pytest.raises(ValueError, match="equal the config's block_m"):
         grouped(jnp.zeros((64, 256), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=64,
                 config=MosaicConfig(block_m=32))
+
+
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_token_major_out_is_the_transposed_result(swiglu):
+    """``token_major_out`` writes exactly the usual ``O^T`` result transposed (interpreter, bf16)."""
+    rng = rng_for(21)
+    words = jnp.asarray(rng.integers(0, 2 ** 16, (2, 256, 128)), jnp.uint16)
+    xs = jnp.asarray(rng.standard_normal((32, 128)), jnp.bfloat16)
+    tiles = jnp.asarray([[0, 0, 1, 1], [1, 2, 3, 1]], jnp.int32)
+    run = lambda **kw: mosaic_grouped_pair_gemm(xs, tiles, words, block_m=8, swiglu=swiglu,  # noqa: E731
+                                                out_dtype=jnp.bfloat16, interpret=True, **kw)
+    usual, token_major = run(), run(config=MosaicConfig(block_m=8, token_major_out=True))
+    assert token_major.shape == usual.T.shape and bool(jnp.all(jnp.isfinite(usual.astype(jnp.float32))))
+    assert bool(jnp.array_equal(token_major, usual.T))
 
 
 @pytest.mark.parametrize("sizes,num_dense,block_m", [
@@ -232,6 +255,8 @@ def test_word_layout_round_trips():
     (9, 0.5, False, (MosaicConfig(block_m=32), None)),     # ... and 32
     (9, 0.25, True, (MosaicConfig(block_m=128), None)),    # SwiGLU in XLA on the transposed result
     (9, 0.5, False, (MosaicConfig(block_m=80), None)),     # SwiGLU and transpose in swiglu_transposed
+    (9, 0.5, False, (MosaicConfig(block_m=8, token_major_out=True), None)),    # SwiGLU epilogue writes h [rows, I]
+    (9, 0.25, True, (MosaicConfig(block_m=80, token_major_out=True), None)),   # gate and up [rows, 2I], SwiGLU in XLA
     (9, 0.5, False, (MosaicConfig(block_m=8, block_k=64, split_k=2), None)),   # gate+up split-K, swiglu_transposed on its f32 sum
     (5, 0.25, True, (None, MosaicConfig(block_m=8, block_k=64, split_k=3))),   # down split-K partials summed
 ])

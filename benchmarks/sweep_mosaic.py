@@ -62,6 +62,8 @@ def variant_configs(base, over, block_m, H, I):
             return None, f"shared memory {smem_bytes(c, tiles)} > {smem_budget()}"
         if k % (c.block_k * c.split_k):
             return None, f"K={k} not a multiple of {c.block_k}*{c.split_k}"
+        if c.token_major_out and c.split_k > 1:
+            return None, "token_major_out takes split_k = 1"
     return (gu, dn), None
 
 

@@ -140,10 +140,11 @@ def xla_pair_layout(g: routing.Grouped, block_m: int):
 
 
 def _pair_rows(x, tiles, src, words, rows: int, block_m: int, configs, interpret: bool):
-    """The merged pairs' down-projected outputs as the down launch writes them: f32 [S, H, R_pad],
-    the sum over S (the launch's K split) of column r is the output of padded row r (``src``: its
+    """The merged pairs' down-projected outputs, [R_pad, S, H] as ``routing.combine`` takes them: the
+    sum over S (the down launch's K split) of row r is the output of padded row r (``src``: its
     token, -1 padding; ``tiles``: the launches' tile table; ``rows``: the routed rows, which size
-    the launches)."""
+    the launches).  f32 ``O^T`` partials as the down launch writes them, transposed in the combine's
+    gather; with the down config's ``token_major_out`` bf16 rows (S = 1) as written."""
     P = words["down"].shape[0]
     inter = words["gate_up"].shape[1] // 2
     xs_pad = jnp.where(src[:, None] >= 0, x[jnp.maximum(src, 0)], 0).astype(jnp.bfloat16)
@@ -168,7 +169,11 @@ def _pair_rows(x, tiles, src, words, rows: int, block_m: int, configs, interpret
             h_in = dict(xs=swiglu(gu[:inter], gu[inter:]), xs_transposed=True)
         else:
             h_in = dict(xs=swiglu_transposed(gu, interpret=interpret))
-    return gemm(words=words["down"], config=cfg_down, name="mosaic_down", sum_splits=False, **h_in)
+    if cfg_down.token_major_out:
+        y = gemm(words=words["down"], config=cfg_down, name="mosaic_down", out_dtype=jnp.bfloat16, **h_in)
+        return y[:, None]
+    y_t = gemm(words=words["down"], config=cfg_down, name="mosaic_down", sum_splits=False, **h_in)
+    return jnp.transpose(y_t, (2, 0, 1))
 
 
 def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
@@ -190,9 +195,9 @@ def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
     else:
         g = routing.group_packed(topk_ids, experts.pairs, experts.dense_ids)
         tiles, src, row = xla_pair_layout(g, block_m)
-    y_t = _pair_rows(x, tiles, src, words, R, block_m, configs, interpret)
-    # the combine gathers the launch's columns and adds its K-split partials itself
-    parts = [(jnp.transpose(y_t, (2, 0, 1)), jnp.maximum(row, 0), row >= 0)]
+    y = _pair_rows(x, tiles, src, words, R, block_m, configs, interpret)
+    # the combine gathers the rows and adds the K-split partials itself
+    parts = [(y, jnp.maximum(row, 0), row >= 0)]
     if D:
         from kernels.triton_ffn import dense_swiglu  # noqa: PLC0415
         parts.append(routing.dense_part(x, g, experts.dense, swiglu=functools.partial(

@@ -228,15 +228,15 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
 
     @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM(o_shape, acc_i.dtype))
     def _store(o_smem):
-        cols = pl.ds(n * block_n, block_n)
+        cols, rows_i, rows_j = pl.ds(n * block_n, block_n), pl.ds(bi * block_m, block_m), pl.ds(bj * block_m, block_m)
         if token_major_out:   # O tiles [block_m, block_n]: the accumulators stored through a transposed view
             o_smem.at[0].transpose((1, 0))[...] = acc_i
             o_smem.at[1].transpose((1, 0))[...] = acc_j
-            dst_i, dst_j = oi_gmem.at[s, pl.ds(bi * block_m, block_m), cols], oj_gmem.at[s, pl.ds(bj * block_m, block_m), cols]
+            dst_i, dst_j = oi_gmem.at[s, rows_i, cols], oj_gmem.at[s, rows_j, cols]
         else:
             o_smem[0] = acc_i
             o_smem[1] = acc_j
-            dst_i, dst_j = oi_gmem.at[s, cols, pl.ds(bi * block_m, block_m)], oj_gmem.at[s, cols, pl.ds(bj * block_m, block_m)]
+            dst_i, dst_j = oi_gmem.at[s, cols, rows_i], oj_gmem.at[s, cols, rows_j]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[0], dst_i)
         plgpu.copy_smem_to_gmem(o_smem.at[1], dst_j)
@@ -257,8 +257,9 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     ``swiglu``: ``words`` is gate's then up's words ([P, 2I, K]) and the result is bf16
     [I, R_pad], ``silu(W_gate^T xs) * (W_up^T xs)``, computed in the CTA (block_m <=
     ``SWIGLU_MAX_BLOCK_M``, no K split).  ``xs_transposed``: ``xs`` is given as [K, R_pad] (a
-    previous launch's result, as it comes; ``reads_transposed(block_m)``).  ``config`` (default: ``mosaic_config`` sized for every pair; a layer passes
-    ``mosaic_ffn.layer_configs``'): its ``block_m`` must be ``block_m``.  ``name``: the launch's kernel name.
+    previous launch's result, as it comes; ``reads_transposed(block_m)``).  ``config`` (default:
+    ``mosaic_config`` sized for every pair; a layer passes ``mosaic_ffn.layer_configs``'): its
+    ``block_m`` must be ``block_m``.  ``name``: the launch's kernel name.
     ``sum_splits=False``: the f32 K-split partials [split_k, N, R_pad] as written, for a consumer that
     sums them itself (one kernel fewer).
     """

@@ -59,8 +59,8 @@ def test_swar_decode_math_equals_codec_on_every_word_pair(decode_pairs):
 def test_register_decode_forms_build_their_kernels_for_hopper(form):
     """The GPU-only decode forms (registers, ``inline_mgpu``) never run in the interpreter; lowering the
     kernels for CUDA on this CPU machine builds them: the pair kernel, the grouped SwiGLU launch and a
-    grouped launch reading its activations transposed (64- and 16-column token blocks), and one writing its
-    result token-major."""
+    grouped launch reading its activations transposed (64- and 16-column token blocks), and launches writing
+    their results token-major (SwiGLU and plain)."""
     cfg = lambda bm: MosaicConfig(block_m=bm, decode=form, a_in_smem=False)  # noqa: E731
     sds = jax.ShapeDtypeStruct
     lower = lambda f, *args: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
@@ -73,8 +73,12 @@ def test_register_decode_forms_build_their_kernels_for_hopper(form):
               sds((128, 192), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 128, 128), jnp.uint16)),
         lower(lambda x, t, w: mosaic_grouped_pair_gemm(x, t, w, block_m=16, xs_transposed=True, config=cfg(16)),
               sds((128, 48), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 128, 128), jnp.uint16)),
-        lower(lambda x, t, w: mosaic_grouped_pair_gemm(x, t, w, block_m=8, swiglu=True, config=dataclasses.replace(
-            cfg(8), token_major_out=True)), sds((32, 256), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 256, 256), jnp.uint16)),
+        lower(lambda x, t, w: mosaic_grouped_pair_gemm(
+            x, t, w, block_m=8, swiglu=True, config=dataclasses.replace(cfg(8), token_major_out=True)),
+              sds((32, 256), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 256, 256), jnp.uint16)),
+        lower(lambda x, t, w: mosaic_grouped_pair_gemm(
+            x, t, w, block_m=24, out_dtype=jnp.bfloat16, config=dataclasses.replace(cfg(24), token_major_out=True)),
+              sds((96, 256), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 128, 256), jnp.uint16)),
     ]
     for text in texts:
         assert ("prmt.b32" in text) == (form == "prmt")
@@ -257,6 +261,8 @@ def test_word_layout_round_trips():
     (9, 0.5, False, (MosaicConfig(block_m=80), None)),     # SwiGLU and transpose in swiglu_transposed
     (9, 0.5, False, (MosaicConfig(block_m=8, token_major_out=True), None)),    # SwiGLU epilogue writes h [rows, I]
     (9, 0.25, True, (MosaicConfig(block_m=80, token_major_out=True), None)),   # gate and up [rows, 2I], SwiGLU in XLA
+    (9, 0.5, False, (MosaicConfig(block_m=24, token_major_out=True),                  # down writes bf16 rows too
+                     MosaicConfig(block_m=24, block_k=64, token_major_out=True))),
     (9, 0.5, False, (MosaicConfig(block_m=8, block_k=64, split_k=2), None)),   # gate+up split-K, swiglu_transposed on its f32 sum
     (5, 0.25, True, (None, MosaicConfig(block_m=8, block_k=64, split_k=3))),   # down split-K partials summed
 ])

@@ -176,7 +176,8 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     output never leaves the CTA in f32.
     ``a_transposed``: the activations are given as ``[K, rows]`` (the previous launch's ``O^T``), their
     token blocks are column blocks, fed to the wgmma as an MN-major operand (no transpose in between).
-    The results are stored in ``oi_gmem``'s dtype."""
+    ``token_major_out``: store the ``O`` tiles at rows ``bi*block_m`` / ``bj*block_m`` of ``[S, rows, N]``
+    outputs instead (16-bit results).  The results are stored in ``oi_gmem``'s dtype."""
     n, s = lax.axis_index("n"), lax.axis_index("s")
     row_blocks = (0,) if up_blocks is None else (0, up_blocks)
 

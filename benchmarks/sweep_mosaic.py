@@ -5,11 +5,12 @@ packed layer step (CUPTI, every kernel summed, median of ``--iters``) for each v
 each launch's own time by its kernel name, so one compiled variant measures one gate+up and one
 down setting.  Variants override the defaults (``VARIANTS``: pairs of overrides); "old" is the
 rule before the live-tile estimate (configs sized for every pair).  Settings that do not fit
-shared memory or do not divide K are skipped.  ``--variants`` replaces ``VARIANTS`` (and drops "old")
-with a JSON list of such pairs, e.g. the decode forms: '[[{}, {}], [{"decode": "prmt"}, {"decode": "prmt"}]]'.
-``--block-m`` tries the default settings at other
-token blocks instead (the layout's block follows the gate+up config's).  Every run is checked
-against the f32 layer on the decoded experts (rel. err < 1e-2, finite).  Prints a table per shape, writes JSON.
+shared memory or do not divide K are skipped.  ``--variants`` replaces ``VARIANTS`` (and drops
+"old") with a JSON list of such pairs, e.g. the decode forms:
+'[[{}, {}], [{"decode": "prmt"}, {"decode": "prmt"}]]'.  ``--block-m`` tries the default settings
+at other token blocks instead (the layout's block follows the gate+up config's).  Every run is
+checked against the f32 layer on the decoded experts (rel. err < 1e-2, finite).  Prints a table per
+shape, writes JSON.
 
     PYTHONPATH=. python3 benchmarks/sweep_mosaic.py --out $OUT/sweep_mosaic.json
 """

@@ -1,9 +1,9 @@
 """A packed MoE layer on the grouped Mosaic-GPU kernel (Hopper): two launches per step, gate+up
 (SwiGLU in the epilogue for token blocks up to ``SWIGLU_MAX_BLOCK_M`` rows, else between the
 launches) and down, which reads the first launch's transposed output as it comes where the token
-block allows (``reads_transposed``), or its token-major output (``MosaicConfig.token_major_out``).  Around them: the
-row layout (Pallas-Triton, ``routing_kernel``, where it fits; else sorts and gathers in XLA), the
-gather of the padded rows and the combine.
+block allows (``reads_transposed``), or its token-major output (``MosaicConfig.token_major_out``).
+Around them: the row layout (Pallas-Triton, ``routing_kernel``, where it fits; else sorts and
+gathers in XLA), the gather of the padded rows and the combine.
 
 The kernel reads the words transposed and gate's and up's stacked (``to_mosaic_words``); models
 that serve with it hold that layout, and ``from_mosaic_words`` gives back the stored ``[K, N]`` words.

@@ -1,7 +1,8 @@
 """Mosaic-GPU kernels (kernels/mosaic_*.py) in Mosaic GPU's CPU interpreter, which has no
 register-operand wgmma: there the decoded tiles are staged in shared memory; the register (SWAR)
 forms run only on a Hopper GPU (benchmarks/check_mosaic_layer.py checks them against an f32
-reference there); here they are built by lowering the kernels for CUDA.  Configs, the SWAR arithmetic and the grouped layout are checked exactly."""
+reference there); here they are built by lowering the kernels for CUDA.  Configs, the SWAR
+arithmetic and the grouped layout are checked exactly."""
 import dataclasses
 import functools
 

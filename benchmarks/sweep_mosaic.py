@@ -56,7 +56,10 @@ def smem_bytes(c, word_tiles: int) -> int:
 
 def variant_configs(base, over, block_m, H, I):
     """The variant's (gate+up, down) configs, or a reason to skip it."""
-    gu, dn = dataclasses.replace(base[0], **over[0]), dataclasses.replace(base[1], **over[1])
+    # a variant that splits K without naming token_major_out gets the launch's transposed form
+    pick = lambda c, o: dataclasses.replace(  # noqa: E731
+        c, **{"token_major_out": c.token_major_out and o.get("split_k", c.split_k) == 1, **o})
+    gu, dn = pick(base[0], over[0]), pick(base[1], over[1])
     fused = block_m <= SWIGLU_MAX_BLOCK_M and gu.split_k == 1
     for c, k, tiles in ((gu, H, 2 if fused else 1), (dn, I, 1)):
         if smem_bytes(c, tiles) > smem_budget():

@@ -1,7 +1,8 @@
 """A packed MoE layer on the grouped Mosaic-GPU kernel (Hopper): two launches per step, gate+up
 (SwiGLU in the epilogue for token blocks up to ``SWIGLU_MAX_BLOCK_M`` rows, else between the
-launches) and down, which reads the first launch's transposed output as it comes where the token
-block allows (``reads_transposed``), or its token-major output (``MosaicConfig.token_major_out``).
+launches) and down, which reads the first launch's token-major output (``MosaicConfig.
+token_major_out``, the default) or, with that off, its transposed output as it comes where the
+token block allows (``reads_transposed``), else a transposed copy.
 Around them: the row layout (Pallas-Triton, ``routing_kernel``, where it fits; else sorts and
 gathers in XLA), the gather of the padded rows and the combine.
 
@@ -10,6 +11,7 @@ that serve with it hold that layout, and ``from_mosaic_words`` gives back the st
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -112,11 +114,16 @@ def layer_configs(block_m: int, rows: int, num_pairs: int, hidden: int, inter: i
     sized for the tiles that carry work (``live_tiles``), not for every pair, and the down launch's K
     split until its live CTAs fill two per SM (at a few live pairs one CTA column per SM left half
     the read bandwidth unused: ``benchmarks/sweep_mosaic.py``).  The gate+up launch has the SwiGLU
-    epilogue (no K split) when ``block_m`` fits it."""
+    epilogue (no K split) when ``block_m`` fits it.  Launches without a K split write token-major
+    bf16 rows (``token_major_out``: no transpose between the launches, contiguous rows for the
+    combine), and a down launch split in two decodes with "swar"; both measured faster on the H200
+    (RESULTS.md, "Token-major outputs")."""
     live = live_tiles(rows, num_pairs, block_m)
     fused = block_m <= SWIGLU_MAX_BLOCK_M
     gate_up = mosaic_config(block_m, hidden, 2 * inter, m_blocks=live, word_tiles=2 if fused else 1)
-    return gate_up, mosaic_config(block_m, inter, hidden, m_blocks=live, min_ctas=2 * num_sms())
+    down = mosaic_config(block_m, inter, hidden, m_blocks=live, min_ctas=2 * num_sms())
+    return (dataclasses.replace(gate_up, token_major_out=gate_up.split_k == 1),
+            dataclasses.replace(down, token_major_out=down.split_k == 1, decode="swar" if down.split_k == 2 else None))
 
 
 def xla_pair_layout(g: routing.Grouped, block_m: int):

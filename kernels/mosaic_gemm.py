@@ -50,10 +50,10 @@ class MosaicConfig:
     """Settings of one Mosaic kernel call.  ``decode`` ("swar" | "prmt" | "select") and ``a_in_smem``
     (stage the decoded tiles in shared memory for the wgmma) left None follow the backend: "prmt"
     (the faster SWAR form, ``mosaic_swar``) and registers on the GPU, "select" and shared memory in
-    the interpreter.  ``token_major_out`` (grouped launches with a bf16 result and no K split): write
-    the result as ``[rows, N]``, the accumulators stored through a transposed shared-memory view, so
-    that the next launch reads it without a transpose in between; off by default until measured on
-    the GPU (``benchmarks/sweep_mosaic.py --variants '[[{"token_major_out": true}, {}]]'``)."""
+    the interpreter (which runs "select" whatever the form).  ``token_major_out`` (grouped launches
+    with a bf16 result and no K split): write the result as ``[rows, N]``, the accumulators stored
+    through a transposed shared-memory view, so that the next launch reads it without a transpose
+    in between (``mosaic_ffn.layer_configs`` turns it on wherever it applies)."""
     block_m: int            # tokens per CTA, a multiple of 8 in [8, MAX_BLOCK_M]
     block_n: int = 64       # output columns (word rows) per CTA: 64 or 128
     block_k: int = 128
@@ -74,8 +74,9 @@ class MosaicConfig:
             raise ValueError(f"num_stages and split_k must be >= 1, got {self.num_stages}, {self.split_k}")
 
     def for_backend(self, interpret: bool) -> "MosaicConfig":
-        """The decode form and operand staging filled in for the interpreter or the GPU."""
-        return dataclasses.replace(self, decode=self.decode or ("select" if interpret else "prmt"),
+        """The decode form and operand staging filled in for the interpreter or the GPU; the
+        interpreter always decodes with "select" (the register forms are GPU-only)."""
+        return dataclasses.replace(self, decode="select" if interpret else self.decode or "prmt",
                                    a_in_smem=interpret if self.a_in_smem is None else self.a_in_smem)
 
 

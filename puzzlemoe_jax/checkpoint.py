@@ -18,7 +18,7 @@ from flax import nnx
 from kernels import resolve_impl
 from puzzlemoe_jax import codec
 from puzzlemoe_jax.config import ConfigError, ModelConfig
-from puzzlemoe_jax.models import CausalLM, PackedExpertsModule
+from puzzlemoe_jax.models import QKV_NAMES, CausalLM, PackedExpertsModule, fuse_qkv, split_qkv
 from puzzlemoe_jax.safetensors_io import INDEX, CheckpointError, SafetensorsDir
 from puzzlemoe_jax.writer import FORMAT_VERSION, HASHES, ID_TENSORS, CheckpointWriter, check_expert_ids, file_hash
 
@@ -27,16 +27,31 @@ def _np(a) -> np.ndarray:
     return np.asarray(jax.device_get(a))
 
 
+def stored_names(name: str) -> tuple[str, ...]:
+    """The checkpoint tensors behind one model variable: ``attn.qkv_proj``'s kernel or bias is
+    stored as the q, k and v projections' (``models.fuse_qkv``), everything else under its own name."""
+    if ".qkv_proj." not in name:
+        return (name,)
+    prefix, leaf = name.split(".qkv_proj.")
+    return tuple(f"{prefix}.{n}.{leaf}" for n in QKV_NAMES)
+
+
 def flat_params(model: CausalLM) -> dict[str, np.ndarray]:
     """Model state as ``{"layers.0.attn.q_proj.kernel": array}`` (our checkpoint names); layers in
-    the Mosaic layout (``CausalLM.use_mosaic``) give their ``packed_*`` [P, K, N] words, as stored."""
+    the Mosaic layout (``CausalLM.use_mosaic``) give their ``packed_*`` [P, K, N] words, as stored,
+    and fused q/k/v projections their three tensors (``stored_names``)."""
     flat = {".".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(model))}
     for path in [p for p in flat if p.endswith(".mosaic_gate_up")]:
         prefix = path[: -len("mosaic_gate_up")]
         del flat[prefix + "mosaic_gate_up"], flat[prefix + "mosaic_down"]
         module = model.moe_layers()[int(prefix.split(".")[1])].experts
         flat.update({prefix + "packed_" + n: w for n, w in module.weights().packed.items()})
-    return {k: _np(v[...]) for k, v in flat.items()}
+    heads, kv_heads = model.config.num_heads, model.config.num_kv_heads
+    out = {}
+    for name, v in flat.items():
+        names, a = stored_names(name), _np(v[...])
+        out.update(zip(names, split_qkv(a, heads, kv_heads) if len(names) > 1 else (a,)))
+    return out
 
 
 def compressed_layers_of(model: CausalLM) -> dict[str, dict[str, int]]:
@@ -116,20 +131,32 @@ def load_pretrained(path, *, impl: str = "auto", interpret: bool = False, verify
                                                impl=impl, interpret=interpret))
     graphdef, state = nnx.split(abstract)
     ckpt = SafetensorsDir(path)
-    flat, ids = {}, {}
+    def read(name, shape, dtype):
+        if name not in ckpt.tensors:
+            raise CheckpointError(f"{path}: missing tensor {name!r} (expected {list(shape)} {dtype})")
+        a = ckpt.read(name)
+        if a.shape != tuple(shape) or a.dtype != dtype:
+            raise CheckpointError(f"{ckpt.tensors[name].file}: tensor {name!r} is {list(a.shape)} {a.dtype}, "
+                                  f"expected {list(shape)} {dtype}")
+        return a
+
+    flat, ids, used = {}, {}, set()
+    heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
     for key, var in nnx.to_flat_state(state):
         name, want = ".".join(map(str, key)), var.get_value()
-        if name not in ckpt.tensors:
-            raise CheckpointError(f"{path}: missing tensor {name!r} (expected {list(want.shape)} {want.dtype})")
-        a = ckpt.read(name)
-        if a.shape != want.shape or a.dtype != want.dtype:
-            raise CheckpointError(f"{ckpt.tensors[name].file}: tensor {name!r} is {list(a.shape)} {a.dtype}, "
-                                  f"expected {list(want.shape)} {want.dtype}")
+        names = stored_names(name)
+        if len(names) == 1:
+            a = read(name, want.shape, want.dtype)
+        else:   # q, k and v, each checked against its share of the fused shape
+            d = want.shape[-1] // (heads + 2 * kv_heads)
+            shapes = [(*want.shape[:-1], n * d) for n in (heads, kv_heads, kv_heads)]
+            a = fuse_qkv(*(read(n, shape, want.dtype) for n, shape in zip(names, shapes)), kv_heads)
+        used.update(names)
         if name.rsplit(".", 1)[-1] in ID_TENSORS:
             ids[name] = a
         flat[key] = jnp.asarray(a)
     check_expert_ids(ids, str(path))
-    extra = sorted(set(ckpt.tensors) - {".".join(map(str, k)) for k in flat})
+    extra = sorted(set(ckpt.tensors) - used)
     if extra:
         raise CheckpointError(f"{ckpt.tensors[extra[0]].file}: unexpected tensor {extra[0]!r}")
     pure = {}

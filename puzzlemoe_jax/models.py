@@ -18,6 +18,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kernels import resolve_impl
@@ -31,9 +32,31 @@ from puzzlemoe_jax.moe import moe_ffn
 from puzzlemoe_jax.sharding import sharded_moe_ffn
 
 
+QKV_NAMES = ("q_proj", "k_proj", "v_proj")
+
+
+def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_heads: int) -> np.ndarray:
+    """The q, k and v projection kernels ``[in, heads * D]`` (or biases ``[heads * D]``) as
+    ``Attention.qkv_proj``'s one tensor: per kv head, its query heads, then its key and value head,
+    so that a split of the columns by kv heads keeps each group whole (tensor parallelism)."""
+    lead, d = q.shape[:-1], k.shape[-1] // kv_heads
+    parts = [a.reshape(*lead, kv_heads, -1, d) for a in (q, k, v)]
+    return np.concatenate(parts, axis=-2).reshape(*lead, -1)
+
+
+def split_qkv(qkv: np.ndarray, heads: int, kv_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse of ``fuse_qkv``: the q, k and v tensors of a ``qkv_proj`` kernel or bias."""
+    rep, lead = heads // kv_heads, qkv.shape[:-1]
+    g = qkv.reshape(*lead, kv_heads, rep + 2, -1)
+    return tuple(np.ascontiguousarray(p).reshape(*lead, -1)
+                 for p in (g[..., :rep, :], g[..., rep:rep + 1, :], g[..., rep + 1:, :]))
+
+
 class Attention(nnx.Module):
     """GQA self-attention with RoPE, optional qkv/o bias and per-head q/k RMSNorm.
 
+    The q, k and v projections are one weight, ``qkv_proj``, in ``fuse_qkv``'s layout (one GEMM
+    per step that reads the weight as stored; checkpoints keep the three tensors).
     ``__call__(x, positions, mask[, cache])`` takes explicit positions and a boolean mask
     ``[B, S, S_kv]``; with a KV cache the keys/values are the cache's ``S_max`` slots.
     """
@@ -42,9 +65,7 @@ class Attention(nnx.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim, self.theta = cfg.num_heads, cfg.num_kv_heads, d, cfg.rope_theta
         self.rotary_dim, self.norm_full = cfg.rotary_dim or d, cfg.qk_norm_full
-        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.qkv_proj = Linear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         qd, kd = (cfg.num_heads * d, cfg.num_kv_heads * d) if cfg.qk_norm_full else (d, d)   # OLMoE: whole projection
         self.q_norm = RMSNorm(qd, cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm or cfg.qk_norm_full else None
@@ -56,12 +77,13 @@ class Attention(nnx.Module):
         keys/values there, attends over all ``S_max`` slots with ``mask [B, S, S_max]`` and returns
         ``(out, (k, v))``."""
         b, s, _ = x.shape
-        q, k = self.q_proj(x), self.k_proj(x)
+        g, rep, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).reshape(b, s, g, rep + 2, d)
+        q, k, v = qkv[:, :, :, :rep].reshape(b, s, -1), qkv[:, :, :, rep].reshape(b, s, -1), qkv[:, :, :, rep + 1]
         if self.norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.reshape(b, s, self.num_heads, self.head_dim)
-        k = k.reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        q = q.reshape(b, s, self.num_heads, d)
+        k = k.reshape(b, s, g, d)
         if self.q_norm is not None and not self.norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_tables(positions, self.rotary_dim, self.theta, x.dtype)

@@ -4,8 +4,10 @@
   the unmerged ``dense_w_*`` ``[D, K, N]`` are split over "expert" along their first axis (expert
   parallel over experts / pairs) where that count divides, and over "model" along the expert
   intermediate axis (N of gate/up, K of down) where that divides;
-* attention q/k/v kernels (MLA: q_proj / q_b_proj / kv_b_proj) are split over "model" by heads
-  (columns), o_proj by rows, when the head counts divide (MLA's latent projections are replicated); dense MLPs / shared experts likewise (gate/up columns, down rows);
+* the attention ``qkv_proj`` kernel is split over "model" by kv-head groups (columns) when the kv
+  head count divides (MLA: q_proj / q_b_proj / kv_b_proj by heads; its latent projections are
+  replicated), o_proj by rows when the head count divides; dense MLPs / shared experts likewise
+  (gate/up columns, down rows);
 * everything else (embeddings, norms, routers, lm_head, pair and id tables) is replicated.
 
 ``shard_model(model, mesh)`` places every variable with a ``NamedSharding`` and hands the mesh to
@@ -76,8 +78,8 @@ def partition_spec(path: Sequence, shape: tuple[int, ...], mesh: Mesh, heads: in
                                                    or leaf.startswith("dense_w_")):
         return expert_weight_spec(leaf.split("w_", 1)[1], shape, mesh)
     if "attn" in names and leaf in ("kernel", "bias"):
-        if parent in ("q_proj", "k_proj", "v_proj", "q_b_proj", "kv_b_proj"):   # (MLA: q_b_proj, kv_b_proj per head)
-            nh = kv_heads if parent in ("k_proj", "v_proj") else heads
+        if parent in ("qkv_proj", "q_proj", "q_b_proj", "kv_b_proj"):   # (MLA: q_proj / q_b_proj, kv_b_proj per head)
+            nh = kv_heads if parent == "qkv_proj" else heads   # qkv_proj: whole kv-head groups (models.fuse_qkv)
             tp = "model" if _div(nh, m) else None
             return P(None, tp) if leaf == "kernel" else P(tp)
         if parent == "o_proj" and leaf == "kernel":

@@ -22,7 +22,7 @@ from puzzlemoe_jax import cli, evaluate, generate
 from puzzlemoe_jax.checkpoint import load_pretrained
 from puzzlemoe_jax.config import ConfigError, ModelConfig
 from puzzlemoe_jax.random_checkpoint import tiny_config, write_tiny_checkpoint
-from puzzlemoe_jax.safetensors_io import CheckpointError
+from puzzlemoe_jax.safetensors_io import INDEX, CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"convert": convert.main, "evaluate": evaluate.main, "generate": generate.main}
@@ -263,3 +263,25 @@ def test_huge_whole_float_sizes_refused_not_allocated():
     """A size given as a huge whole float (1e300) is an error, not a billion-layer model."""
     with pytest.raises(ConfigError, match="num_hidden_layers must be below 2"):
         ModelConfig.from_hf({**tiny_config("mixtral"), "num_hidden_layers": 1e300})
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ("shape", r"tensor 'layers\.0\.attn\.k_proj\.kernel' is \[\d+, \d+\] bfloat16, expected \[\d+, \d+\] bfloat16"),
+    ("missing", r"missing tensor 'layers\.0\.attn\.k_proj\.kernel' \(expected \[\d+, \d+\] bfloat16\)")])
+def test_qkv_parts_checked_by_their_stored_names(w, tmp_path, change, fragment):
+    """The model holds q, k and v as one weight; a bad stored part is named as stored."""
+    m = tmp_path / "M"
+    shutil.copytree(w / "M", m)
+    name = "layers.0.attn.k_proj.kernel"
+    shard = next(s for s in m.glob("model-*.safetensors") if name in load_file(s))
+    t = load_file(shard)
+    if change == "shape":
+        t[name] = t[name][:, :-1].copy()
+    else:   # gone from the shard and the index
+        del t[name]
+        index = json.loads((m / INDEX).read_text())
+        del index["weight_map"][name]
+        (m / INDEX).write_text(json.dumps(index))
+    save_file(t, shard, metadata={"format": "flax"})
+    with pytest.raises(CheckpointError, match=fragment):
+        load_pretrained(m, verify=False)

@@ -126,8 +126,16 @@ def test_layer_configs_size_launches_for_the_live_tiles():
     assert down.split_k * 2 * (4096 // down.block_n) >= 2 * num_sms() and down.num_stages >= 2
     assert mosaic_config(8, 14336, 4096, m_blocks=4).split_k == 1        # sized for all 4 pairs
     assert gate_up.split_k == 1 and gate_up.block_m == down.block_m == 8
+    # token-major results where there is no K split; the K-split down launch writes f32 O^T partials
+    assert gate_up.token_major_out and not down.token_major_out
     # many rows: every pair live, the settings of a launch sized for all of them
-    assert layer_configs(128, 512, 4, 4096, 14336)[1] == mosaic_config(128, 14336, 4096, m_blocks=8, min_ctas=264)
+    want = dataclasses.replace(mosaic_config(128, 14336, 4096, m_blocks=8, min_ctas=264), token_major_out=True)
+    assert layer_configs(128, 512, 4, 4096, 14336)[1] == want
+    # a down launch split in two decodes with "swar", others with the backend's default
+    for rows in (1, 2, 4, 8):
+        gu, dn = layer_configs(8, rows, 4, 4096, 14336)
+        assert dn.decode == ("swar" if dn.split_k == 2 else None) and gu.decode is None, (rows, dn)
+    assert any(layer_configs(8, r, 4, 4096, 14336)[1].split_k == 2 for r in (1, 2, 4, 8))
 
 
 def test_mosaic_kernels_reject_bad_shapes_and_settings():

@@ -161,3 +161,19 @@ def test_config_errors(change, message):
                 intermediate_size=16, moe_intermediate_size=4, n_routed_experts=4, num_experts_per_tok=2)
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf({**base, **change})
+
+
+def test_fused_qkv_layout_and_round_trip():
+    """``fuse_qkv`` groups each kv head's query heads with its key and value head (so a column split by
+    kv heads keeps groups whole); ``split_qkv`` gives the stored tensors back, kernels and biases."""
+    rng = np.random.default_rng(7)
+    heads, kv, d = 6, 2, 4
+    for lead in ((5,), ()):
+        q, k, v = (rng.standard_normal((*lead, n * d)).astype(np.float32) for n in (heads, kv, kv))
+        f = models.fuse_qkv(q, k, v, kv)
+        assert f.shape == (*lead, (heads + 2 * kv) * d)
+        group = (heads // kv + 2) * d
+        np.testing.assert_array_equal(f[..., group:2 * group], np.concatenate(
+            [q[..., 3 * d:6 * d], k[..., d:2 * d], v[..., d:2 * d]], -1))   # kv head 1: query heads 3-5
+        for got, want in zip(models.split_qkv(f, heads, kv), (q, k, v)):
+            np.testing.assert_array_equal(got, want)

@@ -18,7 +18,7 @@ from flax import nnx
 from kernels import resolve_impl
 from puzzlemoe_jax import codec
 from puzzlemoe_jax.config import ConfigError, ModelConfig
-from puzzlemoe_jax.models import QKV_NAMES, CausalLM, PackedExpertsModule, fuse_qkv, split_qkv
+from puzzlemoe_jax.models import QKV_NAMES, CausalLM, PackedExpertsModule, fuse_qkv, qkv_part_shapes, split_qkv
 from puzzlemoe_jax.safetensors_io import INDEX, CheckpointError, SafetensorsDir
 from puzzlemoe_jax.writer import FORMAT_VERSION, HASHES, ID_TENSORS, CheckpointWriter, check_expert_ids, file_hash
 
@@ -131,6 +131,7 @@ def load_pretrained(path, *, impl: str = "auto", interpret: bool = False, verify
                                                impl=impl, interpret=interpret))
     graphdef, state = nnx.split(abstract)
     ckpt = SafetensorsDir(path)
+
     def read(name, shape, dtype):
         if name not in ckpt.tensors:
             raise CheckpointError(f"{path}: missing tensor {name!r} (expected {list(shape)} {dtype})")
@@ -148,8 +149,7 @@ def load_pretrained(path, *, impl: str = "auto", interpret: bool = False, verify
         if len(names) == 1:
             a = read(name, want.shape, want.dtype)
         else:   # q, k and v, each checked against its share of the fused shape
-            d = want.shape[-1] // (heads + 2 * kv_heads)
-            shapes = [(*want.shape[:-1], n * d) for n in (heads, kv_heads, kv_heads)]
+            shapes = qkv_part_shapes(want.shape, heads, kv_heads)
             a = fuse_qkv(*(read(n, shape, want.dtype) for n, shape in zip(names, shapes)), kv_heads)
         used.update(names)
         if name.rsplit(".", 1)[-1] in ID_TENSORS:

@@ -44,6 +44,12 @@ def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_heads: int) -> np.n
     return np.concatenate(parts, axis=-2).reshape(*lead, -1)
 
 
+def qkv_part_shapes(shape: tuple[int, ...], heads: int, kv_heads: int) -> list[tuple[int, ...]]:
+    """The shapes of the q, k and v tensors behind a ``qkv_proj`` kernel or bias of ``shape``."""
+    d = shape[-1] // (heads + 2 * kv_heads)
+    return [(*shape[:-1], n * d) for n in (heads, kv_heads, kv_heads)]
+
+
 def split_qkv(qkv: np.ndarray, heads: int, kv_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The inverse of ``fuse_qkv``: the q, k and v tensors of a ``qkv_proj`` kernel or bias."""
     rep, lead = heads // kv_heads, qkv.shape[:-1]

@@ -3,7 +3,7 @@
     python benchmarks/bench_e2e.py [--shape mixtral-8x7b] [--batches 1,4,16,64] [--prefill 16]
         [--decode 128] [--packed-layers 32] [--dense-layers auto] [--budget-s 420] [--json OUT]
         [--impl auto] [--configs dense,packed-all] [--compile-cache DIR]
-        [--meshes 1x1,2x1] [--concurrent-single] [--profile] [--timeline]
+        [--meshes 1x1,2x1] [--concurrent-single] [--profile] [--timeline] [--routing-stats]
 
 A Mixtral-8x7B-shaped model (bf16) is built directly on the device with random weights
 (normal, std 0.02; RMSNorm scales 1), not read from disk.  Packed layers: ``compress.compress_layer``
@@ -256,6 +256,8 @@ def worker(args) -> dict:
                 jax.block_until_ready(cache)
                 _, run["timeline"] = device_timeline(lambda: gen.decode(batch, first, cache, args.decode), ())
                 del cache
+            if args.routing_stats:
+                run["routing"] = routing_stats(model, np.asarray(batch.ids), np.asarray(out), args.prefill)
             finite = bool(ok) and bool(ok2)
             assert int(steps) == args.decode, int(steps)
             p, d = statistics.median(pre), statistics.median(dec)
@@ -273,6 +275,48 @@ def worker(args) -> dict:
     res["peak_bytes_in_use"] = max(res["peak_bytes_per_gpu"], key=lambda v: v or 0)
     res["wall_s"] = time.perf_counter() - t_start
     return res
+
+
+def routing_stats(model, prompt_ids, new_ids, prefill: int) -> dict:
+    """How the decode steps' tokens spread over the experts, per layer, from one forward pass over the
+    prompts and the generated tokens (the decode inputs are positions ``prefill ..``): the most rows
+    any expert got in a step, and for a packed layer the grouped kernel's tiles (a pair side with more
+    rows than the token block costs its pair another tile, which streams the pair's words again)
+    against the pairs that had rows."""
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from kernels.mosaic_ffn import grouped_block_m  # noqa: PLC0415
+    from puzzlemoe_jax import calibrate  # noqa: PLC0415
+    from puzzlemoe_jax.models import PackedExpertsModule  # noqa: PLC0415
+    seq = np.concatenate([prompt_ids, new_ids[:, :-1]], 1)
+    b, cfg = seq.shape[0], model.config
+    layers = model.moe_layers()
+    for m in layers.values():
+        m.capture = True
+    try:
+        routed = calibrate.routed_inputs(model, jnp.asarray(seq, jnp.int32))
+    finally:
+        for m in layers.values():
+            m.capture = False
+    block = grouped_block_m(b * cfg.top_k, cfg.num_experts, b)
+    out = {"block_m": block, "steps": seq.shape[1] - prefill, "layers": {}}
+    for i, m in layers.items():
+        ids = np.asarray(routed[i][1]).reshape(b, seq.shape[1], -1)[:, prefill:]          # [B, steps, k]
+        counts = np.stack([np.bincount(ids[:, t].ravel(), minlength=cfg.num_experts)
+                           for t in range(ids.shape[1])])                                  # [steps, E]
+        row = {"max_rows_mean": float(counts.max(1).mean()), "max_rows_max": int(counts.max()),
+               "experts_touched_mean": float((counts > 0).sum(1).mean())}
+        if isinstance(m.experts, PackedExpertsModule):
+            pairs = np.asarray(m.experts.pairs[...])
+            n_i, n_j = counts[:, pairs[:, 0]], counts[:, pairs[:, 1]]
+            tiles = np.maximum(-(-n_i // block), -(-n_j // block)).sum(1)
+            live = ((n_i + n_j) > 0).sum(1)
+            row.update(tiles_mean=float(tiles.mean()), live_pairs_mean=float(live.mean()),
+                       steps_with_extra_tiles=float((tiles > live).mean()))
+        out["layers"][i] = row
+    rows = list(out["layers"].values())
+    out["summary"] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return out
 
 
 def check(args) -> dict:
@@ -436,6 +480,9 @@ def main(argv=None):
     ap.add_argument("--timeline", action="store_true",
                     help="also trace one decode call at each batch (jax.profiler): the GPU's busy time, its idle "
                          "time before, between and after the kernels, the longest gaps (JSON 'timeline')")
+    ap.add_argument("--routing-stats", action="store_true",
+                    help="also count, per layer, how the decode steps' tokens spread over the experts and the "
+                         "grouped kernel's tiles for them (one forward pass; JSON 'routing')")
     # worker mode
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker-check", action="store_true", help=argparse.SUPPRESS)
@@ -469,7 +516,8 @@ def main(argv=None):
         print("CHECK", json.dumps(out["check"]), flush=True)
     base = ["--shape", args.shape, "--batches", ",".join(map(str, args.batches)), "--prefill", str(args.prefill),
             "--decode", str(args.decode), "--reps", str(args.reps), "--compare-prefill-chunk", str(args.compare_prefill_chunk),
-            *(["--profile"] if args.profile else []), *(["--timeline"] if args.timeline else [])]
+            *(["--profile"] if args.profile else []), *(["--timeline"] if args.timeline else []),
+            *(["--routing-stats"] if args.routing_stats else [])]
     all_layers = args.packed_layers or SHAPES[args.shape]["num_layers"]
     import jax  # noqa: PLC0415 (only the device count and bytes limit; workers use their own processes)
     n_gpus = jax.device_count()

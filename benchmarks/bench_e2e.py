@@ -197,12 +197,13 @@ def worker(args) -> dict:
             continue
         prompts = rng.integers(1, cfg.vocab_size, (b, args.prefill)).tolist()
         batch = prepare_batch(prompts, args.decode, cfg.vocab_size)
-        run = {"batch": b}
+        run = {"batch": b, "decode_chunk": args.decode_chunks[0]}
+        chunk = args.decode_chunks[0]
         try:
             compile_events.clear()
             t0 = time.perf_counter()
             first, cache, ok = gen.prefill(batch, args.decode)
-            out, steps, ok2, cache = gen.decode(batch, first, cache, args.decode)
+            out, steps, ok2, cache = gen.decode(batch, first, cache, args.decode, chunk=chunk)
             jax.block_until_ready(out)
             run["compile_and_first_s"] = time.perf_counter() - t0
             run["compile_stages_s"] = dict(compile_events)
@@ -212,25 +213,40 @@ def worker(args) -> dict:
                 first, cache, ok = gen.prefill(batch, args.decode)
                 jax.block_until_ready((first, cache))
                 t1 = time.perf_counter()
-                out, steps, ok2, cache = gen.decode(batch, first, cache, args.decode)
+                out, steps, ok2, cache = gen.decode(batch, first, cache, args.decode, chunk=chunk)
                 jax.block_until_ready(out)
                 t2 = time.perf_counter()
                 pre.append(t1 - t0)
                 dec.append(t2 - t1)
                 del cache
+            for other in args.decode_chunks[1:]:   # the same decode with another stop-check interval
+                first, cache, _ = gen.prefill(batch, args.decode)
+                t0 = time.perf_counter()
+                jax.block_until_ready(gen.decode(batch, first, cache, args.decode, chunk=other)[0])
+                first_s, times = time.perf_counter() - t0, []
+                for _ in range(args.reps):
+                    first, cache, _ = gen.prefill(batch, args.decode)
+                    jax.block_until_ready(cache)
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(gen.decode(batch, first, cache, args.decode, chunk=other)[0])
+                    times.append(time.perf_counter() - t0)
+                d = statistics.median(times)
+                run.setdefault("other_chunks", []).append(
+                    {"decode_chunk": other, "compile_and_first_s": first_s, "decode_loop_s": d,
+                     "ms_per_step": 1e3 * d / (args.decode - 1)})
             if args.compare_prefill_chunk:   # the same prefill in chunks of <= N tokens a step
-                chunk = max(1, args.compare_prefill_chunk // b)
-                first_c, cache, ok_c = gen.prefill(batch, args.decode, chunk=chunk)
+                pchunk = max(1, args.compare_prefill_chunk // b)
+                first_c, cache, ok_c = gen.prefill(batch, args.decode, chunk=pchunk)
                 jax.block_until_ready((first_c, cache))
                 del cache
                 chunked = []
                 for _ in range(args.reps):
                     t0 = time.perf_counter()
-                    first_c, cache, ok_c = gen.prefill(batch, args.decode, chunk=chunk)
+                    first_c, cache, ok_c = gen.prefill(batch, args.decode, chunk=pchunk)
                     jax.block_until_ready((first_c, cache))
                     chunked.append(time.perf_counter() - t0)
                     del cache
-                run.update(prefill_chunk_slots=chunk, prefill_chunked_s=statistics.median(chunked),
+                run.update(prefill_chunk_slots=pchunk, prefill_chunked_s=statistics.median(chunked),
                            prefill_chunked_same_first_token=bool((np.asarray(first_c) == np.asarray(first)).all()))
                 ok = ok & ok_c
             if args.profile:   # where a decode step's device time goes, kernels summed by name
@@ -239,7 +255,7 @@ def worker(args) -> dict:
                 first, cache, _ = gen.prefill(batch, args.decode)
                 # the cache is not donated here: every timed iteration reads the same one
                 step = functools.partial(jax.jit(decode_steps, static_argnames=DECODE_STATIC), gen.graphdef,
-                                         max_new=args.decode, greedy=True)
+                                         max_new=args.decode, greedy=True, chunk=chunk)
                 one = jnp.float32(1.0)
                 # the weights are an argument: a closure would make them constants of the measured jit
                 _, ms, _, per = cupti_time(step, (gen.state, first, cache, batch.valid, batch.next_pos,
@@ -254,7 +270,7 @@ def worker(args) -> dict:
                 from common import device_timeline  # noqa: PLC0415
                 first, cache, _ = gen.prefill(batch, args.decode)
                 jax.block_until_ready(cache)
-                _, run["timeline"] = device_timeline(lambda: gen.decode(batch, first, cache, args.decode), ())
+                _, run["timeline"] = device_timeline(lambda: gen.decode(batch, first, cache, args.decode, chunk=chunk), ())
                 del cache
             if args.routing_stats:
                 run["routing"] = routing_stats(model, np.asarray(batch.ids), np.asarray(out), args.prefill)
@@ -480,6 +496,8 @@ def main(argv=None):
     ap.add_argument("--timeline", action="store_true",
                     help="also trace one decode call at each batch (jax.profiler): the GPU's busy time, its idle "
                          "time before, between and after the kernels, the longest gaps (JSON 'timeline')")
+    ap.add_argument("--decode-chunks", default="", help="decode steps between stop checks (generate.Generator.decode's "
+                    "chunk; default its default); more than one: each timed in the same worker (JSON 'other_chunks')")
     ap.add_argument("--routing-stats", action="store_true",
                     help="also count, per layer, how the decode steps' tokens spread over the experts and the "
                          "grouped kernel's tiles for them (one forward pass; JSON 'routing')")
@@ -492,6 +510,8 @@ def main(argv=None):
     ap.add_argument("--min-left-s", type=float, default=45.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in str(args.batches).split(",")]
+    from puzzlemoe_jax.generate import DECODE_CHUNK  # noqa: PLC0415
+    args.decode_chunks = [int(c) for c in str(args.decode_chunks).split(",") if c] or [DECODE_CHUNK]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if args.worker_check:
         print("RESULT " + json.dumps(check(args)), flush=True)
@@ -517,7 +537,8 @@ def main(argv=None):
     base = ["--shape", args.shape, "--batches", ",".join(map(str, args.batches)), "--prefill", str(args.prefill),
             "--decode", str(args.decode), "--reps", str(args.reps), "--compare-prefill-chunk", str(args.compare_prefill_chunk),
             *(["--profile"] if args.profile else []), *(["--timeline"] if args.timeline else []),
-            *(["--routing-stats"] if args.routing_stats else [])]
+            *(["--routing-stats"] if args.routing_stats else []),
+            "--decode-chunks", ",".join(map(str, args.decode_chunks))]
     all_layers = args.packed_layers or SHAPES[args.shape]["num_layers"]
     import jax  # noqa: PLC0415 (only the device count and bytes limit; workers use their own processes)
     n_gpus = jax.device_count()

@@ -141,18 +141,18 @@ def _prefill(graphdef, state, ids, positions, valid, key, temperature, top_p, *,
     return tok, cache, jnp.all(jnp.isfinite(logits))
 
 
-DECODE_STATIC = ("graphdef", "max_new", "greedy")
+DECODE_STATIC = ("graphdef", "max_new", "greedy", "chunk")
 # decode steps per inner loop: a loop of known trip count runs without the host reading its condition
 # back from the GPU, so its steps are launched back to back; the stop check runs between chunks
 DECODE_CHUNK = 8
 
 
 def decode_steps(graphdef, state, first, cache, valid, next_pos, stop_ids, key, temperature, top_p, *,
-                 max_new: int, greedy: bool):
+                 max_new: int, greedy: bool, chunk: int = DECODE_CHUNK):
     """Every decode step after the prefill's first token, in one jit: returns (tokens ``[B, max_new]``,
     steps run, all logits finite, the cache after the last step).
 
-    The steps run in chunks of ``DECODE_CHUNK`` (an inner loop of fixed length inside a
+    The steps run in chunks of ``chunk`` (an inner loop of fixed length inside a
     ``lax.while_loop`` that stops once every sequence has emitted a stop token): a chunk may run past
     the last step or the last stop; such steps write no tokens, count no steps, and put their keys
     and values only in cache slots no returned token depends on (slots past the last step's, the
@@ -161,7 +161,7 @@ def decode_steps(graphdef, state, first, cache, valid, next_pos, stop_ids, key, 
     b = first.shape[0]
     start = valid.shape[1] - max_new                          # slot of the first generated token
     n = max_new - 1                                           # steps after the prefill's token
-    chunk = max(1, min(DECODE_CHUNK, n))
+    chunk = max(1, min(chunk, n))
     n_chunks = -(-n // chunk)
     out = jnp.full((b, 1 + n_chunks * chunk), PAD_ID, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stop_ids)
@@ -236,13 +236,15 @@ class Generator:
                         chunk=chunk)
 
     def decode(self, batch: Batch, first, cache, max_new_tokens: int, *, stop=None, greedy=True,
-               temperature=1.0, top_p=1.0, key=None):
+               temperature=1.0, top_p=1.0, key=None, chunk: int = DECODE_CHUNK):
         """``decode_steps``: (tokens after ``first``, steps, finite, cache); the ``cache`` passed in
-        (the prefill's) is consumed, updated in place into the one returned."""
+        (the prefill's) is consumed, updated in place into the one returned.  ``chunk``: steps between
+        stop checks (each check waits for the GPU; a stop is noticed up to ``chunk - 1`` steps late)."""
         key = jax.random.key(1) if key is None else key
         stop = jnp.asarray([-1], jnp.int32) if stop is None else stop
         return _decode(self.graphdef, self.state, first, cache, batch.valid, batch.next_pos, stop, key,
-                       jnp.float32(temperature), jnp.float32(top_p), max_new=max_new_tokens, greedy=greedy)
+                       jnp.float32(temperature), jnp.float32(top_p), max_new=max_new_tokens, greedy=greedy,
+                       chunk=chunk)
 
     def __call__(self, prompts, max_new_tokens, *, greedy=True, temperature=1.0, top_p=1.0, stop_tokens=(),
                  seed=0) -> list[list[int]]:

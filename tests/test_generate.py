@@ -144,9 +144,11 @@ def test_stop_tokens(mixtral):
     assert generate(mixtral, PROMPTS, 10, stop_tokens=firsts) == [[f[0]] for f in full]
 
 
-@pytest.mark.parametrize("max_new", [2, G.DECODE_CHUNK + 3, 2 * G.DECODE_CHUNK + 1])
-def test_chunked_decode_counts_steps_and_tokens_as_a_plain_loop(mixtral, max_new):
-    """The decode runs in chunks of DECODE_CHUNK steps: the steps it reports and the tokens it
+@pytest.mark.parametrize("max_new, chunk", [(2, G.DECODE_CHUNK), (G.DECODE_CHUNK + 3, G.DECODE_CHUNK),
+                                            (2 * G.DECODE_CHUNK + 1, G.DECODE_CHUNK), (G.DECODE_CHUNK + 3, 1),
+                                            (2 * G.DECODE_CHUNK + 1, 64)])
+def test_chunked_decode_counts_steps_and_tokens_as_a_plain_loop(mixtral, max_new, chunk):
+    """The decode runs in chunks of ``chunk`` steps: the steps it reports and the tokens it
     returns are those of a loop that checks for stops before every step, whatever the overrun."""
     full = [row[:max_new] for row in generate(mixtral, PROMPTS, 2 * G.DECODE_CHUNK + 2)]
     assert generate(mixtral, PROMPTS, max_new) == full            # the overrun changes no token
@@ -154,7 +156,7 @@ def test_chunked_decode_counts_steps_and_tokens_as_a_plain_loop(mixtral, max_new
     b = prepare_batch(PROMPTS, max_new, 160)
     stop = sorted({f[min(2, max_new - 1)] for f in full})       # every row stops by its third token
     first, cache, _ = gen.prefill(b, max_new)
-    out, steps, ok, _ = gen.decode(b, first, cache, max_new, stop=jnp.asarray(stop, jnp.int32))
+    out, steps, ok, _ = gen.decode(b, first, cache, max_new, stop=jnp.asarray(stop, jnp.int32), chunk=chunk)
     ends = [next(i for i, t in enumerate(f) if t in stop) + 1 for f in full]
     assert bool(ok) and int(steps) == max(ends)
     out = np.asarray(out)

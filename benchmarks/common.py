@@ -45,6 +45,40 @@ def cupti_time(fn, args, *, iterations: int = 30, per_call: int = 1, by_kernel: 
     return out, statistics.median(per_iter), q(0.9) - q(0.1), names
 
 
+def sustained_time(fn, args, *, warm_s: float = 1.0, calls: int = 200) -> dict:
+    """Wall-clock ms per call of ``calls`` back-to-back calls after ``warm_s`` seconds of them: the GPU
+    as a serving loop keeps it, at its power cap (burst timings such as ``cupti_time``'s run at the
+    boost clock between idle gaps).  Also the SM clock and board power ``nvidia-smi`` sampled during
+    the timed calls (None where it is not available).  Host dispatch must be shorter than a call."""
+    jax.block_until_ready(fn(*args))
+    t_end = time.perf_counter() + warm_s
+    while time.perf_counter() < t_end:
+        out = fn(*args)
+    jax.block_until_ready(out)
+    for _ in range(8):   # keep the GPU busy while the sampler starts
+        out = fn(*args)
+    try:
+        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                                "-lms", "50"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError:
+        smi = None
+    t = time.perf_counter()
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    ms = (time.perf_counter() - t) * 1e3 / calls
+    samples = []
+    if smi is not None:
+        smi.terminate()
+        for line in smi.communicate()[0].splitlines():
+            try:
+                samples.append([float(v) for v in line.split(",")])
+            except ValueError:
+                pass
+    mean = lambda i: statistics.mean(r[i] for r in samples) if samples else None  # noqa: E731
+    return {"ms": ms, "calls": calls, "warm_s": warm_s, "sm_mhz": mean(0), "power_w": mean(1)}
+
+
 def bandwidth_ceilings(gib: float = 1.0, iterations: int = 20):
     """Measured device-to-device copy bandwidth (bytes read + written) and read-only bandwidth."""
     n = int(gib * 2 ** 30) // 2

@@ -22,7 +22,7 @@ import json
 import sys
 import time
 
-from common import cupti_time, device_info, rel_err, write_json
+from common import cupti_time, device_info, rel_err, sustained_time, write_json
 from bench_moe_layer import SHAPES, random_weights
 from peer_torch import routing
 
@@ -130,6 +130,8 @@ def sweep_shape(args, shape, tokens, res, t0):
                     err, finite = rel_err(out, ref)
                     v.update(ms=ms, spread_ms=spread, err=err, ok=finite and err < 1e-2, launches=launch_times(kern), kernels=kern,
                              read_TBps=touched * expert_bytes / ms / 1e9)
+                    if args.sustained_s > 0:
+                        v["sustained"] = sustained_time(fn, (x, ids, tw, experts, words), warm_s=args.sustained_s)
                 except Exception as e:  # noqa: BLE001 (a variant that does not compile is recorded)
                     v["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             res["rows"].append(v)
@@ -151,8 +153,10 @@ def row_line(v) -> str:
     if "ms" not in v:
         return f"{head} {cfgs} {v.get('skipped') or v.get('error', '')[:100]}"
     la = v["launches"]
+    sus = v.get("sustained")
+    sus = f"  back to back {sus['ms'] * 1e3:8.1f} ({sus['sm_mhz'] or float('nan'):.0f} MHz)" if sus else ""
     return (f"{head} {cfgs} {v['ms'] * 1e3:8.1f} {la['gate_up'] * 1e3:8.1f} {la['down'] * 1e3:8.1f} "
-            f"{la['other'] * 1e3:6.1f} {v['read_TBps']:5.2f}{'' if v['ok'] else ' FAILED'}")
+            f"{la['other'] * 1e3:6.1f} {v['read_TBps']:5.2f}{'' if v['ok'] else ' FAILED'}{sus}")
 
 
 def main():
@@ -162,6 +166,8 @@ def main():
                     help="shape:tokens;shape:tokens")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--sustained-s", type=float, default=0.0,
+                    help="also time each variant back to back after this many seconds of warm-up (at the power cap)")
     ap.add_argument("--budget-s", type=float, default=270, help="variants after this many seconds are skipped")
     ap.add_argument("--variants", type=json.loads, default=None,
                     help="JSON list of [gate+up overrides, down overrides] pairs instead of VARIANTS")

@@ -208,6 +208,7 @@ def worker(args) -> dict:
             run["compile_and_first_s"] = time.perf_counter() - t0
             run["compile_stages_s"] = dict(compile_events)
             pre, dec = [], []
+            run["timed_unix_s"] = [time.time()]   # (to line up with a clock / power log)
             for _ in range(args.reps):
                 t0 = time.perf_counter()
                 first, cache, ok = gen.prefill(batch, args.decode)
@@ -219,6 +220,7 @@ def worker(args) -> dict:
                 pre.append(t1 - t0)
                 dec.append(t2 - t1)
                 del cache
+            run["timed_unix_s"].append(time.time())
             for other in args.decode_chunks[1:]:   # the same decode with another stop-check interval
                 first, cache, _ = gen.prefill(batch, args.decode)
                 t0 = time.perf_counter()

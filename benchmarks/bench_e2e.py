@@ -30,6 +30,9 @@ Several GPUs (``--meshes``, e.g. ``1x1,2x1``: ("expert", "model") mesh shapes): 
 placed as ``sharding.shard_model`` places it while the model is built, and the MoE layers run
 expert parallel under ``shard_map`` (packed pairs with the Pallas kernel on each GPU, one psum);
 memory is reported per GPU and tokens/s compared with the 1x1 run of the same model.
+While the workers run, ``nvidia-smi`` samples the first GPU's SM clock, board power and power-cap state
+(``common.GpuSampler``); each run reports their means over its timed repetitions and the energy per
+generated token (mean power x step time / batch), so a speed-up can be read against the clock it ran at.
 ``--concurrent-single`` runs the 1x1 configurations side by side, one per GPU (separate processes
 and GPUs; only the host is shared), to save device time.
 """
@@ -407,8 +410,9 @@ def _stages(run) -> str:
 
 
 def table(results) -> str:
-    rows = ["| model | layers | batch | compile s (trace / lower / backend) | prefill s | decode loop s | ms/step | tok/s e2e | tok/s decode | weights GiB | peak GiB per GPU |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | layers | batch | compile s (trace / lower / backend) | prefill s | decode loop s | ms/step | tok/s e2e | "
+            "tok/s decode | weights GiB | peak GiB per GPU | GPU 0 SM MHz / W / power-capped | J per token |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         name = _name(r)
         if r.get("error"):
@@ -420,8 +424,16 @@ def table(results) -> str:
                 continue
             rows.append(f"| {name} | {r['layers']} | {run['batch']} | {run['compile_and_first_s']:.1f} ({_stages(run)}) | {run['prefill_s']:.3f} | {run['decode_loop_s']:.3f} | "
                         f"{run['ms_per_step']:.2f} | {run['tokens_per_s']:.1f} | {run['decode_tokens_per_s']:.1f} | "
-                        f"{r['weights_bytes'] / GiB:.2f} | {_per_gpu(r)} |")
+                        f"{r['weights_bytes'] / GiB:.2f} | {_per_gpu(r)} | {_power(run)} |")
     return "\n".join(rows)
+
+
+def _power(run) -> str:
+    g = run.get("gpu0") or {}
+    if not g.get("samples"):
+        return "- | -"
+    return (f"{g['sm_mhz']:.0f} / {g['power_w']:.0f} / {100 * g['power_capped']:.0f} % | "
+            f"{run['joules_per_token']:.3f}")
 
 
 def _runs(results) -> dict:
@@ -582,17 +594,25 @@ def main(argv=None):
         res, err = _spawn(argv, job_env, share + 60)
         return res or {"layers": layers, "packed": packed, "mesh": mesh, "error": err, "runs": []}
 
-    for i, group in enumerate(groups):
-        share = left() / (len(groups) - i)
-        if share < 60:
-            out["not_run"] += [f"{c} ({layers} layers, mesh {mesh}): time budget" for mesh, c, layers, _ in group]
-            continue
-        if len(group) == 1:
-            mesh = group[0][0]
-            out["results"].append(run_job(group[0], share, 0 if mesh == "1x1" and n_gpus > 1 else None))
-        else:
-            with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
-                out["results"] += list(pool.map(lambda jg: run_job(jg[0], share, jg[1]), zip(group, range(len(group)))))
+    from common import GpuSampler  # noqa: PLC0415
+    with GpuSampler() as gpu:   # the first GPU's clock and power while the workers run
+        for i, group in enumerate(groups):
+            share = left() / (len(groups) - i)
+            if share < 60:
+                out["not_run"] += [f"{c} ({layers} layers, mesh {mesh}): time budget" for mesh, c, layers, _ in group]
+                continue
+            if len(group) == 1:
+                mesh = group[0][0]
+                out["results"].append(run_job(group[0], share, 0 if mesh == "1x1" and n_gpus > 1 else None))
+            else:
+                with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
+                    out["results"] += list(pool.map(lambda jg: run_job(jg[0], share, jg[1]), zip(group, range(len(group)))))
+    for r in out["results"]:
+        for run in r.get("runs", []):
+            if "timed_unix_s" in run and "ms_per_step" in run:
+                run["gpu0"] = gpu.summary(*run["timed_unix_s"])
+                watts = run["gpu0"]["power_w"]
+                run["joules_per_token"] = None if watts is None else watts * run["ms_per_step"] / 1e3 / run["batch"]
     out["dense_layers"] = dense_layers
     out["table"] = table(out["results"])
     out["speedups"] = speedups(out["results"])

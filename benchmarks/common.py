@@ -45,38 +45,72 @@ def cupti_time(fn, args, *, iterations: int = 30, per_call: int = 1, by_kernel: 
     return out, statistics.median(per_iter), q(0.9) - q(0.1), names
 
 
+class GpuSampler:
+    """``nvidia-smi`` sampling the first GPU's SM clock, board power and clock-event reasons every
+    ``period_ms`` in a background thread, each sample stamped with this host's ``time.time()`` on
+    arrival (no clock or time-zone parsing).  A context manager; without ``nvidia-smi`` it records
+    nothing.  ``summary(t0, t1)``: means over a window, and the share of samples at the software power
+    cap (reason bit 0x4)."""
+
+    QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+
+    def __init__(self, period_ms: int = 100):
+        self.period_ms, self.samples, self.proc, self.thread = period_ms, [], None, None
+
+    def __enter__(self):
+        import threading  # noqa: PLC0415
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
+                                          "-i", "0", "-lms", str(self.period_ms)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            return self
+
+        def read():
+            for line in self.proc.stdout:
+                try:
+                    mhz, watts, reasons = (v.strip() for v in line.split(","))
+                    self.samples.append((time.time(), float(mhz), float(watts), int(reasons, 16)))
+                except ValueError:
+                    pass
+        self.thread = threading.Thread(target=read, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.thread.join(timeout=2)
+
+    def summary(self, t0: float = float("-inf"), t1: float = float("inf")) -> dict:
+        s = [r for r in self.samples if t0 <= r[0] <= t1]
+        if not s:
+            return {"samples": 0, "sm_mhz": None, "power_w": None, "power_capped": None}
+        return {"samples": len(s), "sm_mhz": statistics.mean(r[1] for r in s),
+                "power_w": statistics.mean(r[2] for r in s), "power_capped": sum(bool(r[3] & 0x4) for r in s) / len(s)}
+
+
 def sustained_time(fn, args, *, warm_s: float = 1.0, calls: int = 200) -> dict:
     """Wall-clock ms per call of ``calls`` back-to-back calls after ``warm_s`` seconds of them: the GPU
     as a serving loop keeps it, at its power cap (burst timings such as ``cupti_time``'s run at the
-    boost clock between idle gaps).  Also the SM clock and board power ``nvidia-smi`` sampled during
-    the timed calls (None where it is not available).  Host dispatch must be shorter than a call."""
+    boost clock between idle gaps).  Also the SM clock and board power ``GpuSampler`` read during the
+    timed calls (None where it read nothing).  Host dispatch must be shorter than a call."""
     jax.block_until_ready(fn(*args))
     t_end = time.perf_counter() + warm_s
     while time.perf_counter() < t_end:
         out = fn(*args)
     jax.block_until_ready(out)
-    for _ in range(8):   # keep the GPU busy while the sampler starts
-        out = fn(*args)
-    try:
-        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
-                                "-lms", "50"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    except OSError:
-        smi = None
-    t = time.perf_counter()
-    for _ in range(calls):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    ms = (time.perf_counter() - t) * 1e3 / calls
-    samples = []
-    if smi is not None:
-        smi.terminate()
-        for line in smi.communicate()[0].splitlines():
-            try:
-                samples.append([float(v) for v in line.split(",")])
-            except ValueError:
-                pass
-    mean = lambda i: statistics.mean(r[i] for r in samples) if samples else None  # noqa: E731
-    return {"ms": ms, "calls": calls, "warm_s": warm_s, "sm_mhz": mean(0), "power_w": mean(1)}
+    with GpuSampler(period_ms=50) as gpu:
+        for _ in range(8):   # keep the GPU busy while the sampler starts
+            out = fn(*args)
+        t0, t = time.time(), time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        ms = (time.perf_counter() - t) * 1e3 / calls
+        t1 = time.time()
+    return {"ms": ms, "calls": calls, "warm_s": warm_s, **gpu.summary(t0, t1)}
 
 
 def bandwidth_ceilings(gib: float = 1.0, iterations: int = 20):

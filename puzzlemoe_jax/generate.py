@@ -240,11 +240,13 @@ class Generator:
         """``decode_steps``: (tokens after ``first``, steps, finite, cache); the ``cache`` passed in
         (the prefill's) is consumed, updated in place into the one returned.  ``chunk``: steps between
         stop checks (each check waits for the GPU; a stop is noticed up to ``chunk - 1`` steps late)."""
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise GenerateError(f"chunk must be a positive integer (decode steps between stop checks), got {chunk!r}")
         key = jax.random.key(1) if key is None else key
         stop = jnp.asarray([-1], jnp.int32) if stop is None else stop
         return _decode(self.graphdef, self.state, first, cache, batch.valid, batch.next_pos, stop, key,
                        jnp.float32(temperature), jnp.float32(top_p), max_new=max_new_tokens, greedy=greedy,
-                       chunk=chunk)
+                       chunk=int(chunk))
 
     def __call__(self, prompts, max_new_tokens, *, greedy=True, temperature=1.0, top_p=1.0, stop_tokens=(),
                  seed=0) -> list[list[int]]:

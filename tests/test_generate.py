@@ -165,6 +165,15 @@ def test_chunked_decode_counts_steps_and_tokens_as_a_plain_loop(mixtral, max_new
         assert row == f[:e] + [G.PAD_ID] * (max_new - e)
 
 
+@pytest.mark.parametrize("chunk", [0, -2, 2.5, True])
+def test_decode_chunk_must_be_a_positive_integer(mixtral, chunk):
+    gen = Generator(mixtral)
+    b = prepare_batch(PROMPTS, 4, 160)
+    first, cache, _ = gen.prefill(b, 4)
+    with pytest.raises(GenerateError, match="chunk must be a positive integer"):
+        gen.decode(b, first, cache, 4, chunk=chunk)
+
+
 def test_decode_never_rehashes_the_model_graph(mixtral, monkeypatch):
     """jit hashes static arguments per call; the graph's hash is taken once (StaticGraph), and a
     second Generator over the same model reuses the compiled decode."""

@@ -314,15 +314,20 @@ def routing_stats(model, prompt_ids, new_ids, prefill: int) -> dict:
     layers = model.moe_layers()
     for m in layers.values():
         m.capture = True
-    try:
-        routed = calibrate.routed_inputs(model, jnp.asarray(seq, jnp.int32))
+    ids_by_layer = {i: [] for i in layers}
+    try:   # a few sequences a pass: the uncompressed model leaves little memory beside its weights
+        for start in range(0, b, 8):
+            routed = calibrate.routed_inputs(model, jnp.asarray(seq[start:start + 8], jnp.int32))
+            for i in layers:
+                ids_by_layer[i].append(np.asarray(routed[i][1]).reshape(-1, seq.shape[1], cfg.top_k))
+            del routed
     finally:
         for m in layers.values():
             m.capture = False
     block = grouped_block_m(b * cfg.top_k, cfg.num_experts, b)
     out = {"block_m": block, "steps": seq.shape[1] - prefill, "layers": {}}
     for i, m in layers.items():
-        ids = np.asarray(routed[i][1]).reshape(b, seq.shape[1], -1)[:, prefill:]          # [B, steps, k]
+        ids = np.concatenate(ids_by_layer[i])[:, prefill:]                                # [B, steps, k]
         counts = np.stack([np.bincount(ids[:, t].ravel(), minlength=cfg.num_experts)
                            for t in range(ids.shape[1])])                                  # [steps, E]
         row = {"max_rows_mean": float(counts.max(1).mean()), "max_rows_max": int(counts.max()),

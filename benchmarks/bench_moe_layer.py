@@ -34,7 +34,7 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
 from common import bandwidth_ceilings, cupti_time, device_info, rel_err, sustained_time, write_json
-from peer_torch import routing
+from peer_torch import load_routing_pool, routing
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,7 @@ def run_peer(args, shape, tokens) -> dict:
     out = os.path.splitext(args.out)[0] + "_peer_torch.json"
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_torch.py"),
            "--tokens", tokens, "--seed", str(args.seed), "--skew", str(args.skew), "--iters", str(max(args.iters, 20)),
+           *(["--routing-ids", args.routing_ids, "--routing-layer", str(args.routing_layer)] if args.routing_ids else []),
            "--shape", ",".join(map(str, shape)), "--out", out]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.peer_timeout_s)
     if p.returncode:
@@ -90,6 +91,9 @@ def main():
     ap.add_argument("--seed", type=int, default=5, help="routing and activations seed")
     ap.add_argument("--skew", type=float, default=0.0,
                     help="router bias from +skew (expert 0) to -skew (the last expert): uneven expert loads")
+    ap.add_argument("--routing-ids", help="benchmarks/routing_spill.py --save-ids file: each T's expert ids are T "
+                    "distinct rows of a trained router's (layer --routing-layer) instead of random logits' top-k")
+    ap.add_argument("--routing-layer", type=int, default=0)
     ap.add_argument("--sweep", default="", help="token counts at which to try config variants of the packed launches")
     ap.add_argument("--no-ceilings", action="store_true")
     ap.add_argument("--sustained-s", type=float, default=0.0,
@@ -102,9 +106,10 @@ def main():
             ap.error(f"--impls: {i!r} is not one of {', '.join(K.IMPL_CHOICES)}")
     t0 = time.time()
     E, H, I, k = SHAPES[args.shape]
+    pool = load_routing_pool(args.routing_ids, args.routing_layer, E, k)
     tokens = [int(t) for t in args.tokens.split(",")]
     res = {"command": " ".join(sys.argv), "shape": dict(name=args.shape, E=E, H=H, I=I, topk=k, ratio=args.ratio,
-                                                        skew=args.skew), "seed": args.seed, "rows": [], "variants": []}
+                                                        skew=args.skew, routing_ids=args.routing_ids, routing_layer=args.routing_layer), "seed": args.seed, "rows": [], "variants": []}
     res["peer"] = {"skipped": True} if args.no_peer else run_peer(args, (E, H, I, k), args.tokens)
     peer_rows = {r["T"]: r for r in res["peer"].get("rows", [])}
     res["info"] = device_info()
@@ -139,7 +144,7 @@ def main():
             v["sustained"] = sustained_time(jax.jit(fn), fargs, warm_s=args.sustained_s)
 
     for T in tokens:
-        x_np, ids_np, tw_np = routing(rng, T, E, H, k, args.skew)
+        x_np, ids_np, tw_np = routing(rng, T, E, H, k, args.skew, pool)
         x, ids, tw = jnp.asarray(x_np, jnp.bfloat16), jnp.asarray(ids_np, jnp.int32), jnp.asarray(tw_np, jnp.float32)
         active = set(ids_np.ravel().tolist())
         pairs_touched = sum(1 for p in pairs if p[0] in active or p[1] in active)

@@ -18,17 +18,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
 
-def routing(rng, T: int, E: int, H: int, k: int, skew: float = 0.0):
-    """(x [T, H] f32, ids [T, k], weights [T, k] softmax over the selected logits) from ``rng``."""
+def routing(rng, T: int, E: int, H: int, k: int, skew: float = 0.0, pool: np.ndarray | None = None):
+    """(x [T, H] f32, ids [T, k], weights [T, k] softmax over the selected logits) from ``rng``.
+    ``pool`` ([n, k] expert ids, ``load_routing_pool``): the ids of T distinct rows of it instead of
+    random logits' top-k (a trained router's loads), with random softmax weights."""
     x = rng.standard_normal((T, H))
-    logits = rng.standard_normal((T, E)) + skew * np.linspace(1, -1, E)
-    ids = np.argsort(-logits, 1)[:, :k]
-    sel = np.take_along_axis(logits, ids, 1)
+    if pool is not None:
+        ids = pool[rng.choice(pool.shape[0], T, replace=False)]
+        sel = rng.standard_normal((T, k))
+    else:
+        logits = rng.standard_normal((T, E)) + skew * np.linspace(1, -1, E)
+        ids = np.argsort(-logits, 1)[:, :k]
+        sel = np.take_along_axis(logits, ids, 1)
     return x, ids, np.exp(sel) / np.exp(sel).sum(1, keepdims=True)
+
+
+def load_routing_pool(path: str | None, layer: int, E: int, k: int) -> np.ndarray | None:
+    """One layer's top-k ids from ``benchmarks/routing_spill.py --save-ids`` (None without a path),
+    checked against the benchmarked layer's E experts and top-k."""
+    if not path:
+        return None
+    try:
+        with np.load(path) as f:
+            ids = f[f"layer{layer}"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {path}: no routing ids for layer {layer} ({type(e).__name__}: {e})", file=sys.stderr)
+        raise SystemExit(2) from None
+    if ids.ndim != 2 or ids.shape[1] != k or ids.min() < 0 or ids.max() >= E:
+        print(f"error: {path} layer{layer}: expected [tokens, {k}] expert ids in [0, {E}), "
+              f"got shape {ids.shape}, ids {ids.min()}..{ids.max()}", file=sys.stderr)
+        raise SystemExit(2)
+    return ids.astype(np.int64)
 
 
 def graph_time(torch, fn, iters: int) -> tuple[float, float]:
@@ -64,6 +89,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--skew", type=float, default=0.0)
     ap.add_argument("--shape", default="8,4096,14336,2", help="E,H,I,topk")
+    ap.add_argument("--routing-ids", help="routing_spill.py --save-ids file: draw each T's ids from it")
+    ap.add_argument("--routing-layer", type=int, default=0)
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     import torch  # noqa: PLC0415 (only on the GPU machine)
@@ -74,10 +101,11 @@ def main(argv=None):
     w13 = (0.02 * torch.randn(E, H, 2 * I, device=dev, generator=g)).to(torch.bfloat16)
     w2 = (0.02 * torch.randn(E, I, H, device=dev, generator=g)).to(torch.bfloat16)
     dense_bytes = (w13.numel() + w2.numel()) * 2
+    pool = load_routing_pool(a.routing_ids, a.routing_layer, E, k)
     rng = np.random.default_rng(a.seed)
     rows = []
     for T in [int(t) for t in a.tokens.split(",")]:
-        x_np, ids_np, tw_np = routing(rng, T, E, H, k, a.skew)
+        x_np, ids_np, tw_np = routing(rng, T, E, H, k, a.skew, pool)
         x = torch.tensor(x_np, device=dev, dtype=torch.bfloat16)
         ids = torch.tensor(ids_np, device=dev)
         tw = torch.tensor(tw_np, device=dev, dtype=torch.float32)

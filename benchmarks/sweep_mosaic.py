@@ -24,7 +24,7 @@ import time
 
 from common import cupti_time, device_info, rel_err, sustained_time, write_json
 from bench_moe_layer import SHAPES, random_weights
-from peer_torch import routing
+from peer_torch import load_routing_pool, routing
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +81,7 @@ def launch_times(kernels: dict) -> dict:
 
 def sweep_shape(args, shape, tokens, res, t0):
     E, H, I, k = SHAPES[shape]
+    pool = load_routing_pool(args.routing_ids, args.routing_layer, E, k)
     weights = random_weights(E, H, I)
     experts, _ = compress_layer(weights, 0.5)
     del weights
@@ -92,7 +93,7 @@ def sweep_shape(args, shape, tokens, res, t0):
     ref_fn = jax.jit(lambda x, ids, tw, w: dense_moe_ffn(x.astype(jnp.float32), ids, tw, w, out_dtype=jnp.float32))
     rng = np.random.default_rng(args.seed)
     for T in tokens:
-        x_np, ids_np, tw_np = routing(rng, T, E, H, k)
+        x_np, ids_np, tw_np = routing(rng, T, E, H, k, pool=pool)
         x, ids, tw = jnp.asarray(x_np, jnp.bfloat16), jnp.asarray(ids_np, jnp.int32), jnp.asarray(tw_np, jnp.float32)
         active = set(ids_np.ravel().tolist())
         touched = sum(1 for p in pairs if p[0] in active or p[1] in active)
@@ -168,6 +169,8 @@ def main():
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--sustained-s", type=float, default=0.0,
                     help="also time each variant back to back after this many seconds of warm-up (at the power cap)")
+    ap.add_argument("--routing-ids", help="routing_spill.py --save-ids file: each T's expert ids from a trained router")
+    ap.add_argument("--routing-layer", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=270, help="variants after this many seconds are skipped")
     ap.add_argument("--variants", type=json.loads, default=None,
                     help="JSON list of [gate+up overrides, down overrides] pairs instead of VARIANTS")

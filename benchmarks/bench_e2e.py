@@ -200,8 +200,8 @@ def worker(args) -> dict:
             continue
         prompts = rng.integers(1, cfg.vocab_size, (b, args.prefill)).tolist()
         batch = prepare_batch(prompts, args.decode, cfg.vocab_size)
-        run = {"batch": b, "decode_chunk": args.decode_chunks[0]}
         chunk = args.decode_chunks[0]
+        run = {"batch": b, "decode_chunk": chunk}
         try:
             compile_events.clear()
             t0 = time.perf_counter()
@@ -304,7 +304,6 @@ def routing_stats(model, prompt_ids, new_ids, prefill: int) -> dict:
     any expert got in a step, and for a packed layer the grouped kernel's tiles (a pair side with more
     rows than the token block costs its pair another tile, which streams the pair's words again)
     against the pairs that had rows."""
-    import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     from kernels.mosaic_ffn import grouped_block_m  # noqa: PLC0415
     from puzzlemoe_jax import calibrate  # noqa: PLC0415
@@ -312,18 +311,11 @@ def routing_stats(model, prompt_ids, new_ids, prefill: int) -> dict:
     seq = np.concatenate([prompt_ids, new_ids[:, :-1]], 1)
     b, cfg = seq.shape[0], model.config
     layers = model.moe_layers()
-    for m in layers.values():
-        m.capture = True
     ids_by_layer = {i: [] for i in layers}
-    try:   # a few sequences a pass: the uncompressed model leaves little memory beside its weights
-        for start in range(0, b, 8):
-            routed = calibrate.routed_inputs(model, jnp.asarray(seq[start:start + 8], jnp.int32))
-            for i in layers:
-                ids_by_layer[i].append(np.asarray(routed[i][1]).reshape(-1, seq.shape[1], cfg.top_k))
-            del routed
-    finally:
-        for m in layers.values():
-            m.capture = False
+    # a few sequences a pass: the uncompressed model leaves little memory beside its weights
+    for _, routed in calibrate.routed_batches(model, seq, 8):
+        for i in layers:
+            ids_by_layer[i].append(np.asarray(routed[i][1]).reshape(-1, seq.shape[1], cfg.top_k))
     block = grouped_block_m(b * cfg.top_k, cfg.num_experts, b)
     out = {"block_m": block, "steps": seq.shape[1] - prefill, "layers": {}}
     for i, m in layers.items():

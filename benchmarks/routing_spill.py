@@ -25,33 +25,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kernels.mosaic_ffn import grouped_block_m  # noqa: E402
-from puzzlemoe_jax import calibrate  # noqa: E402
+from puzzlemoe_jax import calibrate, evaluate  # noqa: E402
 from puzzlemoe_jax.checkpoint import load_pretrained  # noqa: E402
 from puzzlemoe_jax.conversion import convert_checkpoint  # noqa: E402
 
 
-def routed_ids(model_dir: Path, text: Path, seq_len: int, windows: int) -> dict[int, np.ndarray]:
-    """Top-k expert ids [tokens, k] of every MoE layer for ``windows`` windows of held-out bytes."""
+def routed_ids(model_dir: Path, text: Path, seq_len: int, windows: int) -> tuple[dict[int, np.ndarray], int]:
+    """(top-k expert ids [tokens, k] of every MoE layer for ``windows`` windows of held-out bytes,
+    the layers' expert count)."""
     hf = json.loads((model_dir / "config.json").read_text())
     with tempfile.TemporaryDirectory(prefix="routing-spill-") as tmp:
         convert_checkpoint(model_dir, Path(tmp) / "m", hf["model_type"], ratio=0.0)
         model = load_pretrained(Path(tmp) / "m", impl="reference")
-    tokens = np.frombuffer(text.read_bytes(), np.uint8).astype(np.int32)
-    n = min(windows, len(tokens) // seq_len)
-    batch = tokens[:n * seq_len].reshape(n, seq_len)
-    layers = model.moe_layers()
-    for m in layers.values():
-        m.capture = True
-    out = {i: [] for i in layers}
-    for start in range(0, n, 8):
-        routed = calibrate.routed_inputs(model, jnp.asarray(batch[start:start + 8]))
-        for i in layers:
+    tokens = np.frombuffer(text.read_bytes(), np.uint8)
+    out = {i: [] for i in model.moe_layers()}
+    for _, routed in calibrate.routed_batches(model, evaluate.windows(tokens, seq_len, windows)):
+        for i in out:
             out[i].append(np.asarray(routed[i][1]))
-    return {i: np.concatenate(v) for i, v in out.items()}
+    return {i: np.concatenate(v) for i, v in out.items()}, model.config.num_experts
 
 
 def spill_stats(ids_by_layer: dict[int, np.ndarray], num_experts: int, T: int, draws: int, rng) -> dict:
@@ -81,14 +75,13 @@ def main(argv=None):
     ap.add_argument("--save-ids", help="also write every layer's top-k ids here (.npz, arrays layer0, layer1, ...) "
                     "for bench_moe_layer.py / sweep_mosaic.py --routing-ids")
     args = ap.parse_args(argv)
-    if not (args.model / "config.json").is_file():
-        print(f"error: {args.model} has no config.json (expected an HF MoE checkpoint directory)", file=sys.stderr)
-        raise SystemExit(2)
-    ids = routed_ids(args.model, args.text, args.seq_len, args.windows)
+    for path, what in ((args.model / "config.json", "an HF MoE checkpoint directory's config.json"),
+                       (args.text, "a held-out text file")):
+        if not path.is_file():
+            print(f"error: {path} does not exist (expected {what})", file=sys.stderr)
+            raise SystemExit(2)
+    ids, num_experts = routed_ids(args.model, args.text, args.seq_len, args.windows)
     k = next(iter(ids.values())).shape[1]
-    num_experts = int(max(int(v.max()) for v in ids.values()) + 1)
-    hf = json.loads((args.model / "config.json").read_text())
-    num_experts = hf.get("num_local_experts") or hf.get("num_experts") or num_experts
     rng = np.random.default_rng(args.seed)
     uniform = {i: np.argsort(-rng.standard_normal((v.shape[0], num_experts)), 1)[:, :k] for i, v in ids.items()}
     rows = []

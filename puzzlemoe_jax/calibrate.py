@@ -39,6 +39,21 @@ def routed_inputs(model: CausalLM, ids):
     return {i: captured["layers"][i]["mlp"]["routed"].get_value()[0] for i in model.moe_layers()}
 
 
+def routed_batches(model: CausalLM, rows: np.ndarray, batch_size: int = 8):
+    """``(batch, routed_inputs(model, batch))`` for each ``batch_size`` rows of token ids ``rows``
+    [N, S], with every MoE layer's ``capture`` set while it runs (unset again when it ends)."""
+    layers = model.moe_layers()
+    for m in layers.values():
+        m.capture = True
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            yield batch, routed_inputs(model, jnp.asarray(batch, jnp.int32))
+    finally:
+        for m in layers.values():
+            m.capture = False
+
+
 @jax.jit
 def _layer_sums(x, ids, logits, w_gate, w_up, w_down):
     """Sums over one batch of routed tokens: (assignment counts [E], sum x^2 [E, H], sum h^2 [E, I],
@@ -72,24 +87,17 @@ def calibrate(model: CausalLM, tokens: np.ndarray, *, seq_len: int = 256, max_wi
     samples: dict[int, list] = {i: [] for i in layers}
     n_tokens = 0
     w = evaluate.windows(tokens, seq_len, max_windows)
-    for m in layers.values():
-        m.capture = True
-    try:
-        for start in range(0, len(w), batch_size):
-            routed = routed_inputs(model, jnp.asarray(w[start:start + batch_size]))
-            for i, m in layers.items():
-                x, ids = routed[i]
-                weights = m.experts.weights()
-                logits = m.router(x)
-                part = [np.asarray(a, np.float64) for a in _layer_sums(x, ids, logits, weights["w_gate"],
-                                                                       weights["w_up"], weights["w_down"])]
-                sums[i] = part if i not in sums else [a + b for a, b in zip(sums[i], part)]
-                if sum(len(a) for a, _ in samples[i]) < sample_tokens:
-                    samples[i].append((np.asarray(x, np.float32), np.asarray(logits, np.float32)))
-            n_tokens += int(np.prod(w[start:start + batch_size].shape))
-    finally:
-        for m in layers.values():
-            m.capture = False
+    for batch, routed in routed_batches(model, w, batch_size):
+        for i, m in layers.items():
+            x, ids = routed[i]
+            weights = m.experts.weights()
+            logits = m.router(x)
+            part = [np.asarray(a, np.float64) for a in _layer_sums(x, ids, logits, weights["w_gate"],
+                                                                   weights["w_up"], weights["w_down"])]
+            sums[i] = part if i not in sums else [a + b for a, b in zip(sums[i], part)]
+            if sum(len(a) for a, _ in samples[i]) < sample_tokens:
+                samples[i].append((np.asarray(x, np.float32), np.asarray(logits, np.float32)))
+        n_tokens += int(np.prod(batch.shape))
     out = {}
     for i, (counts, x2, h2, coact, reap, out_sum) in sums.items():
         per = np.maximum(counts, 1)[:, None]

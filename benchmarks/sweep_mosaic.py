@@ -97,6 +97,7 @@ def sweep_shape(args, shape, tokens, res, t0):
         x, ids, tw = jnp.asarray(x_np, jnp.bfloat16), jnp.asarray(ids_np, jnp.int32), jnp.asarray(tw_np, jnp.float32)
         active = set(ids_np.ravel().tolist())
         touched = sum(1 for p in pairs if p[0] in active or p[1] in active)
+        max_rows = int(np.bincount(ids_np.ravel(), minlength=E).max())   # over the block: a spill
         ref = ref_fn(x, ids, tw, merged_f32)
         bm = grouped_block_m(T * k, E, T)
         base = layer_configs(bm, T * k, P, H, I)
@@ -115,7 +116,7 @@ def sweep_shape(args, shape, tokens, res, t0):
                 skip = "same as an earlier variant" if cfgs in seen else None
                 seen.add(cfgs)
             v = dict(shape=shape, T=T, variant=name, block_m=cfgs[0].block_m if cfgs else bm, active_pairs=touched,
-                     packed_bytes=touched * expert_bytes)
+                     packed_bytes=touched * expert_bytes, max_rows=max_rows)
             if cfgs is not None:
                 v.update(gate_up=dataclasses.asdict(cfgs[0]), down=dataclasses.asdict(cfgs[1]))
             if skip:
@@ -149,7 +150,7 @@ def cfg_text(c: dict | None) -> str:
 
 
 def row_line(v) -> str:
-    head = f"{v['shape']:16s} {v['T']:4d} {v['variant']:4s} bm{v['block_m']:<3d}"
+    head = f"{v['shape']:16s} {v['T']:4d} {v['variant']:4s} bm{v['block_m']:<3d} max{v.get('max_rows', 0):<4d}"
     cfgs = f"{cfg_text(v.get('gate_up')):18s} {cfg_text(v.get('down')):18s}"
     if "ms" not in v:
         return f"{head} {cfgs} {v.get('skipped') or v.get('error', '')[:100]}"
@@ -184,7 +185,7 @@ def main():
         sweep_shape(args, shape, [int(t) for t in tokens.split(",")], res, t0)
     res["elapsed_s"] = time.time() - t0
     write_json(args.out, res)
-    print("\nshape               T var  bm   gate_up            down               step us  g+u us  down us  other  TB/s")
+    print("\nshape               T var  bm    max    gate_up            down               step us  g+u us  down us  other  TB/s")
     for v in res["rows"]:
         print(row_line(v))
 

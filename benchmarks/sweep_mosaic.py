@@ -93,12 +93,14 @@ def sweep_shape(args, shape, tokens, res, t0):
     ref_fn = jax.jit(lambda x, ids, tw, w: dense_moe_ffn(x.astype(jnp.float32), ids, tw, w, out_dtype=jnp.float32))
     rng = np.random.default_rng(args.seed)
     for T in tokens:
-        x_np, ids_np, tw_np = routing(rng, T, E, H, k, pool=pool)
-        x, ids, tw = jnp.asarray(x_np, jnp.bfloat16), jnp.asarray(ids_np, jnp.int32), jnp.asarray(tw_np, jnp.float32)
-        active = set(ids_np.ravel().tolist())
-        touched = sum(1 for p in pairs if p[0] in active or p[1] in active)
-        max_rows = int(np.bincount(ids_np.ravel(), minlength=E).max())   # over the block: a spill
-        ref = ref_fn(x, ids, tw, merged_f32)
+        draws = []   # (x, ids, tw, ref, touched pairs, most rows of an expert) per routing drawn
+        for _ in range(args.draws):
+            x_np, ids_np, tw_np = routing(rng, T, E, H, k, pool=pool)
+            x, ids, tw = jnp.asarray(x_np, jnp.bfloat16), jnp.asarray(ids_np, jnp.int32), jnp.asarray(tw_np, jnp.float32)
+            active = set(ids_np.ravel().tolist())
+            touched = sum(1 for p in pairs if p[0] in active or p[1] in active)
+            max_rows = int(np.bincount(ids_np.ravel(), minlength=E).max())   # over the block: a spill
+            draws.append((x, ids, tw, ref_fn(x, ids, tw, merged_f32), touched, max_rows))
         bm = grouped_block_m(T * k, E, T)
         base = layer_configs(bm, T * k, P, H, I)
         fused = bm <= SWIGLU_MAX_BLOCK_M
@@ -115,29 +117,31 @@ def sweep_shape(args, shape, tokens, res, t0):
             if cfgs is not None and not skip:
                 skip = "same as an earlier variant" if cfgs in seen else None
                 seen.add(cfgs)
-            v = dict(shape=shape, T=T, variant=name, block_m=cfgs[0].block_m if cfgs else bm, active_pairs=touched,
-                     packed_bytes=touched * expert_bytes, max_rows=max_rows)
-            if cfgs is not None:
-                v.update(gate_up=dataclasses.asdict(cfgs[0]), down=dataclasses.asdict(cfgs[1]))
-            if skip:
-                v["skipped"] = skip
-            elif time.time() - t0 > args.budget_s:
-                v["skipped"] = "time budget"
-            else:
-                try:
-                    fn = jax.jit(lambda x, ids, tw, ex, mw, cfgs=cfgs: K.packed_moe_ffn(
-                        x, ids, tw, ex, impl="mosaic", configs=cfgs, mosaic_words=mw))
-                    out, ms, spread, kern = cupti_time(fn, (x, ids, tw, experts, words), iterations=args.iters,
-                                                       by_kernel=True)
-                    err, finite = rel_err(out, ref)
-                    v.update(ms=ms, spread_ms=spread, err=err, ok=finite and err < 1e-2, launches=launch_times(kern), kernels=kern,
-                             read_TBps=touched * expert_bytes / ms / 1e9)
-                    if args.sustained_s > 0:
-                        v["sustained"] = sustained_time(fn, (x, ids, tw, experts, words), warm_s=args.sustained_s)
-                except Exception as e:  # noqa: BLE001 (a variant that does not compile is recorded)
-                    v["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            res["rows"].append(v)
-            print(row_line(v), flush=True)
+            # one compiled function per variant, timed on every draw (same shapes: no recompile)
+            fn = jax.jit(lambda x, ids, tw, ex, mw, cfgs=cfgs: K.packed_moe_ffn(
+                x, ids, tw, ex, impl="mosaic", configs=cfgs, mosaic_words=mw))
+            for d, (x, ids, tw, ref, touched, max_rows) in enumerate(draws):
+                v = dict(shape=shape, T=T, variant=name, draw=d, block_m=cfgs[0].block_m if cfgs else bm,
+                         active_pairs=touched, packed_bytes=touched * expert_bytes, max_rows=max_rows)
+                if cfgs is not None:
+                    v.update(gate_up=dataclasses.asdict(cfgs[0]), down=dataclasses.asdict(cfgs[1]))
+                if skip:
+                    v["skipped"] = skip
+                elif time.time() - t0 > args.budget_s:
+                    v["skipped"] = "time budget"
+                else:
+                    try:
+                        out, ms, spread, kern = cupti_time(fn, (x, ids, tw, experts, words), iterations=args.iters,
+                                                           by_kernel=True)
+                        err, finite = rel_err(out, ref)
+                        v.update(ms=ms, spread_ms=spread, err=err, ok=finite and err < 1e-2, launches=launch_times(kern),
+                                 kernels=kern, read_TBps=touched * expert_bytes / ms / 1e9)
+                        if args.sustained_s > 0:
+                            v["sustained"] = sustained_time(fn, (x, ids, tw, experts, words), warm_s=args.sustained_s)
+                    except Exception as e:  # noqa: BLE001 (a variant that does not compile is recorded)
+                        v["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                res["rows"].append(v)
+                print(row_line(v), flush=True)
         write_json(args.out, res)
 
 
@@ -150,7 +154,7 @@ def cfg_text(c: dict | None) -> str:
 
 
 def row_line(v) -> str:
-    head = f"{v['shape']:16s} {v['T']:4d} {v['variant']:4s} bm{v['block_m']:<3d} max{v.get('max_rows', 0):<4d}"
+    head = f"{v['shape']:16s} {v['T']:4d} {v['variant']:4s} d{v.get('draw', 0):<2d} bm{v['block_m']:<3d} max{v.get('max_rows', 0):<4d}"
     cfgs = f"{cfg_text(v.get('gate_up')):18s} {cfg_text(v.get('down')):18s}"
     if "ms" not in v:
         return f"{head} {cfgs} {v.get('skipped') or v.get('error', '')[:100]}"
@@ -168,6 +172,7 @@ def main():
                     help="shape:tokens;shape:tokens")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--draws", type=int, default=1, help="routings drawn per T, each variant timed on every one")
     ap.add_argument("--sustained-s", type=float, default=0.0,
                     help="also time each variant back to back after this many seconds of warm-up (at the power cap)")
     ap.add_argument("--routing-ids", help="routing_spill.py --save-ids file: each T's expert ids from a trained router")
@@ -185,7 +190,7 @@ def main():
         sweep_shape(args, shape, [int(t) for t in tokens.split(",")], res, t0)
     res["elapsed_s"] = time.time() - t0
     write_json(args.out, res)
-    print("\nshape               T var  bm    max    gate_up            down               step us  g+u us  down us  other  TB/s")
+    print("\nshape               T var  draw bm    max    gate_up            down               step us  g+u us  down us  other  TB/s")
     for v in res["rows"]:
         print(row_line(v))
 

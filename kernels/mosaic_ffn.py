@@ -21,8 +21,8 @@ from jax import lax
 
 from kernels import routing, routing_kernel
 from kernels.gpu import num_sms
-from kernels.mosaic_gemm import (MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config, mosaic_grouped_pair_gemm,
-                                 reads_transposed)
+from kernels.mosaic_gemm import (EXTRA_BLOCK_K, MAX_BLOCK_M, SWIGLU_MAX_BLOCK_M, MosaicConfig, mosaic_config,
+                                 mosaic_grouped_pair_gemm, reads_transposed, stage_bytes)
 from kernels.swiglu_transpose import swiglu_transposed
 
 
@@ -103,6 +103,36 @@ def grouped_layout(sizes: jax.Array, num_dense: int, block_m: int, rows: int):
     return pad_start, tiles, padded_rows
 
 
+def absorb_spills(tiles: jax.Array, spare: int) -> jax.Array:
+    """``grouped_layout``'s (or ``routing_kernel.pair_layout``'s) tile table [T, 4] -> [T, 6] with two more
+    columns per tile, (extra block, side: 0 none, 1 i, 2 j): a pair whose one side needs two token blocks
+    and the other at most one gets one tile that also multiplies that side's second block (the same decoded
+    words, a third accumulator), and its second tile goes dead, so the pair's words are streamed once.
+    Pairs with more blocks keep their tiles.  A pair's tiles are consecutive; ``spare`` is the block of
+    nobody (the side of a tile with no rows left)."""
+    p, b_i, b_j, live = (tiles[:, c] for c in range(4))
+    live = live > 0
+    shift = lambda v, k, fill: jnp.concatenate([v[k:], jnp.full((k,), fill, v.dtype)])  # noqa: E731 (v[t + k])
+    same = lambda k: live & shift(live, k, False) & (shift(p, k, -1) == p)  # noqa: E731 (tile t + k: same pair)
+    first = live & jnp.concatenate([jnp.ones((1,), bool), ~same(1)[:-1]])   # a pair's first tile
+    i_only = (shift(b_j, 1, spare) == spare) & (shift(b_i, 1, spare) != spare)   # of its second tile
+    j_only = (shift(b_i, 1, spare) == spare) & (shift(b_j, 1, spare) != spare)
+    merge = first & same(1) & ~same(2) & (i_only | j_only)
+    side = jnp.where(merge, jnp.where(i_only, 1, 2), 0)
+    b_x = jnp.where(merge, jnp.where(i_only, shift(b_i, 1, spare), shift(b_j, 1, spare)), spare)
+    absorbed = jnp.concatenate([jnp.zeros((1,), bool), merge[:-1]])
+    return jnp.stack([p, b_i, b_j, (live & ~absorbed).astype(jnp.int32), b_x, side], 1).astype(jnp.int32)
+
+
+def absorbs_spills(block_m: int, gate_up: MosaicConfig, down: MosaicConfig, fused: bool) -> bool:
+    """Whether a layer's tiles may carry an extra token block (``absorb_spills``): the gate+up config asks
+    for it, neither launch is the SwiGLU form, and an extended tile's 64-deep stages take no more shared
+    memory than each launch's plain ones (else every tile would lose occupancy)."""
+    return gate_up.absorb_spills and not fused and all(
+        stage_bytes(EXTRA_BLOCK_K, c.block_n, block_m, token_blocks=3) <= stage_bytes(c.block_k, c.block_n, block_m)
+        for c in (gate_up, down))
+
+
 def live_tiles(rows: int, num_pairs: int, block_m: int) -> int:
     """A static bound on the live tiles of ``grouped_layout`` for ``rows`` routed rows: every live
     tile holds at least one row, and there are at most ``rows / block_m + min(P, rows)`` of them."""
@@ -158,9 +188,12 @@ def _pair_rows(x, tiles, src, words, rows: int, block_m: int, configs, interpret
     xs_pad = jnp.where(src[:, None] >= 0, x[jnp.maximum(src, 0)], 0).astype(jnp.bfloat16)
     default = layer_configs(block_m, rows, P, x.shape[1], inter)
     cfg_gu, cfg_down = (c or d for c, d in zip(configs, default))
+    fused = block_m <= SWIGLU_MAX_BLOCK_M and cfg_gu.split_k == 1
+    if absorbs_spills(block_m, cfg_gu, cfg_down, fused):
+        tiles = absorb_spills(tiles, src.shape[0] // block_m - 1)
     gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, **kw)  # noqa: E731
     swiglu = lambda g, u: (jax.nn.silu(g.astype(jnp.float32)) * u).astype(jnp.bfloat16)  # noqa: E731
-    if block_m <= SWIGLU_MAX_BLOCK_M and cfg_gu.split_k == 1:   # SwiGLU in the kernel's epilogue
+    if fused:   # SwiGLU in the kernel's epilogue
         h = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=cfg_gu, name="mosaic_gate_up")
         if cfg_gu.token_major_out:   # h [R_pad, I]
             h_in = dict(xs=h)

@@ -35,6 +35,9 @@ MAX_BLOCK_M = 128   # tokens per CTA: two f32 accumulators of [64, 256] would no
 # the SwiGLU form holds four [64, block_m] f32 accumulators in registers
 SWIGLU_MAX_BLOCK_M = 64
 MIN_CTAS = 128      # a launch splits K until it has about one CTA per SM
+# K tile of the grouped tiles that carry an extra token block: three activation tiles a stage fit the
+# shared memory of two 128-deep plain stages only at half the depth
+EXTRA_BLOCK_K = 64
 
 
 def reads_transposed(block_m: int) -> bool:
@@ -53,7 +56,9 @@ class MosaicConfig:
     the interpreter (which runs "select" whatever the form).  ``token_major_out`` (grouped launches
     with a bf16 result and no K split): write the result as ``[rows, N]``, the accumulators stored
     through a transposed shared-memory view, so that the next launch reads it without a transpose
-    in between (``mosaic_ffn.layer_configs`` turns it on wherever it applies)."""
+    in between (``mosaic_ffn.layer_configs`` turns it on wherever it applies).  ``absorb_spills`` (a layer's
+    gate+up config, like ``block_m``): let a tile carry a pair side's second token block where the launches
+    allow it (``mosaic_ffn.absorbs_spills``)."""
     block_m: int            # tokens per CTA, a multiple of 8 in [8, MAX_BLOCK_M]
     block_n: int = 64       # output columns (word rows) per CTA: 64 or 128
     block_k: int = 128
@@ -62,6 +67,7 @@ class MosaicConfig:
     decode: str | None = None
     a_in_smem: bool | None = None
     token_major_out: bool = False
+    absorb_spills: bool = True
 
     def __post_init__(self):
         if self.block_m % 8 or not 8 <= self.block_m <= MAX_BLOCK_M:
@@ -88,9 +94,10 @@ def padded_tokens(m: int, block_m: int | None = None) -> tuple[int, int]:
     return cdiv(mp, block_m) * block_m, block_m
 
 
-def stage_bytes(block_k: int, block_n: int, block_m: int, word_tiles: int = 1) -> int:
-    """Shared memory of one pipeline stage: ``word_tiles`` word tiles and both token blocks (bf16)."""
-    return 2 * block_k * (word_tiles * block_n + 2 * block_m)
+def stage_bytes(block_k: int, block_n: int, block_m: int, word_tiles: int = 1, token_blocks: int = 2) -> int:
+    """Shared memory of one pipeline stage: ``word_tiles`` word tiles and ``token_blocks`` token blocks
+    (both sides', plus an extra one in tiles that carry it; bf16)."""
+    return 2 * block_k * (word_tiles * block_n + token_blocks * block_m)
 
 
 def mosaic_config(m: int, k: int, n: int, m_blocks: int | None = None, word_tiles: int = 1,
@@ -167,7 +174,8 @@ def _kernel(body, out_type, grid, interpret, name):
 
 
 def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, block_k, block_m, num_stages, nk,
-               decode, a_in_smem, diagnostic=None, up_blocks=None, a_transposed=False, token_major_out=False):
+               decode, a_in_smem, diagnostic=None, up_blocks=None, a_transposed=False, token_major_out=False,
+               extra=None):
     """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
     ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
     (rows of ``block_m``), store the ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
@@ -178,16 +186,23 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     ``a_transposed``: the activations are given as ``[K, rows]`` (the previous launch's ``O^T``), their
     token blocks are column blocks, fed to the wgmma as an MN-major operand (no transpose in between).
     ``token_major_out``: store the ``O`` tiles at rows ``bi*block_m`` / ``bj*block_m`` of ``[S, rows, N]``
-    outputs instead (16-bit results).  The results are stored in ``oi_gmem``'s dtype."""
+    outputs instead (16-bit results).  The results are stored in ``oi_gmem``'s dtype.
+    ``extra`` ``(block, side)`` (grouped launches without the SwiGLU form, one output array): also multiply
+    the same decoded tile of expert ``side`` ("i" or "j") by that side's second token block ``block``, so a
+    pair side one block over the token block costs a third accumulator instead of a second tile."""
     n, s = lax.axis_index("n"), lax.axis_index("s")
     row_blocks = (0,) if up_blocks is None else (0, up_blocks)
+    if extra is not None and up_blocks is not None:
+        raise ValueError("a tile's extra token block is not supported with the SwiGLU form")
+    blocks = (bi, bj) if extra is None else (bi, bj, extra[0])
+    n_act = len(blocks)
 
     def acc_scope(*accs, dec_smem=None):
         def step(_, *refs):
-            ai_smem, aj_smem = refs[-2:]
+            a_smems = [a if a_transposed else a.T for a in refs[-n_act:]]
             if diagnostic == "stream_only":
                 return
-            for w_smem, acc_i, acc_j in zip(refs[:-2], accs[0::2], accs[1::2]):
+            for w_smem, acc_i, acc_j in zip(refs[:-n_act], accs[0::2], accs[1::2]):
                 if diagnostic == "no_decode":
                     w_i = w_j = lax.bitcast_convert_type(w_smem[...], jnp.bfloat16)
                 else:
@@ -197,51 +212,52 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
                     dec_smem[1] = w_j
                     plgpu.commit_smem()
                     w_i, w_j = dec_smem.at[0], dec_smem.at[1]
-                plgpu.wgmma(acc_i, w_i, ai_smem if a_transposed else ai_smem.T)
-                plgpu.wgmma(acc_j, w_j, aj_smem if a_transposed else aj_smem.T)
+                plgpu.wgmma(acc_i, w_i, a_smems[0])
+                plgpu.wgmma(acc_j, w_j, a_smems[1])
+                if extra is not None:
+                    plgpu.wgmma(accs[2], w_i if extra[1] == "i" else w_j, a_smems[2])
                 if dec_smem is not None:   # the staging buffer is reused by the next word tile
                     plgpu.wgmma_wait(0)
             plgpu.wgmma_wait(0)
 
         word_specs = [plgpu.BlockSpec((block_n, block_k), lambda k, r=r: (n + r, s * nk + k)) for r in row_blocks]
         if a_transposed:
-            a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (s * nk + k, b)) for b in (bi, bj)]
+            a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (s * nk + k, b)) for b in blocks]
         else:
-            a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, s * nk + k)) for b in (bi, bj)]
+            a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, s * nk + k)) for b in blocks]
         plgpu.emit_pipeline(
             step, grid=(nk,),
             in_specs=[*word_specs, *a_specs],
             max_concurrent_steps=num_stages,
-        )(*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem)
+        )(*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem, *([] if extra is None else [ai_gmem if extra[1] == "i" else aj_gmem]))
         return tuple(acc[...] for acc in accs)
 
-    accs = [plgpu.ACC((block_n, block_m)) for _ in range(2 * len(row_blocks))]
+    accs = [plgpu.ACC((block_n, block_m)) for _ in range(2 * len(row_blocks) + (extra is not None))]
     if a_in_smem:   # register (ACC) and shared-memory scopes cannot be opened together
         outs = pl.run_scoped(lambda dec: pl.run_scoped(functools.partial(acc_scope, dec_smem=dec), *accs),
                              plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
     else:
         outs = pl.run_scoped(acc_scope, *accs)
     if up_blocks is None:
-        acc_i, acc_j = (acc.astype(oi_gmem.dtype) for acc in outs)
+        results = [acc.astype(oi_gmem.dtype) for acc in outs]
     else:   # (gate_i, gate_j, up_i, up_j)
-        acc_i, acc_j = ((silu(g) * u).astype(jnp.bfloat16) for g, u in zip(outs[:2], outs[2:]))
+        results = [(silu(g) * u).astype(jnp.bfloat16) for g, u in zip(outs[:2], outs[2:])]
+    o_gmems = (oi_gmem, oj_gmem) if extra is None else (oi_gmem, oj_gmem, oi_gmem if extra[1] == "i" else oj_gmem)
 
-    o_shape = (2, block_m, block_n) if token_major_out else (2, block_n, block_m)
+    o_shape = (n_act, block_m, block_n) if token_major_out else (n_act, block_n, block_m)
 
-    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM(o_shape, acc_i.dtype))
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM(o_shape, results[0].dtype))
     def _store(o_smem):
-        cols, rows_i, rows_j = pl.ds(n * block_n, block_n), pl.ds(bi * block_m, block_m), pl.ds(bj * block_m, block_m)
-        if token_major_out:   # O tiles [block_m, block_n]: the accumulators stored through a transposed view
-            o_smem.at[0].transpose((1, 0))[...] = acc_i
-            o_smem.at[1].transpose((1, 0))[...] = acc_j
-            dst_i, dst_j = oi_gmem.at[s, rows_i, cols], oj_gmem.at[s, rows_j, cols]
-        else:
-            o_smem[0] = acc_i
-            o_smem[1] = acc_j
-            dst_i, dst_j = oi_gmem.at[s, cols, rows_i], oj_gmem.at[s, cols, rows_j]
+        cols = pl.ds(n * block_n, block_n)
+        for q, acc in enumerate(results):
+            if token_major_out:   # O tiles [block_m, block_n]: the accumulators stored through a transposed view
+                o_smem.at[q].transpose((1, 0))[...] = acc
+            else:
+                o_smem[q] = acc
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[0], dst_i)
-        plgpu.copy_smem_to_gmem(o_smem.at[1], dst_j)
+        for q, (o_gmem, b) in enumerate(zip(o_gmems, blocks)):
+            rows = pl.ds(b * block_m, block_m)
+            plgpu.copy_smem_to_gmem(o_smem.at[q], o_gmem.at[s, rows, cols] if token_major_out else o_gmem.at[s, cols, rows])
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -251,7 +267,9 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
                              interpret: bool = False, name: str = "mosaic_grouped_pair_gemm",
                              sum_splits: bool = True) -> jax.Array:
     """All pairs of a layer in one launch: ``xs`` [R_pad, K] in ``mosaic_ffn.grouped_layout``'s row
-    layout with token blocks of ``block_m`` rows, ``tiles`` its tile table, ``words`` uint16
+    layout with token blocks of ``block_m`` rows, ``tiles`` its tile table (with ``mosaic_ffn.
+    absorb_spills``' two more columns, a tile may carry one extra token block: such tiles run 64-deep
+    K tiles, so that their shared memory stays within the plain tiles'; not with ``swiglu``), ``words`` uint16
     [P, N, K] (transposed).  Returns the transposed result, as the swap-AB kernel writes it:
     [N, R_pad] in ``out_dtype``, column r = W^T xs[r] of the pair side owning r's block; columns of
     the spare block and of blocks no live tile covers are **not written** (select them away); with
@@ -284,19 +302,27 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     if swiglu and (split_k != 1 or block_m > SWIGLU_MAX_BLOCK_M):
         raise ValueError(f"swiglu=True takes split_k=1 and block_m <= {SWIGLU_MAX_BLOCK_M}, got split_k={split_k}, "
                          f"block_m={block_m}")
-    nk = K // block_k // split_k
-    tile = functools.partial(_pair_tile, block_n=block_n, block_k=block_k, block_m=block_m,
-                             num_stages=cfg.num_stages, nk=nk, decode=cfg.decode, a_in_smem=cfg.a_in_smem,
-                             up_blocks=n_out // block_n if swiglu else None, a_transposed=xs_transposed,
-                             token_major_out=cfg.token_major_out)
+    extended = tiles.shape[1] == 6
+    if tiles.shape[1] not in (4, 6) or (extended and (swiglu or K % (EXTRA_BLOCK_K * split_k))):
+        raise ValueError(f"tiles {tiles.shape} must have 4 columns, or 6 without swiglu and with K={K} a multiple of "
+                         f"{EXTRA_BLOCK_K}*split_k={EXTRA_BLOCK_K * split_k}")
+    tile_kw = dict(block_n=block_n, block_m=block_m, num_stages=cfg.num_stages, decode=cfg.decode,
+                   a_in_smem=cfg.a_in_smem, up_blocks=n_out // block_n if swiglu else None,
+                   a_transposed=xs_transposed, token_major_out=cfg.token_major_out)
+    tile = functools.partial(_pair_tile, block_k=block_k, nk=K // block_k // split_k, **tile_kw)
+    tile_extra = functools.partial(_pair_tile, block_k=EXTRA_BLOCK_K, nk=K // EXTRA_BLOCK_K // split_k, **tile_kw)
 
     def body(tiles_gmem, x_gmem, w_gmem, o_gmem):
         t = lax.axis_index("m")
         p, b_i, b_j, live = (tiles_gmem[t, c] for c in range(4))   # scalar loads from GMEM
-
-        @pl.when(live > 0)
-        def _():
-            tile(w_gmem.at[p], x_gmem, x_gmem, b_i, b_j, o_gmem, o_gmem)
+        run = lambda f, **kw: f(w_gmem.at[p], x_gmem, x_gmem, b_i, b_j, o_gmem, o_gmem, **kw)  # noqa: E731
+        if not extended:
+            pl.when(live > 0)(lambda: run(tile))
+            return
+        b_x, side = tiles_gmem[t, 4], tiles_gmem[t, 5]
+        pl.when((live > 0) & (side == 0))(lambda: run(tile))
+        pl.when((live > 0) & (side == 1))(lambda: run(tile_extra, extra=(b_x, "i")))
+        pl.when((live > 0) & (side == 2))(lambda: run(tile_extra, extra=(b_x, "j")))
 
     kernel_dtype = jnp.bfloat16 if swiglu else out_dtype if split_k == 1 else jnp.float32
     if cfg.token_major_out and (split_k != 1 or kernel_dtype != jnp.bfloat16):

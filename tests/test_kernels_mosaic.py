@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from kernels.gpu import num_sms, smem_budget, smem_two_per_sm
-from kernels.mosaic_ffn import (FEW_EXPERTS_MIN_BLOCK_M, from_mosaic_words, grouped_block_m, grouped_layout,
-                                layer_configs, live_tiles, mosaic_moe_ffn, to_mosaic_words)
+from kernels.mosaic_ffn import (FEW_EXPERTS_MIN_BLOCK_M, absorb_spills, absorbs_spills, from_mosaic_words,
+                                grouped_block_m, grouped_layout, layer_configs, live_tiles, mosaic_moe_ffn,
+                                to_mosaic_words)
 from kernels.mosaic_gemm import (MAX_BLOCK_M, MosaicConfig, mosaic_config,
                                  mosaic_grouped_pair_gemm, mosaic_pair_gemm)
 from kernels.mosaic_swar import decode_pairs_prmt, decode_pairs_swar
@@ -60,8 +61,8 @@ def test_swar_decode_math_equals_codec_on_every_word_pair(decode_pairs):
 def test_register_decode_forms_build_their_kernels_for_hopper(form):
     """The GPU-only decode forms (registers, ``inline_mgpu``) never run in the interpreter; lowering the
     kernels for CUDA on this CPU machine builds them: the pair kernel, the grouped SwiGLU launch and a
-    grouped launch reading its activations transposed (64- and 16-column token blocks), and launches writing
-    their results token-major (SwiGLU and plain)."""
+    grouped launch reading its activations transposed (64- and 16-column token blocks), launches writing
+    their results token-major (SwiGLU and plain), and one whose tiles may carry an extra token block."""
     cfg = lambda bm: MosaicConfig(block_m=bm, decode=form, a_in_smem=False)  # noqa: E731
     sds = jax.ShapeDtypeStruct
     lower = lambda f, *args: jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()  # noqa: E731
@@ -80,6 +81,9 @@ def test_register_decode_forms_build_their_kernels_for_hopper(form):
         lower(lambda x, t, w: mosaic_grouped_pair_gemm(
             x, t, w, block_m=24, out_dtype=jnp.bfloat16, config=dataclasses.replace(cfg(24), token_major_out=True)),
               sds((96, 256), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 128, 256), jnp.uint16)),
+        lower(lambda x, t, w: mosaic_grouped_pair_gemm(     # tiles that carry an extra token block
+            x, t, w, block_m=80, out_dtype=jnp.bfloat16, config=dataclasses.replace(cfg(80), token_major_out=True)),
+              sds((400, 256), jnp.bfloat16), sds((3, 6), jnp.int32), sds((2, 128, 256), jnp.uint16)),
     ]
     for text in texts:
         assert ("prmt.b32" in text) == (form == "prmt")
@@ -182,27 +186,42 @@ def test_token_major_out_is_the_transposed_result(swiglu):
     assert bool(jnp.array_equal(token_major, usual.T))
 
 
+@pytest.mark.parametrize("absorb", [False, True])
 @pytest.mark.parametrize("sizes,num_dense,block_m", [
     ([3, 0, 5, 1, 0, 0], 0, 8),
     ([2, 7, 9, 17, 0, 8, 1], 1, 8),        # one dense slot first, sizes across block edges
     ([0, 0, 40, 3, 129, 130], 0, 16),
     ([0, 0, 0, 0], 0, 128),                # no rows at all: no live tile
+    ([4, 100, 30, 10, 150, 0, 90, 90, 90], 1, 72),   # sides of 2 / 1, 1 / 3, 0 / 2 and 2 / 2 blocks
 ])
-def test_grouped_layout_covers_every_pair_row_once(sizes, num_dense, block_m):
+def test_grouped_layout_covers_every_pair_row_once(sizes, num_dense, block_m, absorb):
     """Every row of every pair slot lies in exactly one live tile's block of its own side; blocks
-    are aligned, owned by one slot, inside the padded rows; dead sides use the spare block."""
+    are aligned, owned by one slot, inside the padded rows; dead sides use the spare block.  With
+    ``absorb_spills`` the same holds counting each tile's extra block, exactly the pairs of one side
+    with two blocks and the other with at most one have one live tile, and no other pair changes."""
     sizes = np.asarray(sizes, np.int32)
     rows = int(sizes.sum()) + 5            # a static bound above the real count
     pad_start, tiles, padded = grouped_layout(jnp.asarray(sizes), num_dense, block_m, rows)
-    pad_start, tiles = np.asarray(pad_start), np.asarray(tiles)
     P = (len(sizes) - num_dense) // 2
     spare = padded // block_m - 1
-    assert padded % block_m == 0 and tiles.shape == (-(-rows // block_m) + min(P, rows), 4)
+    plain = np.asarray(tiles)
+    if absorb:
+        tiles = absorb_spills(tiles, spare)
+    pad_start, tiles = np.asarray(pad_start), np.asarray(tiles)
+    assert padded % block_m == 0 and tiles.shape == (-(-rows // block_m) + min(P, rows), 6 if absorb else 4)
+    if absorb:
+        assert np.array_equal(tiles[:, :3], plain[:, :3])
+        blocks = -(-sizes[num_dense:] // block_m)
+        merged = {p for p in range(P) if max(blocks[2 * p:2 * p + 2]) == 2 and min(blocks[2 * p:2 * p + 2]) <= 1}
+        assert {p for p, *_, side in tiles if side} == merged
+        assert [int(tiles[:, 3][tiles[:, 0] == p].sum()) for p in range(P)] == [
+            (1 if p in merged else int(max(blocks[2 * p:2 * p + 2]))) for p in range(P)]
     covered = {}
-    for p, b_i, b_j, live in tiles:
+    for p, b_i, b_j, live, *extra in tiles:
         if not live:
             continue
-        for side, b in ((0, b_i), (1, b_j)):
+        b_x, side_x = extra or (spare, 0)
+        for side, b in ((0, b_i), (1, b_j), *([(side_x - 1, b_x)] if side_x else [])):
             if b == spare:
                 continue
             slot = num_dense + 2 * p + side
@@ -297,3 +316,53 @@ def test_mosaic_layer_default_split_k_down_matches_dense_reference():
     assert down.split_k > 1, down
     fn = functools.partial(mosaic_moe_ffn, out_dtype=jnp.bfloat16, interpret=True)
     check(jax.jit(fn)(x, ids, tw, experts, to_mosaic_words(experts.packed)), ref, "mosaic layer, split-K down")
+
+
+@pytest.mark.parametrize("token_major_out", [False, True])
+def test_tiles_with_an_extra_block_write_what_the_plain_tiles_write(token_major_out):
+    """A grouped launch over ``absorb_spills``' tiles (one decode, a third accumulator for a side's second
+    block) writes the same rows as over the plain tiles (a second tile per such pair), interpreter."""
+    rng = rng_for(23)
+    block_m, K, N = 16, 256, 128
+    sizes = jnp.asarray([20, 7, 3, 40, 0, 17], jnp.int32)   # pairs of 2 / 1, 1 / 3 and 0 / 2 blocks
+    _, tiles, padded = grouped_layout(sizes, 0, block_m, int(sizes.sum()))
+    words = jnp.asarray(rng.integers(0, 2 ** 16, (3, N, K)), jnp.uint16)
+    xs = jnp.asarray(rng.standard_normal((padded, K)), jnp.bfloat16)
+    cfg = MosaicConfig(block_m=block_m, token_major_out=token_major_out)
+    run = lambda t: mosaic_grouped_pair_gemm(xs, t, words, block_m=block_m, out_dtype=jnp.bfloat16,  # noqa: E731
+                                             config=cfg, interpret=True)
+    ext = absorb_spills(tiles, padded // block_m - 1)
+    assert int((ext[:, 5] > 0).sum()) == 2 and int(ext[:, 3].sum()) == int(tiles[:, 3].sum()) - 2
+    plain, absorbed = run(tiles), run(ext)
+    if not token_major_out:
+        plain, absorbed = plain.T, absorbed.T
+    covered = np.zeros(padded, bool)
+    for p, b_i, b_j, live in np.asarray(tiles):
+        for b in (b_i, b_j):
+            covered[b * block_m:(b + 1) * block_m] |= bool(live) and b != padded // block_m - 1
+    got, want = np.asarray(absorbed, np.float32)[covered], np.asarray(plain, np.float32)[covered]
+    assert np.isfinite(want).all() and np.array_equal(got, want)
+
+
+def test_layer_with_tiles_that_absorb_spills_matches_dense_reference():
+    """A layer whose token block (8 rows for 8 rows per expert on average) makes sides of two blocks:
+    ``absorbs_spills`` holds for its launches, and the layer matches the reference (interpreter)."""
+    e, h, i, k, t = 8, 256, 256, 2, 32
+    experts, x, ids, tw, ref = layer_case(117, t, 0.5, e=e, h=h, i=i, k=k)
+    gate_up = MosaicConfig(block_m=8, block_k=128, split_k=2)   # split K: SwiGLU between the launches
+    _, down = layer_configs(8, t * k, e // 2, h, i)
+    assert absorbs_spills(8, gate_up, down, fused=False)
+    blocks = -(-np.bincount(np.asarray(ids).ravel(), minlength=e) // 8)
+    assert any(sorted(blocks[list(p)]) in ([0, 2], [1, 2]) for p in np.asarray(experts.pairs)), blocks   # a tile absorbs
+    fn = functools.partial(mosaic_moe_ffn, out_dtype=jnp.bfloat16, configs=(gate_up, None), interpret=True)
+    check(jax.jit(fn)(x, ids, tw, experts, to_mosaic_words(experts.packed)), ref, "mosaic layer, absorbed spills")
+
+
+def test_absorbs_spills_only_where_shared_memory_allows():
+    """Mixtral's 80-row block (128-deep plain stages) absorbs; 128-row blocks (64-deep plain stages: an
+    extended stage would be larger) and the SwiGLU form do not; the config can turn it off."""
+    for bm, fused, want in ((80, False, True), (72, False, True), (128, False, False), (32, True, False)):
+        gu, dn = layer_configs(bm, 512, 4, 4096, 14336)
+        assert absorbs_spills(bm, gu, dn, fused) == want, bm
+    gu, dn = layer_configs(80, 512, 4, 4096, 14336)
+    assert not absorbs_spills(80, dataclasses.replace(gu, absorb_spills=False), dn, False)

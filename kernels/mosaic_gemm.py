@@ -187,9 +187,10 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     token blocks are column blocks, fed to the wgmma as an MN-major operand (no transpose in between).
     ``token_major_out``: store the ``O`` tiles at rows ``bi*block_m`` / ``bj*block_m`` of ``[S, rows, N]``
     outputs instead (16-bit results).  The results are stored in ``oi_gmem``'s dtype.
-    ``extra`` ``(block, side)`` (grouped launches without the SwiGLU form, one output array): also multiply
-    the same decoded tile of expert ``side`` ("i" or "j") by that side's second token block ``block``, so a
-    pair side one block over the token block costs a third accumulator instead of a second tile."""
+    ``extra`` ``(block, side)`` (grouped launches without the SwiGLU form: one activation and one output
+    array, ``ai_gmem`` is ``aj_gmem``): also multiply the decoded tile of expert i (``side`` 1) or j (2;
+    a traced scalar) by that side's second token block ``block``, so a pair side one block over the token
+    block costs a third accumulator instead of a second tile."""
     n, s = lax.axis_index("n"), lax.axis_index("s")
     row_blocks = (0,) if up_blocks is None else (0, up_blocks)
     if extra is not None and up_blocks is not None:
@@ -214,8 +215,13 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
                     w_i, w_j = dec_smem.at[0], dec_smem.at[1]
                 plgpu.wgmma(acc_i, w_i, a_smems[0])
                 plgpu.wgmma(acc_j, w_j, a_smems[1])
-                if extra is not None:
-                    plgpu.wgmma(accs[2], w_i if extra[1] == "i" else w_j, a_smems[2])
+                if extra is not None:   # the side's decoded tile: chosen per element, one branch to compile
+                    pick_i = extra[1] == 1
+                    if dec_smem is not None:
+                        w_x = dec_smem.at[jnp.where(pick_i, 0, 1)]
+                    else:
+                        w_x = jnp.where(jnp.broadcast_to(pick_i, w_i.shape), w_i, w_j)
+                    plgpu.wgmma(accs[2], w_x, a_smems[2])
                 if dec_smem is not None:   # the staging buffer is reused by the next word tile
                     plgpu.wgmma_wait(0)
             plgpu.wgmma_wait(0)
@@ -229,7 +235,7 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
             step, grid=(nk,),
             in_specs=[*word_specs, *a_specs],
             max_concurrent_steps=num_stages,
-        )(*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem, *([] if extra is None else [ai_gmem if extra[1] == "i" else aj_gmem]))
+        )(*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem, *([] if extra is None else [ai_gmem]))
         return tuple(acc[...] for acc in accs)
 
     accs = [plgpu.ACC((block_n, block_m)) for _ in range(2 * len(row_blocks) + (extra is not None))]
@@ -242,7 +248,7 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
         results = [acc.astype(oi_gmem.dtype) for acc in outs]
     else:   # (gate_i, gate_j, up_i, up_j)
         results = [(silu(g) * u).astype(jnp.bfloat16) for g, u in zip(outs[:2], outs[2:])]
-    o_gmems = (oi_gmem, oj_gmem) if extra is None else (oi_gmem, oj_gmem, oi_gmem if extra[1] == "i" else oj_gmem)
+    o_gmems = (oi_gmem, oj_gmem, oi_gmem)[:n_act]
 
     o_shape = (n_act, block_m, block_n) if token_major_out else (n_act, block_n, block_m)
 
@@ -321,8 +327,7 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
             return
         b_x, side = tiles_gmem[t, 4], tiles_gmem[t, 5]
         pl.when((live > 0) & (side == 0))(lambda: run(tile))
-        pl.when((live > 0) & (side == 1))(lambda: run(tile_extra, extra=(b_x, "i")))
-        pl.when((live > 0) & (side == 2))(lambda: run(tile_extra, extra=(b_x, "j")))
+        pl.when((live > 0) & (side > 0))(lambda: run(tile_extra, extra=(b_x, side)))
 
     kernel_dtype = jnp.bfloat16 if swiglu else out_dtype if split_k == 1 else jnp.float32
     if cfg.token_major_out and (split_k != 1 or kernel_dtype != jnp.bfloat16):

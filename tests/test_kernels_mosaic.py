@@ -152,6 +152,10 @@ def test_mosaic_kernels_reject_bad_shapes_and_settings():
         MosaicConfig(block_m=12)
     with pytest.raises(ValueError, match="decode="):
         MosaicConfig(block_m=8, decode="nope")
+    for cols, swiglu in ((5, False), (6, True)):   # the table's width; an extra block with the SwiGLU form
+        with pytest.raises(ValueError, match="must have 4 columns, or 6 without swiglu"):
+            mosaic_grouped_pair_gemm(jnp.zeros((16, 256), jnp.bfloat16), jnp.zeros((2, cols), jnp.int32),
+                                     jnp.zeros((1, 128, 256), jnp.uint16), block_m=8, swiglu=swiglu, interpret=True)
     tiles = jnp.zeros((2, 4), jnp.int32)
     grouped = functools.partial(mosaic_grouped_pair_gemm, tiles=tiles, interpret=True)
     with pytest.raises(ValueError, match="multiples of block_n"):

@@ -8,7 +8,9 @@ held-out text through an embedded trained model (converted uncompressed, on the 
 decode batch size T draws ``--draws`` batches of T tokens at random positions (independent sequences,
 as a server's decode batch) and counts, per layer, each expert's rows.  It reports the largest
 count (mean over draws and layers, and its maximum), the block, and the share of (draw, layer) steps
-in which some expert has more rows than the block, beside the same for random logits.  Prints a
+in which some expert has more rows than the block, beside the same for random logits; and the share of
+steps in which an expert needs more than two blocks or two experts exceed the block, the only steps in
+which ``kernels.mosaic_ffn.absorb_spills`` (where it applies) may leave a pair a second tile.  Prints a
 table, writes JSON.
 
     PYTHONPATH=. python benchmarks/routing_spill.py [--model models/tiny-moe-scratch] [--tokens 8,16,32,64,128,256]
@@ -52,14 +54,19 @@ def spill_stats(ids_by_layer: dict[int, np.ndarray], num_experts: int, T: int, d
     """Largest rows per expert and the share of (draw, layer) steps with an expert over the block."""
     k = next(iter(ids_by_layer.values())).shape[1]
     block = grouped_block_m(T * k, num_experts, T)
-    maxima = []
+    maxima, multi = [], []
     for ids in ids_by_layer.values():
         pick = np.stack([rng.choice(ids.shape[0], T, replace=False) for _ in range(draws)])   # [draws, T]
         counts = np.stack([np.bincount(ids[p].ravel(), minlength=num_experts) for p in pick])
         maxima.append(counts.max(1))
-    maxima = np.concatenate(maxima)
+        multi.append((counts > block).sum(1) >= 2)
+    maxima, multi = np.concatenate(maxima), np.concatenate(multi)
+    # where kernels.mosaic_ffn.absorb_spills applies, a step keeps a second tile only when an expert needs three
+    # blocks or two experts over the block form a pair (the pairing is not known here: an upper bound)
     return {"T": T, "block_m": block, "max_rows_mean": float(maxima.mean()), "max_rows_max": int(maxima.max()),
-            "mean_rows": T * k / num_experts, "spill_share": float((maxima > block).mean())}
+            "mean_rows": T * k / num_experts, "spill_share": float((maxima > block).mean()),
+            "over_two_blocks_share": float((maxima > 2 * block).mean()),
+            "two_over_block_share": float(multi.mean())}
 
 
 def main(argv=None):
@@ -93,12 +100,14 @@ def main(argv=None):
     print(f"{args.model.name}: {num_experts} experts, top-{k}, {len(ids)} layers, "
           f"{res['tokens_routed']} held-out tokens, {args.draws} draws per T and layer")
     print("| T | mean rows per expert | block | largest rows, trained: mean / max | steps over the block, trained "
+          "| steps with an expert over two blocks / with two experts over the block, trained "
           "| largest rows, random logits: mean / max | steps over the block, random logits |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, u = r["trained"], r["uniform"]
         print(f"| {t['T']} | {t['mean_rows']:.1f} | {t['block_m']} | {t['max_rows_mean']:.1f} / {t['max_rows_max']} | "
-              f"{100 * t['spill_share']:.1f} % | {u['max_rows_mean']:.1f} / {u['max_rows_max']} | {100 * u['spill_share']:.1f} % |")
+              f"{100 * t['spill_share']:.1f} % | {100 * t['over_two_blocks_share']:.1f} / {100 * t['two_over_block_share']:.1f} % | "
+              f"{u['max_rows_mean']:.1f} / {u['max_rows_max']} | {100 * u['spill_share']:.1f} % |")
     if args.save_ids:
         np.savez_compressed(args.save_ids, **{f"layer{n}": v.astype(np.int16) for n, v in enumerate(ids.values())})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -302,10 +302,10 @@ def routing_stats(model, prompt_ids, new_ids, prefill: int) -> dict:
     """How the decode steps' tokens spread over the experts, per layer, from one forward pass over the
     prompts and the generated tokens (the decode inputs are positions ``prefill ..``): the most rows
     any expert got in a step, and for a packed layer the grouped kernel's tiles (a pair side with more
-    rows than the token block costs its pair another tile, which streams the pair's words again)
-    against the pairs that had rows."""
+    rows than the token block costs its pair another tile, which streams the pair's words again, unless
+    ``mosaic_ffn.absorb_spills`` takes it) against the pairs that had rows."""
     import numpy as np  # noqa: PLC0415
-    from kernels.mosaic_ffn import grouped_block_m  # noqa: PLC0415
+    from kernels.mosaic_ffn import absorbs_spills, grouped_block_m, layer_configs  # noqa: PLC0415
     from puzzlemoe_jax import calibrate  # noqa: PLC0415
     from puzzlemoe_jax.models import PackedExpertsModule  # noqa: PLC0415
     seq = np.concatenate([prompt_ids, new_ids[:, :-1]], 1)
@@ -327,7 +327,12 @@ def routing_stats(model, prompt_ids, new_ids, prefill: int) -> dict:
         if isinstance(m.experts, PackedExpertsModule):
             pairs = np.asarray(m.experts.pairs[...])
             n_i, n_j = counts[:, pairs[:, 0]], counts[:, pairs[:, 1]]
-            tiles = np.maximum(-(-n_i // block), -(-n_j // block)).sum(1)
+            per_pair = np.maximum(-(-n_i // block), -(-n_j // block))
+            if absorbs_spills(block, *layer_configs(block, b * cfg.top_k, len(pairs), cfg.hidden_size,
+                                                    cfg.moe_intermediate_size)):
+                # as absorb_spills: one side two blocks long, the other at most one -> one tile
+                per_pair = np.where((per_pair == 2) & (np.minimum(-(-n_i // block), -(-n_j // block)) <= 1), 1, per_pair)
+            tiles = per_pair.sum(1)
             live = ((n_i + n_j) > 0).sum(1)
             row.update(tiles_mean=float(tiles.mean()), live_pairs_mean=float(live.mean()),
                        steps_with_extra_tiles=float((tiles > live).mean()))

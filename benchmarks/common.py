@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,6 @@ class GpuSampler:
         self.period_ms, self.samples, self.proc, self.thread = period_ms, [], None, None
 
     def __enter__(self):
-        import threading  # noqa: PLC0415
         try:
             self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
                                           "-i", "0", "-lms", str(self.period_ms)],

@@ -32,7 +32,7 @@ import numpy as np
 
 import kernels as K
 from kernels.gpu import smem_budget
-from kernels.mosaic_ffn import SWIGLU_MAX_BLOCK_M, grouped_block_m, layer_configs, to_mosaic_words
+from kernels.mosaic_ffn import SWIGLU_MAX_BLOCK_M, grouped_block_m, layer_configs, swiglu_in_kernel, to_mosaic_words
 from kernels.mosaic_gemm import mosaic_config, stage_bytes
 from puzzlemoe_jax.compress import compress_layer
 from puzzlemoe_jax.moe import dense_moe_ffn
@@ -60,7 +60,7 @@ def variant_configs(base, over, block_m, H, I):
     pick = lambda c, o: dataclasses.replace(  # noqa: E731
         c, **{"token_major_out": c.token_major_out and o.get("split_k", c.split_k) == 1, **o})
     gu, dn = pick(base[0], over[0]), pick(base[1], over[1])
-    fused = block_m <= SWIGLU_MAX_BLOCK_M and gu.split_k == 1
+    fused = swiglu_in_kernel(block_m, gu)
     for c, k, tiles in ((gu, H, 2 if fused else 1), (dn, I, 1)):
         if smem_bytes(c, tiles) > smem_budget():
             return None, f"shared memory {smem_bytes(c, tiles)} > {smem_budget()}"

@@ -115,20 +115,26 @@ def absorb_spills(tiles: jax.Array, spare: int) -> jax.Array:
     shift = lambda v, k, fill: jnp.concatenate([v[k:], jnp.full((k,), fill, v.dtype)])  # noqa: E731 (v[t + k])
     same = lambda k: live & shift(live, k, False) & (shift(p, k, -1) == p)  # noqa: E731 (tile t + k: same pair)
     first = live & jnp.concatenate([jnp.ones((1,), bool), ~same(1)[:-1]])   # a pair's first tile
-    i_only = (shift(b_j, 1, spare) == spare) & (shift(b_i, 1, spare) != spare)   # of its second tile
-    j_only = (shift(b_i, 1, spare) == spare) & (shift(b_j, 1, spare) != spare)
+    next_i, next_j = shift(b_i, 1, spare), shift(b_j, 1, spare)             # the blocks of the tile after it
+    i_only = (next_j == spare) & (next_i != spare)
+    j_only = (next_i == spare) & (next_j != spare)
     merge = first & same(1) & ~same(2) & (i_only | j_only)
     side = jnp.where(merge, jnp.where(i_only, 1, 2), 0)
-    b_x = jnp.where(merge, jnp.where(i_only, shift(b_i, 1, spare), shift(b_j, 1, spare)), spare)
+    b_x = jnp.where(merge, jnp.where(i_only, next_i, next_j), spare)
     absorbed = jnp.concatenate([jnp.zeros((1,), bool), merge[:-1]])
     return jnp.stack([p, b_i, b_j, (live & ~absorbed).astype(jnp.int32), b_x, side], 1).astype(jnp.int32)
 
 
-def absorbs_spills(block_m: int, gate_up: MosaicConfig, down: MosaicConfig, fused: bool) -> bool:
+def swiglu_in_kernel(block_m: int, gate_up: MosaicConfig) -> bool:
+    """Whether a layer's gate+up launch applies the SwiGLU in its epilogue (no K split, small blocks)."""
+    return block_m <= SWIGLU_MAX_BLOCK_M and gate_up.split_k == 1
+
+
+def absorbs_spills(block_m: int, gate_up: MosaicConfig, down: MosaicConfig) -> bool:
     """Whether a layer's tiles may carry an extra token block (``absorb_spills``): the gate+up config asks
     for it, neither launch is the SwiGLU form, and an extended tile's 64-deep stages take no more shared
     memory than each launch's plain ones (else every tile would lose occupancy)."""
-    return gate_up.absorb_spills and not fused and all(
+    return gate_up.absorb_spills and not swiglu_in_kernel(block_m, gate_up) and all(
         stage_bytes(EXTRA_BLOCK_K, c.block_n, block_m, token_blocks=3) <= stage_bytes(c.block_k, c.block_n, block_m)
         for c in (gate_up, down))
 
@@ -188,12 +194,11 @@ def _pair_rows(x, tiles, src, words, rows: int, block_m: int, configs, interpret
     xs_pad = jnp.where(src[:, None] >= 0, x[jnp.maximum(src, 0)], 0).astype(jnp.bfloat16)
     default = layer_configs(block_m, rows, P, x.shape[1], inter)
     cfg_gu, cfg_down = (c or d for c, d in zip(configs, default))
-    fused = block_m <= SWIGLU_MAX_BLOCK_M and cfg_gu.split_k == 1
-    if absorbs_spills(block_m, cfg_gu, cfg_down, fused):
+    if absorbs_spills(block_m, cfg_gu, cfg_down):
         tiles = absorb_spills(tiles, src.shape[0] // block_m - 1)
     gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, **kw)  # noqa: E731
     swiglu = lambda g, u: (jax.nn.silu(g.astype(jnp.float32)) * u).astype(jnp.bfloat16)  # noqa: E731
-    if fused:   # SwiGLU in the kernel's epilogue
+    if swiglu_in_kernel(block_m, cfg_gu):   # SwiGLU in the kernel's epilogue
         h = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=cfg_gu, name="mosaic_gate_up")
         if cfg_gu.token_major_out:   # h [R_pad, I]
             h_in = dict(xs=h)

@@ -355,7 +355,7 @@ def test_layer_with_tiles_that_absorb_spills_matches_dense_reference():
     experts, x, ids, tw, ref = layer_case(117, t, 0.5, e=e, h=h, i=i, k=k)
     gate_up = MosaicConfig(block_m=8, block_k=128, split_k=2)   # split K: SwiGLU between the launches
     _, down = layer_configs(8, t * k, e // 2, h, i)
-    assert absorbs_spills(8, gate_up, down, fused=False)
+    assert absorbs_spills(8, gate_up, down)
     blocks = -(-np.bincount(np.asarray(ids).ravel(), minlength=e) // 8)
     assert any(sorted(blocks[list(p)]) in ([0, 2], [1, 2]) for p in np.asarray(experts.pairs)), blocks   # a tile absorbs
     fn = functools.partial(mosaic_moe_ffn, out_dtype=jnp.bfloat16, configs=(gate_up, None), interpret=True)
@@ -365,8 +365,8 @@ def test_layer_with_tiles_that_absorb_spills_matches_dense_reference():
 def test_absorbs_spills_only_where_shared_memory_allows():
     """Mixtral's 80-row block (128-deep plain stages) absorbs; 128-row blocks (64-deep plain stages: an
     extended stage would be larger) and the SwiGLU form do not; the config can turn it off."""
-    for bm, fused, want in ((80, False, True), (72, False, True), (128, False, False), (32, True, False)):
+    for bm, want in ((80, True), (72, True), (128, False), (32, False)):
         gu, dn = layer_configs(bm, 512, 4, 4096, 14336)
-        assert absorbs_spills(bm, gu, dn, fused) == want, bm
+        assert absorbs_spills(bm, gu, dn) == want, bm
     gu, dn = layer_configs(80, 512, 4, 4096, 14336)
-    assert not absorbs_spills(80, dataclasses.replace(gu, absorb_spills=False), dn, False)
+    assert not absorbs_spills(80, dataclasses.replace(gu, absorb_spills=False), dn)

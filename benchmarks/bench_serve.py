@@ -107,10 +107,12 @@ def serve_random(args) -> None:
     model = build_model(args.shape, layers, not args.dense, impl=args.impl)
     print(f"built {args.shape} ({layers} layers, {'dense' if args.dense else 'packed 50 %'}) in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    engine = Engine(model, max_len=args.max_len, max_batch=args.max_batch, max_queue=args.max_queue, mode=args.decode)
+    engine = Engine(model, max_len=args.max_len, max_batch=args.max_batch, max_queue=args.max_queue, mode=args.decode,
+                    prefill_batch=args.prefill_batch)
     secs = engine.warmup()
-    print(f"warmup: {len(engine.buckets)} prefill shapes and the decode step compiled in {secs:.1f} s", file=sys.stderr,
-          flush=True)
+    shapes = sum(len(engine.prefill_sizes(b)) for b in engine.buckets)
+    print(f"warmup: {shapes} prefill shapes (up to {engine.prefill_batch} prompts a call) and the decode step compiled "
+          f"in {secs:.1f} s", file=sys.stderr, flush=True)
     run(Served(engine, None, f"{args.shape}-{'dense' if args.dense else 'packed'}"), "127.0.0.1", args.port)
 
 
@@ -131,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-queue", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--decode", default="auto", choices=("auto", "batched", "exact"))
+    ap.add_argument("--prefill-batch", type=int, help="the server's --prefill-batch (default: its own)")
     ap.add_argument("--start-timeout", type=float, default=1800)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--port", type=int, default=0)
@@ -148,6 +151,7 @@ def main(argv=None) -> int:
         port = s.getsockname()[1]
     common = ["--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
               "--max-len", str(args.max_len), "--decode", args.decode, "--impl", args.impl]
+    common += ["--prefill-batch", str(args.prefill_batch)] if args.prefill_batch else []
     if args.model:
         cmd = [sys.executable, "-m", "puzzlemoe_jax.serve", "--model", args.model] + common
     else:

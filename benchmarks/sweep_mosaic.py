@@ -51,7 +51,7 @@ VARIANTS = [
 
 
 def smem_bytes(c, word_tiles: int) -> int:
-    return c.num_stages * stage_bytes(c.block_k, c.block_n, c.block_m, word_tiles)
+    return c.num_stages * stage_bytes(c.block_k, c.block_n * c.consumer_wgs, c.block_m, word_tiles)
 
 
 def variant_configs(base, over, block_m, H, I):
@@ -150,6 +150,7 @@ def cfg_text(c: dict | None) -> str:
         return "-"
     form = f" {c['decode']}" if c.get("decode") else ""
     form += " tm" if c.get("token_major_out") else ""
+    form += " ws" if c.get("consumer_wgs", 1) > 1 else ""
     return f"n{c['block_n']} k{c['block_k']} st{c['num_stages']} s{c['split_k']}{form}"
 
 

@@ -135,7 +135,8 @@ def absorbs_spills(block_m: int, gate_up: MosaicConfig, down: MosaicConfig) -> b
     for it, neither launch is the SwiGLU form, and an extended tile's 64-deep stages take no more shared
     memory than each launch's plain ones (else every tile would lose occupancy)."""
     return gate_up.absorb_spills and not swiglu_in_kernel(block_m, gate_up) and all(
-        stage_bytes(EXTRA_BLOCK_K, c.block_n, block_m, token_blocks=3) <= stage_bytes(c.block_k, c.block_n, block_m)
+        stage_bytes(EXTRA_BLOCK_K, c.block_n * c.consumer_wgs, block_m, token_blocks=3)
+        <= stage_bytes(c.block_k, c.block_n * c.consumer_wgs, block_m)
         for c in (gate_up, down))
 
 

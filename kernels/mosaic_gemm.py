@@ -58,7 +58,9 @@ class MosaicConfig:
     through a transposed shared-memory view, so that the next launch reads it without a transpose
     in between (``mosaic_ffn.layer_configs`` turns it on wherever it applies).  ``absorb_spills`` (a layer's
     gate+up config, like ``block_m``): let a tile carry a pair side's second token block where the launches
-    allow it (``mosaic_ffn.absorbs_spills``)."""
+    allow it (``mosaic_ffn.absorbs_spills``).  ``consumer_wgs`` 2 (grouped launches): warp-specialized CTAs of
+    ``2 * block_n`` columns, a memory warpgroup and two consumer warpgroups sharing one copy of the token
+    blocks (``num_stages`` then counts the stages of the wider tiles)."""
     block_m: int            # tokens per CTA, a multiple of 8 in [8, MAX_BLOCK_M]
     block_n: int = 64       # output columns (word rows) per CTA: 64 or 128
     block_k: int = 128
@@ -68,6 +70,7 @@ class MosaicConfig:
     a_in_smem: bool | None = None
     token_major_out: bool = False
     absorb_spills: bool = True
+    consumer_wgs: int = 1
 
     def __post_init__(self):
         if self.block_m % 8 or not 8 <= self.block_m <= MAX_BLOCK_M:
@@ -76,6 +79,8 @@ class MosaicConfig:
             raise ValueError(f"block_n={self.block_n} must be 64 or 128")
         if self.decode not in (None, *mosaic_swar.DECODE_FORMS):
             raise ValueError(f"decode={self.decode!r} must be one of {mosaic_swar.DECODE_FORMS}")
+        if self.consumer_wgs not in (1, 2):
+            raise ValueError(f"consumer_wgs={self.consumer_wgs} must be 1 or 2")
         if self.num_stages < 1 or self.split_k < 1:
             raise ValueError(f"num_stages and split_k must be >= 1, got {self.num_stages}, {self.split_k}")
 
@@ -143,8 +148,9 @@ def mosaic_pair_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *, config
     N, K = words.shape
     m = max(a_i.shape[0], a_j.shape[0])
     cfg = (config or mosaic_config(m, K, N)).for_backend(interpret)
-    if cfg.token_major_out:
-        raise ValueError("token_major_out=True is a grouped-launch setting; the pair kernel writes O^T")
+    if cfg.token_major_out or cfg.consumer_wgs != 1:
+        raise ValueError("token_major_out and consumer_wgs are grouped-launch settings; the pair kernel writes O^T "
+                         "with one warpgroup per CTA")
     if N % cfg.block_n:
         raise ValueError(f"N={N} must be a multiple of block_n={cfg.block_n}")
     if K % (cfg.block_k * cfg.split_k):
@@ -165,17 +171,19 @@ def mosaic_pair_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *, config
     return _finish(o_i, a_i.shape[0], out_dtype), _finish(o_j, a_j.shape[0], out_dtype)
 
 
-def _kernel(body, out_type, grid, interpret, name):
-    """``name``: the launch's kernel name (benchmarks time each launch of a layer by it)."""
+def _kernel(body, out_type, grid, interpret, name, warpgroups=1):
+    """``name``: the launch's kernel name (benchmarks time each launch of a layer by it);
+    ``warpgroups`` > 1: that many warpgroups per CTA, axis "wg"."""
+    threads = dict(num_threads=warpgroups, thread_name="wg") if warpgroups > 1 else {}
     return plgpu.kernel(
-        body, out_type=out_type, grid=grid, grid_names=("m", "n", "s"), kernel_name=name,
+        body, out_type=out_type, grid=grid, grid_names=("m", "n", "s"), kernel_name=name, **threads,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
 def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, block_k, block_m, num_stages, nk,
                decode, a_in_smem, diagnostic=None, up_blocks=None, a_transposed=False, token_major_out=False,
-               extra=None):
+               extra=None, consumer_wgs=1):
     """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
     ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
     (rows of ``block_m``), store the ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
@@ -190,71 +198,62 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     ``extra`` ``(block, side)`` (grouped launches without the SwiGLU form: one activation and one output
     array, ``ai_gmem`` is ``aj_gmem``): also multiply the decoded tile of expert i (``side`` 1) or j (2;
     a traced scalar) by that side's second token block ``block``, so a pair side one block over the token
-    block costs a third accumulator instead of a second tile."""
+    block costs a third accumulator instead of a second tile.
+    ``consumer_wgs`` 2 (a kernel of ``consumer_wgs + 1`` warpgroups, axis "wg"): warp-specialized, a CTA
+    covers ``2 * block_n`` columns; a memory warpgroup streams the word tiles and one copy of the token
+    blocks, and each consumer warpgroup decodes and multiplies its ``block_n`` rows of them."""
     n, s = lax.axis_index("n"), lax.axis_index("s")
     row_blocks = (0,) if up_blocks is None else (0, up_blocks)
     if extra is not None and up_blocks is not None:
         raise ValueError("a tile's extra token block is not supported with the SwiGLU form")
     blocks = (bi, bj) if extra is None else (bi, bj, extra[0])
     n_act = len(blocks)
-
-    def acc_scope(*accs, dec_smem=None):
-        def step(_, *refs):
-            a_smems = [a if a_transposed else a.T for a in refs[-n_act:]]
-            if diagnostic == "stream_only":
-                return
-            for w_smem, acc_i, acc_j in zip(refs[:-n_act], accs[0::2], accs[1::2]):
-                if diagnostic == "no_decode":
-                    w_i = w_j = lax.bitcast_convert_type(w_smem[...], jnp.bfloat16)
-                else:
-                    w_i, w_j = mosaic_swar.decode(w_smem[...], decode)
-                if dec_smem is not None:
-                    dec_smem[0] = w_i
-                    dec_smem[1] = w_j
-                    plgpu.commit_smem()
-                    w_i, w_j = dec_smem.at[0], dec_smem.at[1]
-                plgpu.wgmma(acc_i, w_i, a_smems[0])
-                plgpu.wgmma(acc_j, w_j, a_smems[1])
-                if extra is not None:   # the side's decoded tile: chosen per element, one branch to compile
-                    pick_i = extra[1] == 1
-                    if dec_smem is not None:
-                        w_x = dec_smem.at[jnp.where(pick_i, 0, 1)]
-                    else:
-                        w_x = jnp.where(jnp.broadcast_to(pick_i, w_i.shape), w_i, w_j)
-                    plgpu.wgmma(accs[2], w_x, a_smems[2])
-                if dec_smem is not None:   # the staging buffer is reused by the next word tile
-                    plgpu.wgmma_wait(0)
-            plgpu.wgmma_wait(0)
-
-        word_specs = [plgpu.BlockSpec((block_n, block_k), lambda k, r=r: (n + r, s * nk + k)) for r in row_blocks]
-        if a_transposed:
-            a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (s * nk + k, b)) for b in blocks]
-        else:
-            a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, s * nk + k)) for b in blocks]
-        plgpu.emit_pipeline(
-            step, grid=(nk,),
-            in_specs=[*word_specs, *a_specs],
-            max_concurrent_steps=num_stages,
-        )(*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem, *([] if extra is None else [ai_gmem]))
-        return tuple(acc[...] for acc in accs)
-
-    accs = [plgpu.ACC((block_n, block_m)) for _ in range(2 * len(row_blocks) + (extra is not None))]
-    if a_in_smem:   # register (ACC) and shared-memory scopes cannot be opened together
-        outs = pl.run_scoped(lambda dec: pl.run_scoped(functools.partial(acc_scope, dec_smem=dec), *accs),
-                             plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
-    else:
-        outs = pl.run_scoped(acc_scope, *accs)
-    if up_blocks is None:
-        results = [acc.astype(oi_gmem.dtype) for acc in outs]
-    else:   # (gate_i, gate_j, up_i, up_j)
-        results = [(silu(g) * u).astype(jnp.bfloat16) for g, u in zip(outs[:2], outs[2:])]
-    o_gmems = (oi_gmem, oj_gmem, oi_gmem)[:n_act]
-
     o_shape = (n_act, block_m, block_n) if token_major_out else (n_act, block_n, block_m)
+    o_gmems = (oi_gmem, oj_gmem, oi_gmem)[:n_act]
+    word_specs = [plgpu.BlockSpec((consumer_wgs * block_n, block_k), lambda k, r=r: (n + r, s * nk + k))
+                  for r in row_blocks]
+    if a_transposed:
+        a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (s * nk + k, b)) for b in blocks]
+    else:
+        a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, s * nk + k)) for b in blocks]
+    gmems = (*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem, *([] if extra is None else [ai_gmem]))
+    accs = [plgpu.ACC((block_n, block_m)) for _ in range(2 * len(row_blocks) + (extra is not None))]
 
-    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM(o_shape, results[0].dtype))
-    def _store(o_smem):
-        cols = pl.ds(n * block_n, block_n)
+    def mmas(w_smems, a_refs, accs, dec_smem):
+        """One pipeline step: decode each word tile and multiply it by the token blocks."""
+        a_smems = [a if a_transposed else a.T for a in a_refs]
+        if diagnostic == "stream_only":
+            return
+        for w_smem, acc_i, acc_j in zip(w_smems, accs[0::2], accs[1::2]):
+            if diagnostic == "no_decode":
+                w_i = w_j = lax.bitcast_convert_type(w_smem[...], jnp.bfloat16)
+            else:
+                w_i, w_j = mosaic_swar.decode(w_smem[...], decode)
+            if dec_smem is not None:
+                dec_smem[0] = w_i
+                dec_smem[1] = w_j
+                plgpu.commit_smem()
+                w_i, w_j = dec_smem.at[0], dec_smem.at[1]
+            plgpu.wgmma(acc_i, w_i, a_smems[0])
+            plgpu.wgmma(acc_j, w_j, a_smems[1])
+            if extra is not None:   # the side's decoded tile: chosen per element, one branch to compile
+                pick_i = extra[1] == 1
+                if dec_smem is not None:
+                    w_x = dec_smem.at[jnp.where(pick_i, 0, 1)]
+                else:
+                    w_x = jnp.where(jnp.broadcast_to(pick_i, w_i.shape), w_i, w_j)
+                plgpu.wgmma(accs[2], w_x, a_smems[2])
+            if dec_smem is not None:   # the staging buffer is reused by the next word tile
+                plgpu.wgmma_wait(0)
+        plgpu.wgmma_wait(0)
+
+    def store(outs, o_smem, col_block):
+        """The accumulators through ``o_smem`` to the outputs' ``block_n`` columns ``col_block``."""
+        if up_blocks is None:
+            results = [acc.astype(oi_gmem.dtype) for acc in outs]
+        else:   # (gate_i, gate_j, up_i, up_j)
+            results = [(silu(g) * u).astype(jnp.bfloat16) for g, u in zip(outs[:2], outs[2:])]
+        cols = pl.ds(col_block * block_n, block_n)
         for q, acc in enumerate(results):
             if token_major_out:   # O tiles [block_m, block_n]: the accumulators stored through a transposed view
                 o_smem.at[q].transpose((1, 0))[...] = acc
@@ -265,6 +264,60 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
             rows = pl.ds(b * block_m, block_m)
             plgpu.copy_smem_to_gmem(o_smem.at[q], o_gmem.at[s, rows, cols] if token_major_out else o_gmem.at[s, cols, rows])
         plgpu.wait_smem_to_gmem(0)
+
+    if consumer_wgs > 1:
+        _pair_tile_ws(mmas, store, word_specs, a_specs, gmems, accs, n_words=len(row_blocks), block_n=block_n,
+                      block_k=block_k, nk=nk, num_stages=num_stages, consumer_wgs=consumer_wgs,
+                      o_type=plgpu.SMEM((consumer_wgs, *o_shape), oi_gmem.dtype), a_in_smem=a_in_smem)
+        return
+
+    def acc_scope(*accs, dec_smem=None):
+        def step(_, *refs):
+            mmas(refs[:-n_act], refs[-n_act:], accs, dec_smem)
+
+        plgpu.emit_pipeline(step, grid=(nk,), in_specs=[*word_specs, *a_specs],
+                            max_concurrent_steps=num_stages)(*gmems)
+        return tuple(acc[...] for acc in accs)
+
+    if a_in_smem:   # register (ACC) and shared-memory scopes cannot be opened together
+        outs = pl.run_scoped(lambda dec: pl.run_scoped(functools.partial(acc_scope, dec_smem=dec), *accs),
+                             plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
+    else:
+        outs = pl.run_scoped(acc_scope, *accs)
+    pl.run_scoped(lambda o_smem: store(outs, o_smem, n), plgpu.SMEM(o_shape, oi_gmem.dtype))
+
+
+def _pair_tile_ws(mmas, store, word_specs, a_specs, gmems, accs, *, n_words, block_n, block_k, nk, num_stages,
+                  consumer_wgs, o_type, a_in_smem):
+    """``_pair_tile``'s warp-specialized form: ``emit_pipeline_warp_specialized`` with ``consumer_wgs``
+    consumer warpgroups, each taking its ``block_n`` rows of every word tile.  Shared memory the consumers
+    use outside the pipeline (output staging, the interpreter's decoded tiles) is allocated by all
+    warpgroups together, one slice per consumer."""
+    wg, n = lax.axis_index("wg"), lax.axis_index("n")
+    rows = pl.ds(wg * block_n, block_n)
+
+    def scoped(o_smem, dec_smem=None):
+        dec = None if dec_smem is None else dec_smem.at[wg]
+
+        def body(_, *refs):   # (word tiles, token blocks, carry: the accumulators)
+            *in_refs, acc_refs = refs
+            mmas([w.at[rows] for w in in_refs[:n_words]], in_refs[n_words:], acc_refs, dec)
+            return acc_refs
+
+        def compute(eval_pipeline):
+            def acc_scope(*acc_refs):
+                eval_pipeline(acc_refs)
+                return tuple(acc[...] for acc in acc_refs)
+            store(pl.run_scoped(acc_scope, *accs), o_smem.at[wg], n * consumer_wgs + wg)
+
+        pipe = plgpu.emit_pipeline_warp_specialized(
+            body, grid=(nk,), memory_registers=40, in_specs=[*word_specs, *a_specs], wg_axis="wg",
+            num_compute_wgs=consumer_wgs, max_concurrent_steps=num_stages, compute_context=compute)
+        pl.run_scoped(lambda allocs: pipe(*gmems, allocations=allocs), pipe.get_allocations(*gmems),
+                      collective_axes="wg")
+
+    dec_type = [plgpu.SMEM((consumer_wgs, 2, block_n, block_k), jnp.bfloat16)] if a_in_smem else []
+    pl.run_scoped(scoped, o_type, *dec_type, collective_axes="wg")
 
 
 def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, *, block_m: int,
@@ -292,7 +345,7 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     P, N, K = words.shape
     cfg = config or mosaic_config(block_m, K, N, m_blocks=P, word_tiles=2 if swiglu else 1)
     cfg = cfg.for_backend(interpret)
-    block_n, block_k, split_k = cfg.block_n, cfg.block_k, cfg.split_k
+    block_n, block_k, split_k, wgs = cfg.block_n, cfg.block_k, cfg.split_k, cfg.consumer_wgs
     rows = xs.shape[1] if xs_transposed else xs.shape[0]
     if cfg.block_m != block_m or rows % block_m:
         raise ValueError(f"block_m={block_m} (config: {cfg.block_m}) must divide the {rows} rows and equal "
@@ -302,9 +355,9 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     if xs.shape[0 if xs_transposed else 1] != K:
         raise ValueError(f"xs {xs.shape} (transposed: {xs_transposed}) does not match the words' K = {K}")
     n_out = N // 2 if swiglu else N
-    if n_out % block_n or K % (block_k * split_k):
-        raise ValueError(f"[N, K]=[{n_out}{' x 2' if swiglu else ''}, {K}] must be multiples of block_n={block_n} "
-                         f"and block_k*split_k={block_k * split_k}")
+    if n_out % (block_n * wgs) or K % (block_k * split_k):
+        raise ValueError(f"[N, K]=[{n_out}{' x 2' if swiglu else ''}, {K}] must be multiples of block_n*consumer_wgs="
+                         f"{block_n * wgs} and block_k*split_k={block_k * split_k}")
     if swiglu and (split_k != 1 or block_m > SWIGLU_MAX_BLOCK_M):
         raise ValueError(f"swiglu=True takes split_k=1 and block_m <= {SWIGLU_MAX_BLOCK_M}, got split_k={split_k}, "
                          f"block_m={block_m}")
@@ -313,8 +366,8 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
         raise ValueError(f"tiles {tiles.shape} must have 4 columns, or 6 without swiglu and with K={K} a multiple of "
                          f"{EXTRA_BLOCK_K}*split_k={EXTRA_BLOCK_K * split_k}")
     tile_kw = dict(block_n=block_n, block_m=block_m, num_stages=cfg.num_stages, decode=cfg.decode,
-                   a_in_smem=cfg.a_in_smem, up_blocks=n_out // block_n if swiglu else None,
-                   a_transposed=xs_transposed, token_major_out=cfg.token_major_out)
+                   a_in_smem=cfg.a_in_smem, up_blocks=n_out // (block_n * wgs) if swiglu else None,
+                   a_transposed=xs_transposed, token_major_out=cfg.token_major_out, consumer_wgs=wgs)
     tile = functools.partial(_pair_tile, block_k=block_k, nk=K // block_k // split_k, **tile_kw)
     tile_extra = functools.partial(_pair_tile, block_k=EXTRA_BLOCK_K, nk=K // EXTRA_BLOCK_K // split_k, **tile_kw)
 
@@ -334,7 +387,8 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
         raise ValueError(f"token_major_out=True takes a bf16 result without K split, got split_k={split_k}, "
                          f"out_dtype={jnp.dtype(out_dtype).name}")
     out = jax.ShapeDtypeStruct((split_k, rows, n_out) if cfg.token_major_out else (split_k, n_out, rows), kernel_dtype)
-    o = _kernel(body, out, (tiles.shape[0], n_out // block_n, split_k), interpret, name)(
+    o = _kernel(body, out, (tiles.shape[0], n_out // (block_n * wgs), split_k), interpret, name,
+                warpgroups=1 if wgs == 1 else wgs + 1)(
         tiles.astype(jnp.int32), xs.astype(jnp.bfloat16), words.astype(jnp.uint16))
     if not sum_splits:
         return o

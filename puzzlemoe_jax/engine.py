@@ -1,10 +1,13 @@
 """Continuous-batching engine: fixed decode slots, a scheduler thread, and the compiled steps.
 
 The engine owns a KV cache of ``max_batch`` rows (slots) of ``max_len`` cache positions.  A
-request waits in a bounded queue until a slot is free; it is then prefilled alone (its prompt
+request waits in a bounded queue until a slot is free; it is then prefilled (its prompt
 right-padded to a bucket length, so a handful of prefill shapes are compiled), its cache row is
 written into its slot, and it joins the shared decode step, which advances every slot by one
-token with its own position.  A request leaves its slot when it emits a stop token, its stop
+token with its own position.  Requests admitted in the same step whose prompts share a bucket are
+prefilled together, ``prefill_batch`` prompts a call (one compiled shape per bucket and size, the
+missing rows padded), so a burst of arrivals costs a few prefill calls and one readback each, not
+one of each per request; the "exact" decode prefills one prompt a call (see below).  A request leaves its slot when it emits a stop token, its stop
 function says so, it reaches ``max_tokens`` or the end of the context, or it is cancelled.
 
 The decode step is one compiled function of the slot count.  Two ways to compute it:
@@ -38,6 +41,9 @@ from puzzlemoe_jax.generate import PAD_ID, sample_logits, split_static
 
 log = logging.getLogger("puzzlemoe_jax.engine")
 MODES = ("auto", "batched", "exact")
+# prompts of a bucket prefilled in one call by default (batched decode), while their padded tokens
+# stay within PREFILL_TOKENS; longer buckets prefill one prompt a call
+PREFILL_BATCH, PREFILL_TOKENS = 8, 2048
 
 
 class QueueFull(RuntimeError):
@@ -98,25 +104,25 @@ def _sample_rows(logits, seeds, counts, temperature, top_p):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-def _prefill(graphdef, state, ids, length, seed, temperature, top_p, *, max_len: int):
-    """One prompt ``ids [P]`` (right-padded, ``length`` real tokens) into a fresh cache row of
-    ``max_len`` positions; returns (first token, row cache, logits finite).  Only the hidden state of
-    the last real token reaches the head."""
+def _prefill(graphdef, state, ids, lengths, seeds, temperature, top_p, *, max_len: int):
+    """Prompts ``ids [B, P]`` (right-padded, ``lengths [B]`` real tokens) into fresh cache rows of
+    ``max_len`` positions; returns (first tokens [B], row caches, logits finite [B]).  Only the hidden
+    state of each row's last real token reaches the head."""
     model = nnx.merge(graphdef.graph, state)
-    positions = jnp.arange(ids.shape[0], dtype=jnp.int32)[None]
-    logits, new = model.forward_cached(ids[None], positions, jnp.ones((1, max_len), bool),
-                                       model.init_cache(1, max_len), 0, last_index=length - 1)
+    B, P = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32)[None], (B, P))
+    logits, new = model.forward_cached(ids, positions, jnp.ones((B, max_len), bool),
+                                       model.init_cache(B, max_len), 0, last_index=lengths - 1)
     logits = logits[:, -1].astype(jnp.float32)
-    tok = _sample_rows(logits, seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_p[None])
-    return tok[0], new, jnp.all(jnp.isfinite(logits))
+    toks = _sample_rows(logits, seeds, jnp.zeros((B,), jnp.int32), temperature, top_p)
+    return toks, new, jnp.all(jnp.isfinite(logits), axis=-1)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
-def _insert(cache, row, slot):
-    """Write a prefilled row cache into slot ``slot`` of the engine cache."""
-    at = lambda a: (slot,) + (0,) * (a.ndim - 1)  # noqa: E731
-    return [(jax.lax.dynamic_update_slice(k, rk, at(k)), jax.lax.dynamic_update_slice(v, rv, at(v)))
-            for (k, v), (rk, rv) in zip(cache, row)]
+def _insert(cache, rows, slots):
+    """Write prefilled row caches into slots ``slots [B]`` of the engine cache (a slot out of range,
+    a padding row: dropped)."""
+    return [(k.at[slots].set(rk, mode="drop"), v.at[slots].set(rv, mode="drop")) for (k, v), (rk, rv) in zip(cache, rows)]
 
 
 def _decode_exact(model, tokens, pos, active, cache):
@@ -177,16 +183,23 @@ class Engine:
     runs the loop in a daemon thread (``step`` runs one iteration, for tests)."""
 
     def __init__(self, model, *, max_len: int, max_batch: int = 16, max_queue: int = 256,
-                 mode: str = "auto", buckets: Sequence[int] | None = None, stop_ids: Sequence[int] = ()):
+                 mode: str = "auto", buckets: Sequence[int] | None = None, stop_ids: Sequence[int] = (),
+                 prefill_batch: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        if prefill_batch is not None and prefill_batch < 1:
+            raise ValueError(f"prefill_batch must be >= 1, got {prefill_batch}")
         self.model = model
         self.vocab_size = model.config.vocab_size
         self.max_len = int(max_len)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.mode = mode if mode != "auto" else ("exact" if jax.default_backend() == "cpu" else "batched")
+        if self.mode == "exact" and (prefill_batch or 1) > 1:
+            raise ValueError("the exact decode prefills one prompt a call (prefill_batch 1): a prompt prefilled "
+                             "beside others may round differently from generate alone")
+        self.prefill_batch = 1 if self.mode == "exact" else min(prefill_batch or PREFILL_BATCH, max_batch)
         self.buckets = tuple(sorted(b for b in set(buckets or prefill_buckets(self.max_len)) if b < self.max_len))
         self.buckets += (self.max_len,)
         self.stop_ids = frozenset(int(t) for t in stop_ids)
@@ -233,12 +246,19 @@ class Engine:
     def active(self) -> int:
         return sum(r is not None for r in self.slots)
 
+    def prefill_sizes(self, bucket: int) -> tuple[int, ...]:
+        """Prompts per prefill call at ``bucket`` tokens: 1, and ``prefill_batch`` while the padded
+        tokens stay within ``PREFILL_TOKENS``."""
+        return (1,) if self.prefill_batch == 1 or self.prefill_batch * bucket > PREFILL_TOKENS else (1, self.prefill_batch)
+
     def warmup(self) -> float:
-        """Compile every prefill bucket and the decode step (once each); returns the seconds taken."""
+        """Compile every prefill shape (bucket and prompts a call) and the decode step, once each;
+        returns the seconds taken."""
         t0 = time.perf_counter()
         for b in self.buckets:
-            tok, row, _ = self._prefill(np.zeros(b, np.int32), 1, 0, 0.0, 1.0)
-            self.cache = _insert(self.cache, row, np.int32(0))
+            for size in self.prefill_sizes(b):
+                _, rows, _ = self._prefill(np.zeros((size, b), np.int32), [1] * size, [0] * size, [0.0] * size, [1.0] * size)
+                self.cache = _insert(self.cache, rows, np.full(size, self.max_batch, np.int32))   # dropped
         self._decode_step()
         jax.block_until_ready(self.cache)
         return time.perf_counter() - t0
@@ -290,12 +310,21 @@ class Engine:
 
     def step(self) -> None:
         """Admit waiting requests into free slots, then one decode step for the busy slots."""
-        for i in range(self.max_batch):
-            while self.slots[i] is None and self.waiting:
-                with self.lock:
-                    req = self.waiting.popleft() if self.waiting else None
-                if req is not None:
-                    self._admit(i, req)
+        admitted = []   # (slot, request), in queue order into the lowest free slots
+        with self.lock:
+            for i in range(self.max_batch):
+                if self.slots[i] is None and self.waiting:
+                    admitted.append((i, self.waiting.popleft()))
+        for r in [r for _, r in admitted if r.cancelled]:
+            self._finish(None, "cancelled", r)
+        by_bucket = collections.defaultdict(list)
+        for i, req in admitted:
+            if not req.cancelled:
+                by_bucket[next(b for b in self.buckets if b >= len(req.prompt))].append((i, req))
+        for bucket, group in by_bucket.items():
+            size = max(self.prefill_sizes(bucket))
+            for k in range(0, len(group), size):
+                self._admit(bucket, group[k:k + size])
         for i, r in enumerate(self.slots):
             if r is not None and r.cancelled:
                 self._finish(i, "cancelled")
@@ -313,9 +342,10 @@ class Engine:
             self.pos[i] += 1
             self._emit(i, int(nxt[i]))
 
-    def _prefill(self, ids, length, seed, temperature, top_p):
-        return _prefill(self.graphdef, self.state, jnp.asarray(ids, jnp.int32), np.int32(length), np.uint32(seed),
-                        np.float32(temperature), np.float32(top_p), max_len=self.max_len)
+    def _prefill(self, ids, lengths, seeds, temperature, top_p):
+        return _prefill(self.graphdef, self.state, jnp.asarray(ids, jnp.int32), np.asarray(lengths, np.int32),
+                        np.asarray(seeds, np.uint32), np.asarray(temperature, np.float32),
+                        np.asarray(top_p, np.float32), max_len=self.max_len)
 
     def _decode_step(self):
         reqs = self.slots
@@ -328,22 +358,27 @@ class Engine:
                                           seeds, counts, temp, top_p, mode=self.mode)
         return np.asarray(nxt), np.asarray(finite)
 
-    def _admit(self, i: int, req: Request) -> None:
-        if req.cancelled:
-            self._finish(None, "cancelled", req)
-            return
-        n = len(req.prompt)
-        bucket = next(b for b in self.buckets if b >= n)
-        ids = np.full(bucket, PAD_ID, np.int32)
-        ids[:n] = req.prompt
-        tok, row, ok = self._prefill(ids, n, req.seed, req.temperature, req.top_p)
-        self.cache = _insert(self.cache, row, np.int32(i))
-        if not bool(ok):
-            self._finish(None, "error", req)
-            return
-        self.slots[i] = req
-        self.pos[i] = n               # where the first generated token goes
-        self._emit(i, int(tok))
+    def _admit(self, bucket: int, group: list[tuple[int, Request]]) -> None:
+        """Prefill ``group``'s prompts (one bucket) in one call of a compiled size, write their rows
+        into their slots and emit their first tokens."""
+        size = 1 if len(group) == 1 else max(self.prefill_sizes(bucket))
+        ids = np.full((size, bucket), PAD_ID, np.int32)
+        lengths, slots = np.ones(size, np.int32), np.full(size, self.max_batch, np.int32)   # padding rows: dropped
+        seeds, temperature, top_p = np.zeros(size, np.uint32), np.zeros(size, np.float32), np.ones(size, np.float32)
+        for r, (i, req) in enumerate(group):
+            ids[r, :len(req.prompt)] = req.prompt
+            lengths[r], slots[r], seeds[r] = len(req.prompt), i, req.seed
+            temperature[r], top_p[r] = req.temperature, req.top_p
+        toks, rows, ok = self._prefill(ids, lengths, seeds, temperature, top_p)
+        self.cache = _insert(self.cache, rows, slots)
+        toks, ok = np.asarray(toks), np.asarray(ok)
+        for r, (i, req) in enumerate(group):
+            if not ok[r]:
+                self._finish(None, "error", req)
+                continue
+            self.slots[i] = req
+            self.pos[i] = len(req.prompt)   # where the first generated token goes
+            self._emit(i, int(toks[r]))
 
     def _emit(self, i: int, tok: int) -> None:
         req = self.slots[i]

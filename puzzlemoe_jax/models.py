@@ -343,7 +343,8 @@ class CausalLM(nnx.Module):
     def forward_cached(self, input_ids, positions, valid, cache, index, *, last_index=None):
         """One prefill or decode step: ``input_ids``/``positions`` ``[B, S]`` go into cache slots
         ``index .. index+S-1``; returns ``(logits [B, S, V], new cache)``, or only position
-        ``last_index``'s logits ``[B, 1, V]`` (an int or a traced index; right-padded prompts)."""
+        ``last_index``'s logits ``[B, 1, V]`` (an int or a traced index, or one per row ``[B]``:
+        right-padded prompts)."""
         s = input_ids.shape[1]
         mask = self.cache_mask(valid, index, s)
         x = self.embed[...][input_ids]
@@ -351,7 +352,9 @@ class CausalLM(nnx.Module):
         for layer, (ck, cv) in zip(self.layers, cache):
             x, kv = layer(x, positions, mask, (ck, cv, index))
             new.append(kv)
-        if last_index is not None:
+        if last_index is not None and jnp.ndim(last_index) == 1:
+            x = jnp.take_along_axis(x, jnp.asarray(last_index)[:, None, None], axis=1)
+        elif last_index is not None:
             x = jax.lax.dynamic_slice_in_dim(x, last_index, 1, axis=1)
         return self.head(x), new
 

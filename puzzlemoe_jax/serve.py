@@ -2,6 +2,7 @@
 
     python -m puzzlemoe_jax.serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch 16]
         [--max-queue 256] [--max-len N] [--impl auto] [--decode auto] [--prefill-buckets 16,64,...]
+        [--prefill-batch 8]
 
 Endpoints: ``POST /v1/completions`` (prompt as text or token ids; ``max_tokens``, ``temperature``
 (0: greedy), ``top_p``, ``seed``, ``stop``, ``n`` = 1, ``stream``), ``POST /v1/chat/completions``
@@ -351,6 +352,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", choices=IMPL_CHOICES, default="auto", help=IMPL_HELP)
     ap.add_argument("--decode", choices=MODES, default="auto",
                     help="decode step: batched (fast), exact (slot by slot, equal to generate alone); auto: exact on CPU")
+    ap.add_argument("--prefill-batch", type=int,
+                    help="prompts of a bucket prefilled in one call (default: 8 with the batched decode; the exact one takes 1)")
     args = ap.parse_args(argv)
     from puzzlemoe_jax.safetensors_io import CheckpointError  # noqa: PLC0415
     try:
@@ -358,17 +361,21 @@ def main(argv=None) -> int:
             raise ValueError(f"--port must lie in 1..65535, got {args.port}")
         if args.max_batch < 1 or args.max_queue < 0 or (args.max_len is not None and args.max_len < 2):
             raise ValueError("--max-batch must be >= 1, --max-queue >= 0 and --max-len >= 2")
+        if args.prefill_batch is not None and args.prefill_batch < 1:
+            raise ValueError(f"--prefill-batch must be >= 1, got {args.prefill_batch}")
         buckets = _ints(args.prefill_buckets, "--prefill-buckets") if args.prefill_buckets else None
         if not Path(args.model, "config.json").exists():
             raise ValueError(f"{args.model}: no config.json (pass a directory written by python -m convert)")
         served = build(args.model, impl=args.impl, max_len=args.max_len, max_batch=args.max_batch,
-                       max_queue=args.max_queue, mode=args.decode, buckets=buckets)
+                       max_queue=args.max_queue, mode=args.decode, buckets=buckets, prefill_batch=args.prefill_batch)
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     e = served.engine
     secs = e.warmup()
-    print(f"warmup: {len(e.buckets)} prefill shapes {list(e.buckets)} and the decode step for {e.max_batch} slots "
+    shapes = sum(len(e.prefill_sizes(b)) for b in e.buckets)
+    print(f"warmup: {shapes} prefill shapes (buckets {list(e.buckets)}, up to {e.prefill_batch} prompts a call) "
+          f"and the decode step for {e.max_batch} slots "
           f"compiled in {secs:.1f} s", file=sys.stderr, flush=True)
     run(served, args.host, args.port)
     return 0

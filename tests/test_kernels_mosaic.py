@@ -84,6 +84,12 @@ def test_register_decode_forms_build_their_kernels_for_hopper(form):
         lower(lambda x, t, w: mosaic_grouped_pair_gemm(     # tiles that carry an extra token block
             x, t, w, block_m=80, out_dtype=jnp.bfloat16, config=dataclasses.replace(cfg(80), token_major_out=True)),
               sds((400, 256), jnp.bfloat16), sds((3, 6), jnp.int32), sds((2, 128, 256), jnp.uint16)),
+        lower(lambda x, t, w: mosaic_grouped_pair_gemm(     # warp-specialized, SwiGLU
+            x, t, w, block_m=32, swiglu=True, config=dataclasses.replace(cfg(32), token_major_out=True, consumer_wgs=2)),
+              sds((96, 256), jnp.bfloat16), sds((2, 4), jnp.int32), sds((2, 512, 256), jnp.uint16)),
+        lower(lambda x, t, w: mosaic_grouped_pair_gemm(     # warp-specialized, extra token blocks
+            x, t, w, block_m=80, out_dtype=jnp.bfloat16, config=dataclasses.replace(cfg(80), consumer_wgs=2)),
+              sds((400, 256), jnp.bfloat16), sds((3, 6), jnp.int32), sds((2, 128, 256), jnp.uint16)),
     ]
     for text in texts:
         assert ("prmt.b32" in text) == (form == "prmt")
@@ -152,6 +158,11 @@ def test_mosaic_kernels_reject_bad_shapes_and_settings():
         MosaicConfig(block_m=12)
     with pytest.raises(ValueError, match="decode="):
         MosaicConfig(block_m=8, decode="nope")
+    with pytest.raises(ValueError, match="consumer_wgs=3 must be 1 or 2"):
+        MosaicConfig(block_m=8, consumer_wgs=3)
+    with pytest.raises(ValueError, match="one warpgroup per CTA"):
+        mosaic_pair_gemm(a, a, jnp.zeros((64, 256), jnp.uint16), config=MosaicConfig(block_m=8, consumer_wgs=2),
+                         interpret=True)
     for cols, swiglu in ((5, False), (6, True)):   # the table's width; an extra block with the SwiGLU form
         with pytest.raises(ValueError, match="must have 4 columns, or 6 without swiglu"):
             mosaic_grouped_pair_gemm(jnp.zeros((16, 256), jnp.bfloat16), jnp.zeros((2, cols), jnp.int32),
@@ -160,6 +171,9 @@ def test_mosaic_kernels_reject_bad_shapes_and_settings():
     grouped = functools.partial(mosaic_grouped_pair_gemm, tiles=tiles, interpret=True)
     with pytest.raises(ValueError, match="multiples of block_n"):
         grouped(jnp.zeros((16, 256), jnp.bfloat16), words=jnp.zeros((1, 96, 256), jnp.uint16), block_m=8)
+    with pytest.raises(ValueError, match="block_n\\*consumer_wgs=128"):   # 64 columns: half a two-consumer CTA
+        grouped(jnp.zeros((16, 256), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=8,
+                config=MosaicConfig(block_m=8, consumer_wgs=2))
     with pytest.raises(ValueError, match="xs_transposed=True takes block_m 16, 32 or a multiple of 64"):
         grouped(jnp.zeros((256, 96), jnp.bfloat16), words=jnp.zeros((1, 64, 256), jnp.uint16), block_m=48,
                 xs_transposed=True)
@@ -188,6 +202,36 @@ def test_token_major_out_is_the_transposed_result(swiglu):
     usual, token_major = run(), run(config=MosaicConfig(block_m=8, token_major_out=True))
     assert token_major.shape == usual.T.shape and bool(jnp.all(jnp.isfinite(usual.astype(jnp.float32))))
     assert bool(jnp.array_equal(token_major, usual.T))
+
+
+@pytest.mark.parametrize("swiglu,token_major_out,split_k,absorb", [
+    (True, True, 1, False), (True, False, 1, False), (False, True, 1, True), (False, False, 2, True)])
+def test_warp_specialized_launch_writes_what_one_warpgroup_writes(swiglu, token_major_out, split_k, absorb):
+    """``consumer_wgs=2`` (a memory warpgroup and two consumers sharing the token blocks, 128 columns a
+    CTA) writes exactly the rows the one-warpgroup launch writes (interpreter): SwiGLU, token-major,
+    K-split partials and tiles with an extra token block."""
+    rng = rng_for(24)
+    block_m, K = 16, 256
+    sizes = jnp.asarray([20, 7, 3, 12, 0, 17], jnp.int32)
+    _, tiles, padded = grouped_layout(sizes, 0, block_m, int(sizes.sum()))
+    if absorb:
+        tiles = absorb_spills(tiles, padded // block_m - 1)
+        assert int((tiles[:, 5] > 0).sum()) >= 1
+    words = jnp.asarray(rng.integers(0, 2 ** 16, (3, 512 if swiglu else 256, K)), jnp.uint16)
+    xs = jnp.asarray(rng.standard_normal((padded, K)), jnp.bfloat16)
+    cfg = MosaicConfig(block_m=block_m, token_major_out=token_major_out, split_k=split_k,
+                       block_k=128 // split_k, num_stages=2)
+    run = lambda c: mosaic_grouped_pair_gemm(xs, tiles, words, block_m=block_m, swiglu=swiglu, out_dtype=jnp.bfloat16,  # noqa: E731
+                                             config=c, interpret=True, sum_splits=False)
+    one, two = run(cfg), run(dataclasses.replace(cfg, consumer_wgs=2))
+    spare = padded // block_m - 1
+    covered = np.zeros(padded, bool)
+    for p, b_i, b_j, live, *extra in np.asarray(tiles):
+        for b in (b_i, b_j, *extra[:1]):
+            covered[b * block_m:(b + 1) * block_m] |= bool(live) and b != spare
+    axis = 1 if token_major_out else 2
+    want, got = (np.take(np.asarray(o, np.float32), np.flatnonzero(covered), axis=axis) for o in (one, two))
+    assert want.size and np.isfinite(want).all() and np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("absorb", [False, True])

@@ -255,8 +255,9 @@ def test_cli_bad_arguments_exit_2_with_one_error_line(capsys, tmp_path):
     from puzzlemoe_jax.serve import main
     assert main(["--model", str(tmp_path)]) == 2
     assert main(["--model", str(tmp_path), "--max-batch", "0"]) == 2
+    assert main(["--model", str(tmp_path), "--prefill-batch", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err) and "--prefill-batch" in err[2]
 
 
 def test_engine_steps_never_rehash_the_model_graph(model_dir, monkeypatch):
@@ -275,3 +276,33 @@ def test_engine_steps_never_rehash_the_model_graph(model_dir, monkeypatch):
     while not all(r.done.is_set() for r in reqs):
         engine.step()
     assert [len(r.tokens) for r in reqs] == [4, 4] and hashed == []
+
+
+def test_engine_prefills_a_burst_of_prompts_together(model_dir, monkeypatch):
+    """Six prompts of one bucket admitted in one step are prefilled in two calls of four (the second
+    padded), and every request generates what it generates when each prompt is prefilled alone."""
+    from puzzlemoe_jax.engine import Engine, Request
+    model = load_pretrained(model_dir)
+    prompts = [list(TEXT[50 * i:50 * i + n]) for i, n in enumerate([5, 19, 29, 12, 30, 7])]
+    tokens = {}
+    for prefill_batch in (1, 4):
+        engine = Engine(model, max_len=64, max_batch=8, buckets=[32], mode="batched", prefill_batch=prefill_batch)
+        sizes = []
+        real = engine._prefill
+        monkeypatch.setattr(engine, "_prefill", lambda ids, *a, real=real: sizes.append(len(ids)) or real(ids, *a))
+        reqs = [engine.submit(Request(prompt=p, max_tokens=5)) for p in prompts]
+        while not all(r.done.is_set() for r in reqs):
+            engine.step()
+        assert sizes == ([1] * 6 if prefill_batch == 1 else [4, 4]), sizes
+        assert all(len(r.tokens) == 5 and r.finish_reason == "length" for r in reqs)
+        tokens[prefill_batch] = [r.tokens for r in reqs]
+    assert tokens[4] == tokens[1]
+
+
+def test_engine_rejects_bad_prefill_batches(model_dir):
+    from puzzlemoe_jax.engine import Engine
+    model = load_pretrained(model_dir)
+    with pytest.raises(ValueError, match="prefill_batch must be >= 1"):
+        Engine(model, max_len=64, prefill_batch=0)
+    with pytest.raises(ValueError, match="exact decode prefills one prompt a call"):
+        Engine(model, max_len=64, mode="exact", prefill_batch=4)

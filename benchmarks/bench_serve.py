@@ -110,9 +110,8 @@ def serve_random(args) -> None:
     engine = Engine(model, max_len=args.max_len, max_batch=args.max_batch, max_queue=args.max_queue, mode=args.decode,
                     prefill_batch=args.prefill_batch)
     secs = engine.warmup()
-    shapes = sum(len(engine.prefill_sizes(b)) for b in engine.buckets)
-    print(f"warmup: {shapes} prefill shapes (up to {engine.prefill_batch} prompts a call) and the decode step compiled "
-          f"in {secs:.1f} s", file=sys.stderr, flush=True)
+    print(f"warmup: {len(engine.prefill_shapes())} prefill shapes (up to {engine.prefill_batch} prompts a call) "
+          f"and the decode step compiled in {secs:.1f} s", file=sys.stderr, flush=True)
     run(Served(engine, None, f"{args.shape}-{'dense' if args.dense else 'packed'}"), "127.0.0.1", args.port)
 
 

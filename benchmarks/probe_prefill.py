@@ -5,9 +5,10 @@
 
 A random-weight model of a ``bench_e2e`` shape, packed (50 %) and uncompressed, one after the other, each
 behind an ``Engine`` (batched decode, impl auto); its prefill (``Engine._prefill``, the call a server makes
-when it admits requests) runs on random prompts filling the bucket.  Per shape: the median (and least) of ``--iters`` wall times of the
-call with its readback of the first tokens, per call and per prompt (wall time, as a server pays it;
-CUPTI's per-iteration kernel lists differed for this step).  Prints a table, writes JSON.
+when it admits requests) runs on random prompts filling the bucket.  Per shape: the median (and least)
+of ``--iters`` wall times of the call with its readback of the first tokens, per call and per prompt
+(wall time, as a server pays it; CUPTI's per-iteration kernel lists differed for this step).  Prints a
+table, writes JSON.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import device_info, write_json  # noqa: E402
+
 
 def time_model(packed: bool, args, sizes, buckets) -> list[dict]:
     from bench_e2e import build_model  # noqa: PLC0415

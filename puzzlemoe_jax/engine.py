@@ -7,8 +7,9 @@ written into its slot, and it joins the shared decode step, which advances every
 token with its own position.  Requests admitted in the same step whose prompts share a bucket are
 prefilled together, ``prefill_batch`` prompts a call (one compiled shape per bucket and size, the
 missing rows padded), so a burst of arrivals costs a few prefill calls and one readback each, not
-one of each per request; the "exact" decode prefills one prompt a call (see below).  A request leaves its slot when it emits a stop token, its stop
-function says so, it reaches ``max_tokens`` or the end of the context, or it is cancelled.
+one of each per request; the "exact" decode prefills one prompt a call (see below).  A request
+leaves its slot when it emits a stop token, its stop function says so, it reaches ``max_tokens`` or
+the end of the context, or it is cancelled.
 
 The decode step is one compiled function of the slot count.  Two ways to compute it:
 
@@ -122,7 +123,8 @@ def _prefill(graphdef, state, ids, lengths, seeds, temperature, top_p, *, max_le
 def _insert(cache, rows, slots):
     """Write prefilled row caches into slots ``slots [B]`` of the engine cache (a slot out of range,
     a padding row: dropped)."""
-    return [(k.at[slots].set(rk, mode="drop"), v.at[slots].set(rv, mode="drop")) for (k, v), (rk, rv) in zip(cache, rows)]
+    return [(k.at[slots].set(rk, mode="drop"), v.at[slots].set(rv, mode="drop"))
+            for (k, v), (rk, rv) in zip(cache, rows)]
 
 
 def _decode_exact(model, tokens, pos, active, cache):
@@ -249,16 +251,22 @@ class Engine:
     def prefill_sizes(self, bucket: int) -> tuple[int, ...]:
         """Prompts per prefill call at ``bucket`` tokens: 1, and ``prefill_batch`` while the padded
         tokens stay within ``PREFILL_TOKENS``."""
-        return (1,) if self.prefill_batch == 1 or self.prefill_batch * bucket > PREFILL_TOKENS else (1, self.prefill_batch)
+        if self.prefill_batch == 1 or self.prefill_batch * bucket > PREFILL_TOKENS:
+            return (1,)
+        return (1, self.prefill_batch)
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """Every compiled prefill shape, (prompts a call, bucket)."""
+        return [(size, b) for b in self.buckets for size in self.prefill_sizes(b)]
 
     def warmup(self) -> float:
         """Compile every prefill shape (bucket and prompts a call) and the decode step, once each;
         returns the seconds taken."""
         t0 = time.perf_counter()
-        for b in self.buckets:
-            for size in self.prefill_sizes(b):
-                _, rows, _ = self._prefill(np.zeros((size, b), np.int32), [1] * size, [0] * size, [0.0] * size, [1.0] * size)
-                self.cache = _insert(self.cache, rows, np.full(size, self.max_batch, np.int32))   # dropped
+        for size, b in self.prefill_shapes():
+            ones, zeros = [1] * size, [0] * size
+            _, rows, _ = self._prefill(np.zeros((size, b), np.int32), ones, zeros, [0.0] * size, [1.0] * size)
+            self.cache = _insert(self.cache, rows, np.full(size, self.max_batch, np.int32))   # dropped
         self._decode_step()
         jax.block_until_ready(self.cache)
         return time.perf_counter() - t0

@@ -352,8 +352,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", choices=IMPL_CHOICES, default="auto", help=IMPL_HELP)
     ap.add_argument("--decode", choices=MODES, default="auto",
                     help="decode step: batched (fast), exact (slot by slot, equal to generate alone); auto: exact on CPU")
-    ap.add_argument("--prefill-batch", type=int,
-                    help="prompts of a bucket prefilled in one call (default: 8 with the batched decode; the exact one takes 1)")
+    ap.add_argument("--prefill-batch", type=int, help="prompts of a bucket prefilled in one call "
+                    "(default: 8 with the batched decode; the exact one takes 1)")
     args = ap.parse_args(argv)
     from puzzlemoe_jax.safetensors_io import CheckpointError  # noqa: PLC0415
     try:
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--port must lie in 1..65535, got {args.port}")
         if args.max_batch < 1 or args.max_queue < 0 or (args.max_len is not None and args.max_len < 2):
             raise ValueError("--max-batch must be >= 1, --max-queue >= 0 and --max-len >= 2")
-        if args.prefill_batch is not None and args.prefill_batch < 1:
+        if args.prefill_batch is not None and args.prefill_batch < 1:   # checked here, before the model loads
             raise ValueError(f"--prefill-batch must be >= 1, got {args.prefill_batch}")
         buckets = _ints(args.prefill_buckets, "--prefill-buckets") if args.prefill_buckets else None
         if not Path(args.model, "config.json").exists():
@@ -373,10 +373,9 @@ def main(argv=None) -> int:
         return 2
     e = served.engine
     secs = e.warmup()
-    shapes = sum(len(e.prefill_sizes(b)) for b in e.buckets)
-    print(f"warmup: {shapes} prefill shapes (buckets {list(e.buckets)}, up to {e.prefill_batch} prompts a call) "
-          f"and the decode step for {e.max_batch} slots "
-          f"compiled in {secs:.1f} s", file=sys.stderr, flush=True)
+    print(f"warmup: {len(e.prefill_shapes())} prefill shapes (buckets {list(e.buckets)}, up to {e.prefill_batch} "
+          f"prompts a call) and the decode step for {e.max_batch} slots compiled in {secs:.1f} s",
+          file=sys.stderr, flush=True)
     run(served, args.host, args.port)
     return 0
 

@@ -151,6 +151,7 @@ def cfg_text(c: dict | None) -> str:
     form = f" {c['decode']}" if c.get("decode") else ""
     form += " tm" if c.get("token_major_out") else ""
     form += " ws" if c.get("consumer_wgs", 1) > 1 else ""
+    form += f" sk{c['stream_k']}" if c.get("stream_k") else ""
     return f"n{c['block_n']} k{c['block_k']} st{c['num_stages']} s{c['split_k']}{form}"
 
 

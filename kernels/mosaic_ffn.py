@@ -132,9 +132,10 @@ def swiglu_in_kernel(block_m: int, gate_up: MosaicConfig) -> bool:
 
 def absorbs_spills(block_m: int, gate_up: MosaicConfig, down: MosaicConfig) -> bool:
     """Whether a layer's tiles may carry an extra token block (``absorb_spills``): the gate+up config asks
-    for it, neither launch is the SwiGLU form, and an extended tile's 64-deep stages take no more shared
-    memory than each launch's plain ones (else every tile would lose occupancy)."""
-    return gate_up.absorb_spills and not swiglu_in_kernel(block_m, gate_up) and all(
+    for it, neither launch is the SwiGLU form or stream-K (plain tiles only), and an extended tile's 64-deep
+    stages take no more shared memory than each launch's plain ones (else every tile would lose occupancy)."""
+    plain_only = swiglu_in_kernel(block_m, gate_up) or gate_up.stream_k or down.stream_k
+    return gate_up.absorb_spills and not plain_only and all(
         stage_bytes(EXTRA_BLOCK_K, c.block_n * c.consumer_wgs, block_m, token_blocks=3)
         <= stage_bytes(c.block_k, c.block_n * c.consumer_wgs, block_m)
         for c in (gate_up, down))
@@ -197,7 +198,10 @@ def _pair_rows(x, tiles, src, words, rows: int, block_m: int, configs, interpret
     cfg_gu, cfg_down = (c or d for c, d in zip(configs, default))
     if absorbs_spills(block_m, cfg_gu, cfg_down):
         tiles = absorb_spills(tiles, src.shape[0] // block_m - 1)
-    gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, **kw)  # noqa: E731
+    # stream-K launches share the live tiles' K steps: they take how many there are
+    n_live = jnp.sum(tiles[:, 3] > 0, dtype=jnp.int32).reshape(1) if cfg_gu.stream_k or cfg_down.stream_k else None
+    gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, n_live=n_live,  # noqa: E731
+                                                 **kw)
     swiglu = lambda g, u: (jax.nn.silu(g.astype(jnp.float32)) * u).astype(jnp.bfloat16)  # noqa: E731
     if swiglu_in_kernel(block_m, cfg_gu):   # SwiGLU in the kernel's epilogue
         h = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=cfg_gu, name="mosaic_gate_up")

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import mosaic_swar
+from kernels import mosaic_swar, stream_k
 from kernels.gpu import cdiv, k_splits, num_sms, silu, smem_budget, smem_two_per_sm
 
 MAX_BLOCK_M = 128   # tokens per CTA: two f32 accumulators of [64, 256] would not fit the registers
@@ -60,7 +60,9 @@ class MosaicConfig:
     gate+up config, like ``block_m``): let a tile carry a pair side's second token block where the launches
     allow it (``mosaic_ffn.absorbs_spills``).  ``consumer_wgs`` 2 (grouped launches): warp-specialized CTAs of
     ``2 * block_n`` columns, a memory warpgroup and two consumer warpgroups sharing one copy of the token
-    blocks (``num_stages`` then counts the stages of the wider tiles)."""
+    blocks (``num_stages`` then counts the stages of the wider tiles).  ``stream_k`` G > 0 (grouped launches
+    with token-major bf16 results, no K split, one warpgroup, plain tiles): G CTAs share the launch's K steps
+    equally instead of one CTA per tile (``kernels.stream_k``), so no partial last wave idles the GPU."""
     block_m: int            # tokens per CTA, a multiple of 8 in [8, MAX_BLOCK_M]
     block_n: int = 64       # output columns (word rows) per CTA: 64 or 128
     block_k: int = 128
@@ -71,6 +73,7 @@ class MosaicConfig:
     token_major_out: bool = False
     absorb_spills: bool = True
     consumer_wgs: int = 1
+    stream_k: int = 0
 
     def __post_init__(self):
         if self.block_m % 8 or not 8 <= self.block_m <= MAX_BLOCK_M:
@@ -83,6 +86,8 @@ class MosaicConfig:
             raise ValueError(f"consumer_wgs={self.consumer_wgs} must be 1 or 2")
         if self.num_stages < 1 or self.split_k < 1:
             raise ValueError(f"num_stages and split_k must be >= 1, got {self.num_stages}, {self.split_k}")
+        if self.stream_k < 0 or (self.stream_k and (self.split_k != 1 or self.consumer_wgs != 1)):
+            raise ValueError(f"stream_k={self.stream_k} must be >= 0, and > 0 only with split_k=1 and consumer_wgs=1")
 
     def for_backend(self, interpret: bool) -> "MosaicConfig":
         """The decode form and operand staging filled in for the interpreter or the GPU; the
@@ -148,9 +153,9 @@ def mosaic_pair_gemm(a_i: jax.Array, a_j: jax.Array, words: jax.Array, *, config
     N, K = words.shape
     m = max(a_i.shape[0], a_j.shape[0])
     cfg = (config or mosaic_config(m, K, N)).for_backend(interpret)
-    if cfg.token_major_out or cfg.consumer_wgs != 1:
-        raise ValueError("token_major_out and consumer_wgs are grouped-launch settings; the pair kernel writes O^T "
-                         "with one warpgroup per CTA")
+    if cfg.token_major_out or cfg.consumer_wgs != 1 or cfg.stream_k:
+        raise ValueError("token_major_out, consumer_wgs and stream_k are grouped-launch settings; the pair kernel "
+                         "writes O^T with one warpgroup per CTA")
     if N % cfg.block_n:
         raise ValueError(f"N={N} must be a multiple of block_n={cfg.block_n}")
     if K % (cfg.block_k * cfg.split_k):
@@ -183,7 +188,7 @@ def _kernel(body, out_type, grid, interpret, name, warpgroups=1):
 
 def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, block_k, block_m, num_stages, nk,
                decode, a_in_smem, diagnostic=None, up_blocks=None, a_transposed=False, token_major_out=False,
-               extra=None, consumer_wgs=1):
+               extra=None, consumer_wgs=1, col=None, k_first=None, k_steps=None, partial=None):
     """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
     ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
     (rows of ``block_m``), store the ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
@@ -201,8 +206,14 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     block costs a third accumulator instead of a second tile.
     ``consumer_wgs`` 2 (a kernel of ``consumer_wgs + 1`` warpgroups, axis "wg"): warp-specialized, a CTA
     covers ``2 * block_n`` columns; a memory warpgroup streams the word tiles and one copy of the token
-    blocks, and each consumer warpgroup decodes and multiplies its ``block_n`` rows of them."""
+    blocks, and each consumer warpgroup decodes and multiplies its ``block_n`` rows of them.
+    ``col``, ``k_first``, ``k_steps`` (stream-K): the column block and the K steps ``[k_first, k_first +
+    k_steps)`` (traced) instead of the grid's; ``partial`` ``(ws, record, cut)``: where ``cut`` holds, store
+    the f32 accumulators at ``ws[record * accumulators + q]`` (``ws`` [records * accumulators, block_n,
+    block_m]) instead of the results."""
     n, s = lax.axis_index("n"), lax.axis_index("s")
+    n = n if col is None else col
+    k_base = s * nk if k_first is None else k_first
     row_blocks = (0,) if up_blocks is None else (0, up_blocks)
     if extra is not None and up_blocks is not None:
         raise ValueError("a tile's extra token block is not supported with the SwiGLU form")
@@ -210,12 +221,12 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     n_act = len(blocks)
     o_shape = (n_act, block_m, block_n) if token_major_out else (n_act, block_n, block_m)
     o_gmems = (oi_gmem, oj_gmem, oi_gmem)[:n_act]
-    word_specs = [plgpu.BlockSpec((consumer_wgs * block_n, block_k), lambda k, r=r: (n + r, s * nk + k))
+    word_specs = [plgpu.BlockSpec((consumer_wgs * block_n, block_k), lambda k, r=r: (n + r, k_base + k))
                   for r in row_blocks]
     if a_transposed:
-        a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (s * nk + k, b)) for b in blocks]
+        a_specs = [plgpu.BlockSpec((block_k, block_m), lambda k, b=b: (k_base + k, b)) for b in blocks]
     else:
-        a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, s * nk + k)) for b in blocks]
+        a_specs = [plgpu.BlockSpec((block_m, block_k), lambda k, b=b: (b, k_base + k)) for b in blocks]
     gmems = (*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem, *([] if extra is None else [ai_gmem]))
     accs = [plgpu.ACC((block_n, block_m)) for _ in range(2 * len(row_blocks) + (extra is not None))]
 
@@ -275,7 +286,7 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
         def step(_, *refs):
             mmas(refs[:-n_act], refs[-n_act:], accs, dec_smem)
 
-        plgpu.emit_pipeline(step, grid=(nk,), in_specs=[*word_specs, *a_specs],
+        plgpu.emit_pipeline(step, grid=(nk if k_steps is None else k_steps,), in_specs=[*word_specs, *a_specs],
                             max_concurrent_steps=num_stages)(*gmems)
         return tuple(acc[...] for acc in accs)
 
@@ -284,7 +295,21 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
                              plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
     else:
         outs = pl.run_scoped(acc_scope, *accs)
-    pl.run_scoped(lambda o_smem: store(outs, o_smem, n), plgpu.SMEM(o_shape, oi_gmem.dtype))
+    finish = lambda: pl.run_scoped(lambda o_smem: store(outs, o_smem, n), plgpu.SMEM(o_shape, oi_gmem.dtype))  # noqa: E731
+    if partial is None:
+        finish()
+        return
+    ws, record, cut = partial
+
+    def store_piece(w_smem):
+        for q, acc in enumerate(outs):
+            w_smem[q] = acc
+        plgpu.commit_smem()
+        for q in range(len(outs)):
+            plgpu.copy_smem_to_gmem(w_smem.at[q], ws.at[record * len(outs) + q])
+        plgpu.wait_smem_to_gmem(0)
+    pl.when(~cut)(finish)
+    pl.when(cut)(lambda: pl.run_scoped(store_piece, plgpu.SMEM((len(outs), block_n, block_m), jnp.float32)))
 
 
 def _pair_tile_ws(mmas, store, word_specs, a_specs, gmems, accs, *, n_words, block_n, block_k, nk, num_stages,
@@ -324,7 +349,7 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
                              swiglu: bool = False, xs_transposed: bool = False,
                              out_dtype=jnp.float32, config: MosaicConfig | None = None,
                              interpret: bool = False, name: str = "mosaic_grouped_pair_gemm",
-                             sum_splits: bool = True) -> jax.Array:
+                             sum_splits: bool = True, n_live: jax.Array | None = None) -> jax.Array:
     """All pairs of a layer in one launch: ``xs`` [R_pad, K] in ``mosaic_ffn.grouped_layout``'s row
     layout with token blocks of ``block_m`` rows, ``tiles`` its tile table (with ``mosaic_ffn.
     absorb_spills``' two more columns, a tile may carry one extra token block: such tiles run 64-deep
@@ -340,7 +365,8 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     ``mosaic_config`` sized for every pair; a layer passes ``mosaic_ffn.layer_configs``'): its
     ``block_m`` must be ``block_m``.  ``name``: the launch's kernel name.
     ``sum_splits=False``: the f32 K-split partials [split_k, N, R_pad] as written, for a consumer that
-    sums them itself (one kernel fewer).
+    sums them itself (one kernel fewer).  ``n_live`` (int32 [1], the config's ``stream_k``): the live tiles,
+    which must be a prefix of the table.
     """
     P, N, K = words.shape
     cfg = config or mosaic_config(block_m, K, N, m_blocks=P, word_tiles=2 if swiglu else 1)
@@ -386,6 +412,11 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     if cfg.token_major_out and (split_k != 1 or kernel_dtype != jnp.bfloat16):
         raise ValueError(f"token_major_out=True takes a bf16 result without K split, got split_k={split_k}, "
                          f"out_dtype={jnp.dtype(out_dtype).name}")
+    if cfg.stream_k:
+        if not cfg.token_major_out or extended or n_live is None:
+            raise ValueError("stream_k takes token_major_out=True, a 4-column tile table and n_live")
+        return _stream_k_launch(xs, tiles, words, n_live, tile, cfg, rows=rows, n_out=n_out, swiglu=swiglu,
+                                interpret=interpret, name=name)
     out = jax.ShapeDtypeStruct((split_k, rows, n_out) if cfg.token_major_out else (split_k, n_out, rows), kernel_dtype)
     o = _kernel(body, out, (tiles.shape[0], n_out // (block_n * wgs), split_k), interpret, name,
                 warpgroups=1 if wgs == 1 else wgs + 1)(
@@ -393,6 +424,39 @@ def mosaic_grouped_pair_gemm(xs: jax.Array, tiles: jax.Array, words: jax.Array, 
     if not sum_splits:
         return o
     return o[0] if split_k == 1 else o.sum(0).astype(out_dtype)
+
+
+def _stream_k_launch(xs, tiles, words, n_live, tile, cfg: MosaicConfig, *, rows, n_out, swiglu, interpret, name):
+    """The grouped launch as ``cfg.stream_k`` CTAs, each taking an equal share of the live tiles' K steps
+    (``stream_k.share_start``; tile u = live tile u // columns, column block u % columns), then the pass
+    that finishes the tiles cut between shares (``stream_k.finish_split_tiles``)."""
+    ctas, block_n, block_m = cfg.stream_k, cfg.block_n, cfg.block_m
+    n_cols, nk = n_out // block_n, words.shape[2] // cfg.block_k
+    n_acc = 4 if swiglu else 2
+    i32 = jnp.int32
+
+    def body(tiles_gmem, live_gmem, x_gmem, w_gmem, o_gmem, ws_gmem):
+        g = lax.axis_index("m")
+        total = live_gmem[0] * (n_cols * nk)
+        start, end = stream_k.share_start(g, total, ctas), stream_k.share_start(g + 1, total, ctas)
+        first = start // nk
+
+        def one(u, carry):
+            t, col = u // n_cols, u % n_cols
+            k0 = jnp.maximum(start, u * nk) - u * nk
+            k1 = jnp.minimum(end, u * nk + nk) - u * nk
+            p, b_i, b_j = (tiles_gmem[t, c] for c in range(3))
+            tile(w_gmem.at[p], x_gmem, x_gmem, b_i, b_j, o_gmem, o_gmem, col=col, k_first=k0, k_steps=k1 - k0,
+                 partial=(ws_gmem, 2 * g + (u != first).astype(i32), (k0 > 0) | (k1 < nk)))
+            return carry
+        lax.fori_loop(first, jnp.where(start < end, (end - 1) // nk + 1, first), one, 0)
+
+    out = jax.ShapeDtypeStruct((1, rows, n_out), jnp.bfloat16)
+    ws = jax.ShapeDtypeStruct((ctas * 2 * n_acc, block_n, block_m), jnp.float32)
+    o, pieces = _kernel(body, (out, ws), (ctas, 1, 1), interpret, name)(
+        tiles.astype(i32), n_live.astype(i32), xs.astype(jnp.bfloat16), words.astype(jnp.uint16))
+    return stream_k.finish_split_tiles(o[0], pieces.reshape(ctas, 2, n_acc, block_n, block_m), tiles, n_live, nk=nk,
+                                       block_n=block_n, block_m=block_m, swiglu=swiglu, interpret=interpret)
 
 
 def _pad_rows(a, rows):

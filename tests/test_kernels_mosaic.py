@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels import stream_k
 from kernels.gpu import num_sms, smem_budget, smem_two_per_sm
 from kernels.mosaic_ffn import (FEW_EXPERTS_MIN_BLOCK_M, absorb_spills, absorbs_spills, from_mosaic_words,
                                 grouped_block_m, grouped_layout, layer_configs, live_tiles, mosaic_moe_ffn,
@@ -21,7 +22,7 @@ from kernels.mosaic_swar import decode_pairs_prmt, decode_pairs_swar
 from kernels.reference import pair_gemm_reference
 from kernels.swiglu_transpose import swiglu_transposed
 from puzzlemoe_jax import codec
-from tests.kernel_cases import check, layer_case, random_layer, random_words, rng_for
+from tests.kernel_cases import check, layer_case, lower_for_h100, random_layer, random_words, rng_for
 
 
 @pytest.mark.parametrize("mi,mj,k,n,block_n,block_k,split_k,block_m", [
@@ -414,3 +415,79 @@ def test_absorbs_spills_only_where_shared_memory_allows():
         assert absorbs_spills(bm, gu, dn) == want, bm
     gu, dn = layer_configs(80, 512, 4, 4096, 14336)
     assert not absorbs_spills(80, dataclasses.replace(gu, absorb_spills=False), dn)
+
+
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_stream_k_launch_writes_what_the_tile_launch_writes(swiglu):
+    """``stream_k`` G CTAs sharing the live tiles' K steps, with the cut tiles finished by
+    ``stream_k.finish_split_tiles``, write exactly the rows of the one-CTA-per-tile launch (interpreter):
+    shares longer than a tile, shorter than one (a tile in three or more pieces), and a share per step."""
+    rng = rng_for(25)
+    block_m, K = 8, 256
+    sizes = jnp.asarray([5, 7, 3, 12, 0, 0, 9, 1], jnp.int32)
+    _, tiles, padded = grouped_layout(sizes, 0, block_m, int(sizes.sum()) + 4)
+    n_live = jnp.sum(tiles[:, 3] > 0, dtype=jnp.int32).reshape(1)
+    words = jnp.asarray(rng.integers(0, 2 ** 16, (4, 256 if swiglu else 128, K)), jnp.uint16)
+    xs = jnp.asarray(rng.standard_normal((padded, K)), jnp.bfloat16)
+    cfg = MosaicConfig(block_m=block_m, block_k=64, token_major_out=True)
+    run = lambda c: np.asarray(mosaic_grouped_pair_gemm(  # noqa: E731
+        xs, tiles, words, block_m=block_m, swiglu=swiglu, out_dtype=jnp.bfloat16, config=c, interpret=True,
+        n_live=n_live), np.float32)
+    spare = padded // block_m - 1
+    covered = np.zeros(padded, bool)
+    for p, b_i, b_j, live in np.asarray(tiles):
+        for b in (b_i, b_j):
+            covered[b * block_m:(b + 1) * block_m] |= bool(live) and b != spare
+    want = run(cfg)[covered]
+    assert want.size and np.isfinite(want).all()
+    total = int(n_live[0]) * 2 * (K // 64)   # 2 column blocks of 64, 4 K steps each
+    for ctas in (3, 13, total):
+        starts = [int(stream_k.share_start(g, total, ctas)) for g in range(ctas)]
+        assert any(s % 4 for s in starts), ctas   # some tile is cut
+        got = run(dataclasses.replace(cfg, stream_k=ctas))[covered]
+        assert np.array_equal(got, want), ctas
+
+
+def test_stream_k_shares_cover_the_steps_once_and_evenly():
+    for total, ctas in ((40, 3), (7, 13), (264 * 16 + 5, 264), (0, 4)):
+        starts = [int(stream_k.share_start(g, total, ctas)) for g in range(ctas + 1)]
+        lengths = np.diff(starts)
+        assert starts[0] == 0 and starts[-1] == total and (lengths >= 0).all() and np.ptp(lengths) <= 1
+
+
+def test_stream_k_layer_matches_dense_reference():
+    """A layer with both launches stream-K (interpreter) matches the reference."""
+    experts, x, ids, tw, ref = layer_case(118, 9, 0.5, False)
+    configs = (MosaicConfig(block_m=8, token_major_out=True, stream_k=5),
+               MosaicConfig(block_m=8, block_k=64, token_major_out=True, stream_k=7))
+    fn = functools.partial(mosaic_moe_ffn, out_dtype=jnp.bfloat16, configs=configs, interpret=True)
+    check(jax.jit(fn)(x, ids, tw, experts, to_mosaic_words(experts.packed)), ref, "mosaic layer, stream-K")
+
+
+def test_stream_k_launches_build_for_hopper():
+    """The stream-K launch (Mosaic) and its finishing pass (Pallas-Triton) lower for an abstract H100."""
+    sds = jax.ShapeDtypeStruct
+    for swiglu, bm, n in ((True, 8, 256), (False, 24, 128)):
+        cfg = MosaicConfig(block_m=bm, decode="prmt", a_in_smem=False, token_major_out=True, stream_k=264)
+        text = lower_for_h100(
+            lambda x, t, w, live: mosaic_grouped_pair_gemm(x, t, w, block_m=bm, swiglu=swiglu, out_dtype=jnp.bfloat16,
+                                                           config=cfg, n_live=live),
+            sds((bm * 12, 256), jnp.bfloat16), sds((5, 4), jnp.int32), sds((2, n, 256), jnp.uint16),
+            sds((1,), jnp.int32))
+        assert "prmt.b32" in text and "stream_k_fixup" in text
+
+
+def test_stream_k_settings_are_checked():
+    with pytest.raises(ValueError, match="stream_k=4 must be >= 0, and > 0 only with split_k=1"):
+        MosaicConfig(block_m=8, stream_k=4, split_k=2)
+    with pytest.raises(ValueError, match="stream_k=-1"):
+        MosaicConfig(block_m=8, stream_k=-1)
+    grouped = functools.partial(mosaic_grouped_pair_gemm, jnp.zeros((16, 256), jnp.bfloat16), jnp.zeros((2, 4), jnp.int32),
+                                jnp.zeros((1, 128, 256), jnp.uint16), block_m=8, out_dtype=jnp.bfloat16, interpret=True)
+    with pytest.raises(ValueError, match="stream_k takes token_major_out=True, a 4-column tile table and n_live"):
+        grouped(config=MosaicConfig(block_m=8, stream_k=4))
+    with pytest.raises(ValueError, match="stream_k takes token_major_out=True, a 4-column tile table and n_live"):
+        grouped(config=MosaicConfig(block_m=8, stream_k=4, token_major_out=True))
+    with pytest.raises(ValueError, match="pair kernel writes O"):
+        mosaic_pair_gemm(jnp.zeros((4, 256), jnp.bfloat16), jnp.zeros((4, 256), jnp.bfloat16),
+                         jnp.zeros((64, 256), jnp.uint16), config=MosaicConfig(block_m=8, stream_k=4), interpret=True)

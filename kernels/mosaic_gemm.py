@@ -188,7 +188,7 @@ def _kernel(body, out_type, grid, interpret, name, warpgroups=1):
 
 def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, block_k, block_m, num_stages, nk,
                decode, a_in_smem, diagnostic=None, up_blocks=None, a_transposed=False, token_major_out=False,
-               extra=None, consumer_wgs=1, share=None):
+               extra=None, consumer_wgs=1, col=None, k_first=None, k_steps=None, partial=None):
     """One CTA's work: stream ``w_gmem`` [N, K] words for output columns ``n`` (grid axis) and K split
     ``s``, decode each tile, multiply by token block ``bi`` of ``ai_gmem`` and ``bj`` of ``aj_gmem``
     (rows of ``block_m``), store the ``O^T`` tiles at columns ``bi*block_m`` of ``oi_gmem[s]`` and
@@ -207,14 +207,13 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     ``consumer_wgs`` 2 (a kernel of ``consumer_wgs + 1`` warpgroups, axis "wg"): warp-specialized, a CTA
     covers ``2 * block_n`` columns; a memory warpgroup streams the word tiles and one copy of the token
     blocks, and each consumer warpgroup decodes and multiplies its ``block_n`` rows of them.
-    ``share`` (stream-K, ``_stream_k_launch``): ``(g, start, end, tiles_gmem, n_cols, ws)``: instead of one
-    tile, CTA ``g`` runs global K steps ``[start, end)`` (step s: K step ``s % nk`` of tile ``s // nk``, i.e.
-    live tile ``s // nk // n_cols`` of ``tiles_gmem``, column block ``s // nk % n_cols``) as one pipeline,
-    ``w_gmem`` being all pairs' words [P * N, K]; it stores each tile as it ends, or, for a tile its share
-    cuts, the f32 accumulators at ``ws[(2 g + (tile is not its first)) * accumulators + q]`` (``ws`` [records
-    * accumulators, block_n, block_m]) for ``stream_k.finish_split_tiles``."""
+    ``col``, ``k_first``, ``k_steps`` (stream-K): the column block and the K steps ``[k_first, k_first +
+    k_steps)`` (traced) instead of the grid's; ``partial`` ``(ws, record, cut)``: where ``cut`` holds, store
+    the f32 accumulators at ``ws[record * accumulators + q]`` (``ws`` [records * accumulators, block_n,
+    block_m]) instead of the results."""
     n, s = lax.axis_index("n"), lax.axis_index("s")
-    k_base = s * nk
+    n = n if col is None else col
+    k_base = s * nk if k_first is None else k_first
     row_blocks = (0,) if up_blocks is None else (0, up_blocks)
     if extra is not None and up_blocks is not None:
         raise ValueError("a tile's extra token block is not supported with the SwiGLU form")
@@ -231,20 +230,11 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
     gmems = (*[w_gmem] * len(row_blocks), ai_gmem, aj_gmem, *([] if extra is None else [ai_gmem]))
     accs = [plgpu.ACC((block_n, block_m)) for _ in range(2 * len(row_blocks) + (extra is not None))]
 
-    def mmas(w_smems, a_refs, accs, dec_smem, as_values=False):
-        """One pipeline step: decode each word tile and multiply it by the token blocks.  ``as_values``
-        (the interpreter's stream-K form, whose accumulators are loop values: the interpreter cannot
-        reset accumulator refs): ``accs`` are f32 values, returned with the products added by jnp dots."""
+    def mmas(w_smems, a_refs, accs, dec_smem):
+        """One pipeline step: decode each word tile and multiply it by the token blocks."""
         a_smems = [a if a_transposed else a.T for a in a_refs]
         if diagnostic == "stream_only":
-            return accs
-        if as_values:
-            tokens = [a[...] if a_transposed else a[...].T for a in a_refs]
-            sums = list(accs)
-            for q, w_smem in enumerate(w_smems):
-                for side, w in enumerate(mosaic_swar.decode(w_smem[...], decode)):
-                    sums[2 * q + side] = sums[2 * q + side] + jnp.dot(w, tokens[side], preferred_element_type=jnp.float32)
-            return tuple(sums)
+            return
         for w_smem, acc_i, acc_j in zip(w_smems, accs[0::2], accs[1::2]):
             if diagnostic == "no_decode":
                 w_i = w_j = lax.bitcast_convert_type(w_smem[...], jnp.bfloat16)
@@ -268,7 +258,7 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
                 plgpu.wgmma_wait(0)
         plgpu.wgmma_wait(0)
 
-    def store(outs, o_smem, col_block, blocks=blocks):
+    def store(outs, o_smem, col_block):
         """The accumulators through ``o_smem`` to the outputs' ``block_n`` columns ``col_block``."""
         if up_blocks is None:
             results = [acc.astype(oi_gmem.dtype) for acc in outs]
@@ -286,11 +276,6 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
             plgpu.copy_smem_to_gmem(o_smem.at[q], o_gmem.at[s, rows, cols] if token_major_out else o_gmem.at[s, cols, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    if share is not None:
-        _pair_share(mmas, store, share, w_gmem, ai_gmem, accs, n_words=len(row_blocks), up_blocks=up_blocks,
-                    block_n=block_n, block_k=block_k, block_m=block_m, nk=nk, num_stages=num_stages,
-                    a_transposed=a_transposed, a_in_smem=a_in_smem, o_type=plgpu.SMEM(o_shape, oi_gmem.dtype))
-        return
     if consumer_wgs > 1:
         _pair_tile_ws(mmas, store, word_specs, a_specs, gmems, accs, n_words=len(row_blocks), block_n=block_n,
                       block_k=block_k, nk=nk, num_stages=num_stages, consumer_wgs=consumer_wgs,
@@ -301,7 +286,7 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
         def step(_, *refs):
             mmas(refs[:-n_act], refs[-n_act:], accs, dec_smem)
 
-        plgpu.emit_pipeline(step, grid=(nk,), in_specs=[*word_specs, *a_specs],
+        plgpu.emit_pipeline(step, grid=(nk if k_steps is None else k_steps,), in_specs=[*word_specs, *a_specs],
                             max_concurrent_steps=num_stages)(*gmems)
         return tuple(acc[...] for acc in accs)
 
@@ -310,71 +295,21 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
                              plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
     else:
         outs = pl.run_scoped(acc_scope, *accs)
-    pl.run_scoped(lambda o_smem: store(outs, o_smem, n), plgpu.SMEM(o_shape, oi_gmem.dtype))
+    finish = lambda: pl.run_scoped(lambda o_smem: store(outs, o_smem, n), plgpu.SMEM(o_shape, oi_gmem.dtype))  # noqa: E731
+    if partial is None:
+        finish()
+        return
+    ws, record, cut = partial
 
-
-def _pair_share(mmas, store, share, w_gmem, x_gmem, accs, *, n_words, up_blocks, block_n, block_k, block_m, nk,
-                num_stages, a_transposed, a_in_smem, o_type):
-    """``_pair_tile``'s stream-K form: one pipeline over the CTA's share of the launch's K steps, which
-    resets the accumulators where a tile starts and stores them where it ends (see ``_pair_tile``)."""
-    g, start, end, tiles_gmem, n_cols, ws = share
-    steps = end - start
-    pair_blocks = n_cols * n_words   # word row blocks of a pair: gate's then up's, or the matrix's
-
-    def loc(i):   # pipeline step -> (tile of the launch, K step, live tile, column block)
-        u = (start + i) // nk
-        t = u // n_cols
-        return u, start + i - u * nk, t, u - t * n_cols
-
-    def word_block(i, r):
-        _, k, t, c = loc(i)
-        return tiles_gmem[t, 0] * pair_blocks + c + r, k
-
-    def x_block(i, side):
-        _, k, t, _ = loc(i)
-        b = tiles_gmem[t, 1 + side]
-        return (k, b) if a_transposed else (b, k)
-
-    word_specs = [plgpu.BlockSpec((block_n, block_k), lambda i, r=r: word_block(i, r))
-                  for r in ((0,) if up_blocks is None else (0, up_blocks))]
-    x_shape = (block_k, block_m) if a_transposed else (block_m, block_k)
-    x_specs = [plgpu.BlockSpec(x_shape, lambda i, side=side: x_block(i, side)) for side in (0, 1)]
-
-    def store_piece(outs, w_smem, record):
-        for q, acc in enumerate(outs):   # one accumulator at a time: a small buffer beside the pipeline's
-            w_smem[...] = acc
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(w_smem, ws.at[record * len(outs) + q])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    def pipeline():
-        def step(idx, *refs):   # (word tiles, token blocks, carry: the accumulators' values)
-            *refs, vals = refs
-            i = idx[0]
-            u, k, t, c = loc(i)
-            fresh = (k == 0) | (i == 0)
-            vals = tuple(jnp.where(jnp.broadcast_to(fresh, v.shape), 0.0, v) for v in vals)
-            if a_in_smem:
-                vals = mmas(refs[:n_words], refs[n_words:], vals, None, as_values=True)
-            else:
-                vals = pl.run_state(lambda acc_refs: mmas(refs[:n_words], refs[n_words:], acc_refs, None))(
-                    tuple(plgpu.ACC.init(v) for v in vals))
-            last = (k == nk - 1) | (i == steps - 1)
-            cut = (u * nk < start) | (u * nk + nk > end)
-            blocks = (tiles_gmem[t, 1], tiles_gmem[t, 2])
-            pl.when(last & ~cut)(lambda: pl.run_scoped(lambda o_smem: store(vals, o_smem, c, blocks), o_type))
-            record = 2 * g + (u != start // nk).astype(jnp.int32)
-            pl.when(last & cut)(lambda: pl.run_scoped(lambda w: store_piece(vals, w, record),
-                                                      plgpu.SMEM((block_n, block_m), jnp.float32)))
-            return vals
-
-        zeros = tuple(jnp.zeros(acc.shape, jnp.float32) for acc in accs)
-        @pl.when(steps > 0)
-        def _():
-            plgpu.emit_pipeline(step, grid=(steps,), in_specs=[*word_specs, *x_specs], max_concurrent_steps=num_stages,
-                                init_carry=zeros)(*[w_gmem] * n_words, x_gmem, x_gmem)
-
-    pipeline()
+    def store_piece(w_smem):
+        for q, acc in enumerate(outs):
+            w_smem[q] = acc
+        plgpu.commit_smem()
+        for q in range(len(outs)):
+            plgpu.copy_smem_to_gmem(w_smem.at[q], ws.at[record * len(outs) + q])
+        plgpu.wait_smem_to_gmem(0)
+    pl.when(~cut)(finish)
+    pl.when(cut)(lambda: pl.run_scoped(store_piece, plgpu.SMEM((len(outs), block_n, block_m), jnp.float32)))
 
 
 def _pair_tile_ws(mmas, store, word_specs, a_specs, gmems, accs, *, n_words, block_n, block_k, nk, num_stages,
@@ -504,12 +439,22 @@ def _stream_k_launch(xs, tiles, words, n_live, tile, cfg: MosaicConfig, *, rows,
         g = lax.axis_index("m")
         total = live_gmem[0] * (n_cols * nk)
         start, end = stream_k.share_start(g, total, ctas), stream_k.share_start(g + 1, total, ctas)
-        tile(w_gmem, x_gmem, x_gmem, None, None, o_gmem, o_gmem, share=(g, start, end, tiles_gmem, n_cols, ws_gmem))
+        first = start // nk
+
+        def one(u, carry):
+            t, col = u // n_cols, u % n_cols
+            k0 = jnp.maximum(start, u * nk) - u * nk
+            k1 = jnp.minimum(end, u * nk + nk) - u * nk
+            p, b_i, b_j = (tiles_gmem[t, c] for c in range(3))
+            tile(w_gmem.at[p], x_gmem, x_gmem, b_i, b_j, o_gmem, o_gmem, col=col, k_first=k0, k_steps=k1 - k0,
+                 partial=(ws_gmem, 2 * g + (u != first).astype(i32), (k0 > 0) | (k1 < nk)))
+            return carry
+        lax.fori_loop(first, jnp.where(start < end, (end - 1) // nk + 1, first), one, 0)
 
     out = jax.ShapeDtypeStruct((1, rows, n_out), jnp.bfloat16)
     ws = jax.ShapeDtypeStruct((ctas * 2 * n_acc, block_n, block_m), jnp.float32)
     o, pieces = _kernel(body, (out, ws), (ctas, 1, 1), interpret, name)(
-        tiles.astype(i32), n_live.astype(i32), xs.astype(jnp.bfloat16), words.reshape(-1, words.shape[2]).astype(jnp.uint16))
+        tiles.astype(i32), n_live.astype(i32), xs.astype(jnp.bfloat16), words.astype(jnp.uint16))
     return stream_k.finish_split_tiles(o[0], pieces.reshape(ctas, 2, n_acc, block_n, block_m), tiles, n_live, nk=nk,
                                        block_n=block_n, block_m=block_m, swiglu=swiglu, interpret=interpret)
 

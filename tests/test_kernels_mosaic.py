@@ -420,7 +420,7 @@ def test_absorbs_spills_only_where_shared_memory_allows():
 @pytest.mark.parametrize("swiglu", [True, False])
 def test_stream_k_launch_writes_what_the_tile_launch_writes(swiglu):
     """``stream_k`` G CTAs sharing the live tiles' K steps, with the cut tiles finished by
-    ``stream_k.finish_split_tiles``, write the rows of the one-CTA-per-tile launch (interpreter):
+    ``stream_k.finish_split_tiles``, write exactly the rows of the one-CTA-per-tile launch (interpreter):
     shares longer than a tile, shorter than one (a tile in three or more pieces), and a share per step."""
     rng = rng_for(25)
     block_m, K = 8, 256
@@ -445,8 +445,7 @@ def test_stream_k_launch_writes_what_the_tile_launch_writes(swiglu):
         starts = [int(stream_k.share_start(g, total, ctas)) for g in range(ctas)]
         assert any(s % 4 for s in starts), ctas   # some tile is cut
         got = run(dataclasses.replace(cfg, stream_k=ctas))[covered]
-        # (the interpreter's stream-K form multiplies with jnp dots: equal but for rounding of tiny values)
-        assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), ctas
+        assert np.array_equal(got, want), ctas
 
 
 def test_stream_k_shares_cover_the_steps_once_and_evenly():

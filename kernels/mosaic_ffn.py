@@ -185,19 +185,18 @@ def xla_pair_layout(g: routing.Grouped, block_m: int):
     return tiles, src.astype(jnp.int32), jnp.where(g.in_pair(), row[g.pos], -1).astype(jnp.int32)
 
 
-def _pair_rows(x, tiles, src, words, rows: int, block_m: int, configs, interpret: bool):
+def _pair_rows(xs_pad, tiles, words, rows: int, block_m: int, configs, interpret: bool):
     """The merged pairs' down-projected outputs, [R_pad, S, H] as ``routing.combine`` takes them: the
-    sum over S (the down launch's K split) of row r is the output of padded row r (``src``: its
-    token, -1 padding; ``tiles``: the launches' tile table; ``rows``: the routed rows, which size
-    the launches).  f32 ``O^T`` partials as the down launch writes them, transposed in the combine's
+    sum over S (the down launch's K split) of row r is the output of padded row r (``xs_pad``: the
+    padded rows' inputs, ``pair_layout_and_rows``; ``tiles``: the launches' tile table; ``rows``: the
+    routed rows, which size the launches).  f32 ``O^T`` partials as the down launch writes them, transposed in the combine's
     gather; with the down config's ``token_major_out`` bf16 rows (S = 1) as written."""
     P = words["down"].shape[0]
     inter = words["gate_up"].shape[1] // 2
-    xs_pad = jnp.where(src[:, None] >= 0, x[jnp.maximum(src, 0)], 0).astype(jnp.bfloat16)
-    default = layer_configs(block_m, rows, P, x.shape[1], inter)
+    default = layer_configs(block_m, rows, P, xs_pad.shape[1], inter)
     cfg_gu, cfg_down = (c or d for c, d in zip(configs, default))
     if absorbs_spills(block_m, cfg_gu, cfg_down):
-        tiles = absorb_spills(tiles, src.shape[0] // block_m - 1)
+        tiles = absorb_spills(tiles, xs_pad.shape[0] // block_m - 1)
     # stream-K launches share the live tiles' K steps: they take how many there are
     n_live = jnp.sum(tiles[:, 3] > 0, dtype=jnp.int32).reshape(1) if cfg_gu.stream_k or cfg_down.stream_k else None
     gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, n_live=n_live,  # noqa: E731
@@ -240,13 +239,15 @@ def mosaic_moe_ffn(x, topk_ids, topk_weights, experts, words, *, out_dtype,
     words = words or to_mosaic_words(experts.packed)
     block_m = configs[0].block_m if configs[0] is not None else grouped_block_m(R, experts.num_experts, x.shape[0])
     fused = routing_kernel.fits(R, P, D, block_m)
-    if fused:   # the layout in Pallas-Triton; its outputs need no materializing
+    if fused:   # the layout and the row gather in Pallas-Triton; its outputs need no materializing
         g = None
-        tiles, src, row = routing_kernel.pair_layout(topk_ids, experts.pairs, block_m=block_m, interpret=interpret)
+        tiles, _, row, xs_pad = routing_kernel.pair_layout_and_rows(topk_ids, experts.pairs, x, block_m=block_m,
+                                                                    interpret=interpret)
     else:
         g = routing.group_packed(topk_ids, experts.pairs, experts.dense_ids)
         tiles, src, row = xla_pair_layout(g, block_m)
-    y = _pair_rows(x, tiles, src, words, R, block_m, configs, interpret)
+        xs_pad = jnp.where(src[:, None] >= 0, x[jnp.maximum(src, 0)], 0).astype(jnp.bfloat16)
+    y = _pair_rows(xs_pad, tiles, words, R, block_m, configs, interpret)
     # the combine gathers the rows and adds the K-split partials itself
     parts = [(y, jnp.maximum(row, 0), row >= 0)]
     if D:

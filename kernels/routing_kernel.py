@@ -31,6 +31,9 @@ MAX_ROWS = 4096        # routed rows (T * top-k) the launches take
 # (benchmarks/check_routing_kernel.py, H200)
 CHUNK = 32
 FILL = 1024            # elements per store when clearing the tables
+ROW_PIECE = 256        # elements of a token's row per load and store when gathering the rows
+ROW_SPAN = 512         # elements of the rows each program gathers: the placing launch runs H / ROW_SPAN
+                       # programs per chunk (one copy loop of a whole row on one SM was slow)
 
 
 def fits(rows: int, num_pairs: int, num_dense: int, block_m: int) -> bool:
@@ -60,10 +63,11 @@ def layout_sizes(rows: int, num_pairs: int, block_m: int) -> tuple[int, int]:
 
 
 class _Dims:
-    """Static sizes shared by the launches."""
+    """Static sizes shared by the launches (``H``: the width of the gathered rows, 0 without)."""
 
-    def __init__(self, R, k, P, block_m, chunk):
-        self.R, self.k, self.P, self.bm, self.CH = R, k, P, block_m, chunk
+    def __init__(self, R, k, P, block_m, chunk, H=0):
+        self.R, self.k, self.P, self.bm, self.CH, self.H = R, k, P, block_m, chunk, H
+        self.NH = max(1, -(-H // ROW_SPAN))   # row slices, one program each
         self.C = -(-R // chunk)
         self.NT, self.Q = layout_sizes(R, P, block_m)
         self.PP, self.CP = _pow2(P), _pow2(self.C)
@@ -95,30 +99,53 @@ def _off(mask, index, size):
     return jnp.where(mask, index, size)
 
 
-def _fill(ref, c, G, n, value):
-    """Program ``c`` of ``G`` sets its stripe of ``ref[:n]`` to ``value``."""
+def _fill(ref, c, G, n, value, write=True):
+    """Program ``c`` of ``G`` sets its stripe of ``ref[:n]`` to ``value`` (if ``write``)."""
     stripe = -(-n // G)
     width = min(FILL, _pow2(stripe))
     for off in range(0, stripe, width):
         q = c * stripe + off + lax.iota(jnp.int32, width)
-        m = (q < n) & (q < (c + 1) * stripe)
+        m = (q < n) & (q < (c + 1) * stripe) & write
         pltriton.store(ref.at[_off(m, q, n)], jnp.full(q.shape, value, jnp.int32), mask=m)
 
 
-def _clear(src_ref, tiles_ref, c, G, d: _Dims):
+def _clear(src_ref, tiles_ref, c, G, d: _Dims, write=True):
     """Program ``c`` of ``G``'s part of the cleared tables: every padded row's token -1, every
     tile dead (the last pair, both sides on the spare block, live 0) until the placing overwrites it."""
-    _fill(src_ref, c, G, d.Q, -1)
+    _fill(src_ref, c, G, d.Q, -1, write)
     t = lax.iota(jnp.int32, _pow2(d.NT))
-    mine = (t < d.NT) & (c == 0)
+    mine = (t < d.NT) & (c == 0) & write
     for col, v in enumerate((d.P - 1, d.spare, d.spare, 0)):
         pltriton.store(tiles_ref.at[_off(mine, 4 * t + col, 4 * d.NT)], jnp.full(t.shape, v, jnp.int32), mask=mine)
 
 
+def _gather_rows(x_ref, xs_ref, a, row, valid, j, d: _Dims):
+    """Copy slice ``j`` (of ``d.NH``) of each valid assignment's token row of ``x_ref`` [T * H] to its
+    padded row of ``xs_ref`` [Q * H] (bf16), ``ROW_PIECE`` elements at a time.  Padding rows are left
+    unwritten: each output row of the grouped launches depends only on its own input row, and the
+    combine reads no padding row."""
+    tok = lax.div(a, d.k)[:, None]
+    piece = min(ROW_PIECE, _pow2(d.H))
+    span = -(-d.H // d.NH // piece) * piece
+    valid = valid[:, None]
+
+    def copy(p, carry):
+        h = j * span + p * piece + lax.iota(jnp.int32, piece)[None, :]
+        m = valid & (h < d.H) & (h < (j + 1) * span)
+        vals = pltriton.load(x_ref.at[jnp.where(m, tok * d.H + h, 0)], mask=m, other=0)
+        pltriton.store(xs_ref.at[_off(m, row[:, None] * d.H + h, d.Q * d.H)], vals.astype(xs_ref.dtype), mask=m)
+        return carry
+    lax.fori_loop(0, span // piece, copy, 0)
+
+
 def _place(a, slot, rank, tot_i, tot_j, prior_i, prior_j, c, G, base_ref, src_ref, row_ref, tiles_ref,
-           d: _Dims, barrier: bool):
+           d: _Dims, barrier: bool, x_ref=None, xs_ref=None):
     """Write chunk ``c``'s rows and tokens, and the tile entries of pairs ``c, c + G, ...``, from the
-    totals per slot and the earlier chunks' counts (``[PP]`` each, i and j sides)."""
+    totals per slot and the earlier chunks' counts (``[PP]`` each, i and j sides).  Given ``x_ref``,
+    program ``(c, j)`` also gathers slice ``j`` of the chunk's token rows into ``xs_ref``, and only the
+    programs ``(c, 0)`` write the tables (the others compute the same rows)."""
+    j = pl.program_id(1) if x_ref is not None else 0
+    write = j == 0
     i32, bm = jnp.int32, d.bm
     p = lax.iota(i32, d.PP)
     blocks_i, blocks_j = lax.div(tot_i + bm - 1, bm), lax.div(tot_j + bm - 1, bm)
@@ -133,14 +160,17 @@ def _place(a, slot, rank, tot_i, tot_j, prior_i, prior_j, c, G, base_ref, src_re
         pltriton.debug_barrier()
     valid = (slot >= 0) & (a < d.R)
     row = pltriton.load(base_ref.at[c * 2 * d.PP + jnp.maximum(slot, 0)], mask=valid, other=0) + rank
-    pltriton.store(row_ref.at[_off(a < d.R, a, d.R)], jnp.where(valid, row, -1), mask=a < d.R)
-    pltriton.store(src_ref.at[_off(valid, row, d.Q)], lax.div(a, d.k), mask=valid)
+    in_rows = (a < d.R) & write
+    pltriton.store(row_ref.at[_off(in_rows, a, d.R)], jnp.where(valid, row, -1), mask=in_rows)
+    pltriton.store(src_ref.at[_off(valid & write, row, d.Q)], lax.div(a, d.k), mask=valid & write)
+    if x_ref is not None:
+        _gather_rows(x_ref, xs_ref, a, row, valid, j, d)
 
     # tiles: pair p's run starts after the runs of the pairs before it, one tile per block of its
     # longer side; a side with no block left in a tile reads and writes the spare block
     per_pair = jnp.maximum(blocks_i, blocks_j)
     first = jnp.cumsum(per_pair) - per_pair
-    mine = (p < d.P) & (lax.rem(p, G) == c)
+    mine = (p < d.P) & (lax.rem(p, G) == c) & write
     n = jnp.where(mine, per_pair, 0)
 
     def tile(l, carry):
@@ -154,11 +184,13 @@ def _place(a, slot, rank, tot_i, tot_j, prior_i, prior_j, c, G, base_ref, src_re
     lax.fori_loop(0, jnp.max(n), tile, 0)
 
 
-def _fused_kernel(ids_ref, pairs_ref, tiles_ref, src_ref, row_ref, base_ref, *, d: _Dims, interpret):
+def _fused_kernel(ids_ref, pairs_ref, *refs, d: _Dims, interpret):
+    x_ref, (tiles_ref, src_ref, row_ref, base_ref, *xs_ref) = (refs[0], refs[1:]) if d.H else (None, refs)
     a, slot, rank, cnt_i, cnt_j = _assign(ids_ref, pairs_ref, 0, d)
-    _clear(src_ref, tiles_ref, 0, 1, d)
+    _clear(src_ref, tiles_ref, 0, 1, d, write=pl.program_id(1) == 0 if d.H else True)
     zero = jnp.zeros_like(cnt_i)
-    _place(a, slot, rank, cnt_i, cnt_j, zero, zero, 0, 1, base_ref, src_ref, row_ref, tiles_ref, d, not interpret)
+    _place(a, slot, rank, cnt_i, cnt_j, zero, zero, 0, 1, base_ref, src_ref, row_ref, tiles_ref, d, not interpret,
+           x_ref, *xs_ref)
 
 
 def _count_kernel(ids_ref, pairs_ref, counts_ref, slot_ref, rank_ref, tiles_ref, src_ref, *, d: _Dims):
@@ -172,9 +204,9 @@ def _count_kernel(ids_ref, pairs_ref, counts_ref, slot_ref, rank_ref, tiles_ref,
     _clear(src_ref, tiles_ref, c, d.C, d)
 
 
-def _place_kernel(counts_ref, slot_ref, rank_ref, tiles_in, src_in, tiles_ref, src_ref, row_ref, base_ref, *,
-                  d: _Dims, interpret):
+def _place_kernel(counts_ref, slot_ref, rank_ref, tiles_in, src_in, *refs, d: _Dims, interpret):
     del tiles_in, src_in   # aliased to tiles_ref, src_ref: the first launch's cleared tables
+    x_ref, (tiles_ref, src_ref, row_ref, base_ref, *xs_ref) = (refs[0], refs[1:]) if d.H else (None, refs)
     c = pl.program_id(0)
     i32 = jnp.int32
     cc = lax.iota(i32, d.CP)[:, None]
@@ -186,7 +218,8 @@ def _place_kernel(counts_ref, slot_ref, rank_ref, tiles_in, src_in, tiles_ref, s
     a = c * d.CH + lax.iota(i32, d.CH)
     slot, rank = pltriton.load(slot_ref.at[a]), pltriton.load(rank_ref.at[a])
     _place(a, slot, rank, cnt_i.sum(0), cnt_j.sum(0), jnp.where(before, cnt_i, 0).sum(0),
-           jnp.where(before, cnt_j, 0).sum(0), c, d.C, base_ref, src_ref, row_ref, tiles_ref, d, not interpret)
+           jnp.where(before, cnt_j, 0).sum(0), c, d.C, base_ref, src_ref, row_ref, tiles_ref, d, not interpret,
+           x_ref, *xs_ref)
 
 
 def pair_layout(topk_ids: jax.Array, pairs: jax.Array, *, block_m: int, chunk: int | None = None,
@@ -199,6 +232,18 @@ def pair_layout(topk_ids: jax.Array, pairs: jax.Array, *, block_m: int, chunk: i
     Returns ``(tiles [n_tiles, 4], src [padded_rows], row [T*k])`` int32: the tile table of
     ``mosaic_grouped_pair_gemm`` (pair, block of i, block of j, live); the token each padded row
     holds (-1: padding); the padded row of each assignment (-1: its expert is in no pair)."""
+    return _layout(topk_ids, pairs, None, block_m=block_m, chunk=chunk, interpret=interpret)
+
+
+def pair_layout_and_rows(topk_ids: jax.Array, pairs: jax.Array, x: jax.Array, *, block_m: int,
+                         chunk: int | None = None, interpret: bool = False):
+    """``pair_layout``'s ``(tiles, src, row)`` and the grouped launches' input rows ``xs`` bf16
+    [padded_rows, H], ``x[src]`` where ``src >= 0``, gathered by the same launches (no gather kernel
+    of its own); padding rows are not written (what they hold is never read into an output)."""
+    return _layout(topk_ids, pairs, x, block_m=block_m, chunk=chunk, interpret=interpret)
+
+
+def _layout(topk_ids, pairs, x, *, block_m, chunk, interpret):
     T, k = topk_ids.shape
     R, P = T * k, pairs.shape[0]
     if not (0 < R <= MAX_ROWS and P > 0):
@@ -206,24 +251,27 @@ def pair_layout(topk_ids: jax.Array, pairs: jax.Array, *, block_m: int, chunk: i
     chunk = chunk or default_chunk(R)
     if chunk != _pow2(chunk):
         raise ValueError(f"pair_layout's chunk must be a power of two, got {chunk}")
-    d = _Dims(R, k, P, block_m, min(chunk, _pow2(R)))
+    H = 0 if x is None else x.shape[1]
+    d = _Dims(R, k, P, block_m, min(chunk, _pow2(R)), H)
     i32 = jnp.int32
     sds = lambda n: jax.ShapeDtypeStruct((n,), i32)  # noqa: E731
     ids, flat_pairs = topk_ids.reshape(-1).astype(i32), pairs.reshape(-1).astype(i32)
+    rows_in, rows_out = ([x.reshape(-1)], [jax.ShapeDtypeStruct((d.Q * H,), jnp.bfloat16)]) if H else ([], [])
     params = pltriton.CompilerParams(num_warps=4, num_stages=1)
     if d.C == 1:
-        tiles, src, row, _ = pl.pallas_call(
-            functools.partial(_fused_kernel, d=d, interpret=interpret), name="routing_layout",
-            out_shape=(sds(4 * d.NT), sds(d.Q), sds(R), sds(2 * d.PP)), interpret=interpret,
-            compiler_params=params)(ids, flat_pairs)
-        return tiles.reshape(d.NT, 4), src, row
-    counts, slot, rank, tiles, src = pl.pallas_call(
-        functools.partial(_count_kernel, d=d), grid=(d.C,), name="routing_count",
-        out_shape=(sds(d.C * 2 * d.PP), sds(d.C * d.CH), sds(d.C * d.CH), sds(4 * d.NT), sds(d.Q)),
-        interpret=interpret, compiler_params=params)(ids, flat_pairs)
-    tiles, src, row, _ = pl.pallas_call(
-        functools.partial(_place_kernel, d=d, interpret=interpret), grid=(d.C,), name="routing_place",
-        out_shape=(sds(4 * d.NT), sds(d.Q), sds(R), sds(d.C * 2 * d.PP)), input_output_aliases={3: 0, 4: 1},
-        interpret=interpret, compiler_params=params)(counts, slot, rank, tiles, src)
-    return tiles.reshape(d.NT, 4), src, row
-
+        tiles, src, row, _, *xs = pl.pallas_call(
+            functools.partial(_fused_kernel, d=d, interpret=interpret), name="routing_layout", grid=(1, d.NH),
+            out_shape=(sds(4 * d.NT), sds(d.Q), sds(R), sds(2 * d.PP), *rows_out), interpret=interpret,
+            compiler_params=params)(ids, flat_pairs, *rows_in)
+    else:
+        counts, slot, rank, tiles, src = pl.pallas_call(
+            functools.partial(_count_kernel, d=d), grid=(d.C,), name="routing_count",
+            out_shape=(sds(d.C * 2 * d.PP), sds(d.C * d.CH), sds(d.C * d.CH), sds(4 * d.NT), sds(d.Q)),
+            interpret=interpret, compiler_params=params)(ids, flat_pairs)
+        tiles, src, row, _, *xs = pl.pallas_call(
+            functools.partial(_place_kernel, d=d, interpret=interpret), grid=(d.C, d.NH), name="routing_place",
+            out_shape=(sds(4 * d.NT), sds(d.Q), sds(R), sds(d.C * 2 * d.PP), *rows_out),
+            input_output_aliases={3: 0, 4: 1}, interpret=interpret, compiler_params=params)(
+                counts, slot, rank, tiles, src, *rows_in)
+    layout = (tiles.reshape(d.NT, 4), src, row)
+    return layout if not H else (*layout, xs[0].reshape(d.Q, H))

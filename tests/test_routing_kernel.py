@@ -55,6 +55,28 @@ def test_pair_layout_equals_the_xla_layout(e, k, t, unheld, hot, block_m, chunk)
         assert ((row >= 0) == held).all() and np.unique(row[held]).size == held.sum()
 
 
+@pytest.mark.parametrize("e,k,t,h,dtype", [
+    (8, 2, 1, 1100, jnp.bfloat16),          # one launch, rows in three slices, the last one short
+    (8, 2, 13, 200, jnp.float32),           # a row narrower than the copy piece; f32 rows
+    (64, 6, 40, 1536, jnp.bfloat16),        # two launches (count, place), three slices
+])
+def test_pair_layout_and_rows_gathers_each_routed_token_row(e, k, t, h, dtype):
+    """``pair_layout_and_rows``: the same layout as ``pair_layout``, and every padded row that holds a
+    token holds that token's row, in bf16 (padding rows are not checked: they are not written)."""
+    rng = rng_for(900 + t)
+    bm = grouped_block_m(t * k, e, t)
+    pairs = jnp.asarray(rng.permutation(e)[:e - 2].reshape(-1, 2), jnp.int32)
+    ids = jnp.asarray(_routing(rng, t, e, k, 1), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((t, h)), dtype)
+    *layout, xs = jax.jit(functools.partial(routing_kernel.pair_layout_and_rows, block_m=bm, interpret=True))(ids, pairs, x)
+    for a, b in zip(layout, routing_kernel.pair_layout(ids, pairs, block_m=bm, interpret=True)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    src = np.asarray(layout[1])
+    assert xs.dtype == jnp.bfloat16 and xs.shape == (src.shape[0], h) and (src >= 0).any()
+    held = src >= 0
+    assert np.array_equal(np.asarray(xs, np.float32)[held], np.asarray(x.astype(jnp.bfloat16), np.float32)[src[held]])
+
+
 def test_fits_gates_on_size_and_dense_experts():
     """The layer takes the launches at every size up to ``MAX_ROWS`` routed rows (every
     fine-grained shape to T = 256, DeepSeek-V3 to T = 512); kept-dense experts: the XLA layout."""
@@ -93,6 +115,9 @@ def test_pair_layout_lowers_for_the_gpu(t, k, p, block_m):
     text = lower_for_h100(functools.partial(routing_kernel.pair_layout, block_m=block_m),
                           SDS((t, k), jnp.int32), SDS((p, 2), jnp.int32))
     one = t * k <= routing_kernel.default_chunk(t * k)
+    assert text.count("__gpu$xla.gpu.triton") == (1 if one else 2)
+    text = lower_for_h100(functools.partial(routing_kernel.pair_layout_and_rows, block_m=block_m),   # and the rows
+                          SDS((t, k), jnp.int32), SDS((p, 2), jnp.int32), SDS((t, 4096), jnp.bfloat16))
     assert text.count("__gpu$xla.gpu.triton") == (1 if one else 2)
 
 

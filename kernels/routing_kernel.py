@@ -67,7 +67,7 @@ class _Dims:
 
     def __init__(self, R, k, P, block_m, chunk, H=0):
         self.R, self.k, self.P, self.bm, self.CH, self.H = R, k, P, block_m, chunk, H
-        self.NH = max(1, -(-H // ROW_SPAN))   # row slices, one program each
+        self.NH = -(-H // _row_pieces(H)[0] // _row_pieces(H)[1]) if H else 1   # row slices, one program each
         self.C = -(-R // chunk)
         self.NT, self.Q = layout_sizes(R, P, block_m)
         self.PP, self.CP = _pow2(P), _pow2(self.C)
@@ -121,21 +121,33 @@ def _clear(src_ref, tiles_ref, c, G, d: _Dims, write=True):
 
 def _gather_rows(x_ref, xs_ref, a, row, valid, j, d: _Dims):
     """Copy slice ``j`` (of ``d.NH``) of each valid assignment's token row of ``x_ref`` [T * H] to its
-    padded row of ``xs_ref`` [Q * H] (bf16), ``ROW_PIECE`` elements at a time.  Padding rows are left
-    unwritten: each output row of the grouped launches depends only on its own input row, and the
-    combine reads no padding row."""
-    tok = lax.div(a, d.k)[:, None]
-    piece = min(ROW_PIECE, _pow2(d.H))
-    span = -(-d.H // d.NH // piece) * piece
-    valid = valid[:, None]
+    padded row of ``xs_ref`` [Q * H] (bf16), in pieces of a power of two dividing H.  Padding rows are
+    left unwritten: each output row of the grouped launches depends only on its own input row, and the
+    combine reads no padding row.  Addresses are a row base plus a run of a piece (no select per
+    element), so that the loads and stores stay contiguous vectors."""
+    piece, per_program = _row_pieces(d.H)
+    cols = lax.iota(jnp.int32, piece)[None, :]
+    src_base = (jnp.where(valid, lax.div(a, d.k), 0) * d.H)[:, None]
+    # invalid lanes point at the last padded row, which is never a token's (the spare block's)
+    dst_base = (jnp.where(valid, row, d.Q - 1) * d.H)[:, None]
+    m = valid[:, None]
 
     def copy(p, carry):
-        h = j * span + p * piece + lax.iota(jnp.int32, piece)[None, :]
-        m = valid & (h < d.H) & (h < (j + 1) * span)
-        vals = pltriton.load(x_ref.at[jnp.where(m, tok * d.H + h, 0)], mask=m, other=0)
-        pltriton.store(xs_ref.at[_off(m, row[:, None] * d.H + h, d.Q * d.H)], vals.astype(xs_ref.dtype), mask=m)
+        q = j * per_program + p
+        h = jnp.minimum(q, d.H // piece - 1) * piece + cols
+        mq = m & (q < d.H // piece)
+        vals = pltriton.load(x_ref.at[src_base + h], mask=mq, other=0)
+        pltriton.store(xs_ref.at[dst_base + h], vals.astype(xs_ref.dtype), mask=mq)
         return carry
-    lax.fori_loop(0, span // piece, copy, 0)
+    lax.fori_loop(0, per_program, copy, 0)
+
+
+def _row_pieces(H: int) -> tuple[int, int]:
+    """(elements per copy: the largest power of two up to ``ROW_PIECE`` dividing ``H``, pieces per program)."""
+    piece = ROW_PIECE
+    while H % piece:
+        piece //= 2
+    return piece, max(1, ROW_SPAN // piece)
 
 
 def _place(a, slot, rank, tot_i, tot_j, prior_i, prior_j, c, G, base_ref, src_ref, row_ref, tiles_ref,

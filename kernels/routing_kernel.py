@@ -121,13 +121,15 @@ def _clear(src_ref, tiles_ref, c, G, d: _Dims, write=True):
 
 def _gather_rows(x_ref, xs_ref, a, row, valid, j, d: _Dims):
     """Copy slice ``j`` (of ``d.NH``) of each valid assignment's token row of ``x_ref`` [T * H] to its
-    padded row of ``xs_ref`` [Q * H] (bf16), in pieces of a power of two dividing H (padding rows:
-    ``_zero_padding``).  Addresses are a row base plus a run of a piece (no select per element), so that
-    the loads and stores stay contiguous vectors; masked rows point past the end (``_off``)."""
+    padded row of ``xs_ref`` [Q * H] (bf16), in pieces of a power of two dividing H.  Padding rows are
+    left unwritten: each output row of the grouped launches depends only on its own input row, and the
+    combine reads no padding row.  Addresses are a row base plus a run of a piece (no select per
+    element), so that the loads and stores stay contiguous vectors."""
     piece, per_program = _row_pieces(d.H)
     cols = lax.iota(jnp.int32, piece)[None, :]
     src_base = (jnp.where(valid, lax.div(a, d.k), 0) * d.H)[:, None]
-    dst_base = (jnp.where(valid, row, d.Q) * d.H)[:, None]
+    # invalid lanes point at the last padded row, which is never a token's (the spare block's)
+    dst_base = (jnp.where(valid, row, d.Q - 1) * d.H)[:, None]
     m = valid[:, None]
 
     def copy(p, carry):
@@ -138,31 +140,6 @@ def _gather_rows(x_ref, xs_ref, a, row, valid, j, d: _Dims):
         pltriton.store(xs_ref.at[dst_base + h], vals.astype(xs_ref.dtype), mask=mq)
         return carry
     lax.fori_loop(0, per_program, copy, 0)
-
-
-def _zero_padding(xs_ref, slots, owned, c, j, d: _Dims):
-    """Zero slice ``j`` of the padding rows the launches read: in each ``owned`` pair's slots
-    (``slots``: (first block, rows, blocks) per side, ``[PP]`` each) the rows after its tokens up to the
-    end of its last block, and, in program ``c == 0``, the spare block.  Rows nobody reads stay unwritten.
-    (Zero rows also cost the tensor cores less energy than stale bits: the launches ran slower on those.)"""
-    piece, per_program = _row_pieces(d.H)
-    cols = lax.iota(jnp.int32, piece)[None, :]
-
-    def zero(rows, m):   # rows [n] (masked where not m) <- 0 in slice j
-        base = (jnp.where(m, rows, d.Q) * d.H)[:, None]
-        for p in range(per_program):
-            q = j * per_program + p
-            h = jnp.minimum(q, d.H // piece - 1) * piece + cols
-            pltriton.store(xs_ref.at[base + h], jnp.zeros((rows.shape[0], piece), xs_ref.dtype),
-                           mask=m[:, None] & (q < d.H // piece))
-
-    for first, count, blocks in slots:
-        def tail_row(l, carry, first=first, count=count, blocks=blocks):
-            zero(first * d.bm + count + l, owned & (count + l < blocks * d.bm))
-            return carry
-        lax.fori_loop(0, d.bm, tail_row, 0)
-    r = lax.iota(jnp.int32, _pow2(d.bm))
-    zero(d.spare * d.bm + r, (r < d.bm) & (c == 0))
 
 
 def _row_pieces(H: int) -> tuple[int, int]:
@@ -217,9 +194,6 @@ def _place(a, slot, rank, tot_i, tot_j, prior_i, prior_j, c, G, base_ref, src_re
         pltriton.store(tiles_ref.at[t4 + 3], jnp.ones_like(p), mask=m)
         return carry
     lax.fori_loop(0, jnp.max(n), tile, 0)
-    if x_ref is not None:
-        _zero_padding(xs_ref, ((start_i, tot_i, blocks_i), (start_j, tot_j, blocks_j)),
-                      (p < d.P) & (lax.rem(p, G) == c), c, j, d)
 
 
 def _fused_kernel(ids_ref, pairs_ref, *refs, d: _Dims, interpret):
@@ -277,8 +251,7 @@ def pair_layout_and_rows(topk_ids: jax.Array, pairs: jax.Array, x: jax.Array, *,
                          chunk: int | None = None, interpret: bool = False):
     """``pair_layout``'s ``(tiles, src, row)`` and the grouped launches' input rows ``xs`` bf16
     [padded_rows, H], ``x[src]`` where ``src >= 0``, gathered by the same launches (no gather kernel
-    of its own).  The padding rows the launches read (the tails of the pair slots' last blocks, the
-    spare block) are zero; rows of blocks no tile covers are not written."""
+    of its own); padding rows are not written (what they hold is never read into an output)."""
     return _layout(topk_ids, pairs, x, block_m=block_m, chunk=chunk, interpret=interpret)
 
 

@@ -61,9 +61,8 @@ def test_pair_layout_equals_the_xla_layout(e, k, t, unheld, hot, block_m, chunk)
     (64, 6, 40, 1536, jnp.bfloat16),        # two launches (count, place), three slices
 ])
 def test_pair_layout_and_rows_gathers_each_routed_token_row(e, k, t, h, dtype):
-    """``pair_layout_and_rows``: the same layout as ``pair_layout``, every padded row that holds a token
-    holds that token's row, in bf16, and every other row of a block a live tile reads, and the spare
-    block, is zero."""
+    """``pair_layout_and_rows``: the same layout as ``pair_layout``, and every padded row that holds a
+    token holds that token's row, in bf16 (padding rows are not checked: they are not written)."""
     rng = rng_for(900 + t)
     bm = grouped_block_m(t * k, e, t)
     pairs = jnp.asarray(rng.permutation(e)[:e - 2].reshape(-1, 2), jnp.int32)
@@ -75,14 +74,7 @@ def test_pair_layout_and_rows_gathers_each_routed_token_row(e, k, t, h, dtype):
     src = np.asarray(layout[1])
     assert xs.dtype == jnp.bfloat16 and xs.shape == (src.shape[0], h) and (src >= 0).any()
     held = src >= 0
-    got = np.asarray(xs, np.float32)
-    assert np.array_equal(got[held], np.asarray(x.astype(jnp.bfloat16), np.float32)[src[held]])
-    read = np.zeros(src.shape[0], bool)
-    for _, b_i, b_j, live in np.asarray(layout[0]):
-        for b in (b_i, b_j):
-            read[b * bm:(b + 1) * bm] |= bool(live)
-    read[-bm:] = True   # the spare block (dead sides of live tiles)
-    assert (read & ~held).sum() > bm and (got[read & ~held] == 0).all()
+    assert np.array_equal(np.asarray(xs, np.float32)[held], np.asarray(x.astype(jnp.bfloat16), np.float32)[src[held]])
 
 
 def test_fits_gates_on_size_and_dense_experts():

@@ -14,7 +14,9 @@ more than one chunk a second launch places them: each program adds up the chunks
 where each slot starts; earlier chunks: where this chunk's rows of each slot start), writes its
 assignments' rows and tokens, and the tile entries of every ``chunks``-th pair.  The first launch
 also clears the token table and the tile table (padding and dead tiles), so nothing has to order
-stores across programs of one launch.
+stores across programs of one launch.  ``pair_layout_and_rows`` also has the placing launch copy each
+routed token's row of activations to its padded row (the grouped launches' input), in ``H / ROW_SPAN``
+programs per chunk, so the step needs no gather kernel of its own.
 """
 from __future__ import annotations
 

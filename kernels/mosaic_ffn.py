@@ -189,8 +189,8 @@ def _pair_rows(xs_pad, tiles, words, rows: int, block_m: int, configs, interpret
     """The merged pairs' down-projected outputs, [R_pad, S, H] as ``routing.combine`` takes them: the
     sum over S (the down launch's K split) of row r is the output of padded row r (``xs_pad``: the
     padded rows' inputs, ``pair_layout_and_rows``; ``tiles``: the launches' tile table; ``rows``: the
-    routed rows, which size the launches).  f32 ``O^T`` partials as the down launch writes them, transposed in the combine's
-    gather; with the down config's ``token_major_out`` bf16 rows (S = 1) as written."""
+    routed rows, which size the launches).  f32 ``O^T`` partials as the down launch writes them,
+    transposed in the combine's gather; with the down config's ``token_major_out`` bf16 rows (S = 1)."""
     P = words["down"].shape[0]
     inter = words["gate_up"].shape[1] // 2
     default = layer_configs(block_m, rows, P, xs_pad.shape[1], inter)

@@ -482,8 +482,9 @@ def test_stream_k_settings_are_checked():
         MosaicConfig(block_m=8, stream_k=4, split_k=2)
     with pytest.raises(ValueError, match="stream_k=-1"):
         MosaicConfig(block_m=8, stream_k=-1)
-    grouped = functools.partial(mosaic_grouped_pair_gemm, jnp.zeros((16, 256), jnp.bfloat16), jnp.zeros((2, 4), jnp.int32),
-                                jnp.zeros((1, 128, 256), jnp.uint16), block_m=8, out_dtype=jnp.bfloat16, interpret=True)
+    grouped = functools.partial(mosaic_grouped_pair_gemm, jnp.zeros((16, 256), jnp.bfloat16),
+                                jnp.zeros((2, 4), jnp.int32), jnp.zeros((1, 128, 256), jnp.uint16), block_m=8,
+                                out_dtype=jnp.bfloat16, interpret=True)
     with pytest.raises(ValueError, match="stream_k takes token_major_out=True, a 4-column tile table and n_live"):
         grouped(config=MosaicConfig(block_m=8, stream_k=4))
     with pytest.raises(ValueError, match="stream_k takes token_major_out=True, a 4-column tile table and n_live"):

@@ -68,7 +68,8 @@ def test_pair_layout_and_rows_gathers_each_routed_token_row(e, k, t, h, dtype):
     pairs = jnp.asarray(rng.permutation(e)[:e - 2].reshape(-1, 2), jnp.int32)
     ids = jnp.asarray(_routing(rng, t, e, k, 1), jnp.int32)
     x = jnp.asarray(rng.standard_normal((t, h)), dtype)
-    *layout, xs = jax.jit(functools.partial(routing_kernel.pair_layout_and_rows, block_m=bm, interpret=True))(ids, pairs, x)
+    layout_and_rows = functools.partial(routing_kernel.pair_layout_and_rows, block_m=bm, interpret=True)
+    *layout, xs = jax.jit(layout_and_rows)(ids, pairs, x)
     for a, b in zip(layout, routing_kernel.pair_layout(ids, pairs, block_m=bm, interpret=True)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     src = np.asarray(layout[1])

@@ -69,7 +69,10 @@ class _Dims:
 
     def __init__(self, R, k, P, block_m, chunk, H=0):
         self.R, self.k, self.P, self.bm, self.CH, self.H = R, k, P, block_m, chunk, H
-        self.NH = -(-H // _row_pieces(H)[0] // _row_pieces(H)[1]) if H else 1   # row slices, one program each
+        self.NH = 1   # row slices, one program each
+        if H:
+            piece, per_program = _row_pieces(H)
+            self.NH = -(-(H // piece) // per_program)
         self.C = -(-R // chunk)
         self.NT, self.Q = layout_sizes(R, P, block_m)
         self.PP, self.CP = _pow2(P), _pow2(self.C)

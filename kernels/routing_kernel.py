@@ -16,7 +16,8 @@ assignments' rows and tokens, and the tile entries of every ``chunks``-th pair. 
 also clears the token table and the tile table (padding and dead tiles), so nothing has to order
 stores across programs of one launch.  ``pair_layout_and_rows`` also has the placing launch copy each
 routed token's row of activations to its padded row (the grouped launches' input), in ``H / ROW_SPAN``
-programs per chunk, so the step needs no gather kernel of its own.
+programs per chunk, so the step needs no gather kernel of its own, and, from ``ZERO_TAILS_FROM``-row token
+blocks, zero the padding rows the tiles read.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ FILL = 1024            # elements per store when clearing the tables
 ROW_PIECE = 256        # elements of a token's row per load and store when gathering the rows
 ROW_SPAN = 512         # elements of the rows each program gathers: the placing launch runs H / ROW_SPAN
                        # programs per chunk (one copy loop of a whole row on one SM was slow)
+ZERO_TAILS_FROM = 48   # token blocks from which the placing launch zeroes the padding rows the tiles read:
+                       # faster grouped launches there, slower routing launches at smaller blocks (RESULTS)
 
 
 def fits(rows: int, num_pairs: int, num_dense: int, block_m: int) -> bool:
@@ -126,15 +129,13 @@ def _clear(src_ref, tiles_ref, c, G, d: _Dims, write=True):
 
 def _gather_rows(x_ref, xs_ref, a, row, valid, j, d: _Dims):
     """Copy slice ``j`` (of ``d.NH``) of each valid assignment's token row of ``x_ref`` [T * H] to its
-    padded row of ``xs_ref`` [Q * H] (bf16), in pieces of a power of two dividing H.  Padding rows are
-    left unwritten: each output row of the grouped launches depends only on its own input row, and the
-    combine reads no padding row.  Addresses are a row base plus a run of a piece (no select per
-    element), so that the loads and stores stay contiguous vectors."""
+    padded row of ``xs_ref`` [Q * H] (bf16), in pieces of a power of two dividing H.  Addresses are a
+    row base plus a run of a piece (no select per element), so that the loads and stores stay
+    contiguous vectors; masked lanes point past the end (``_off``)."""
     piece, per_program = _row_pieces(d.H)
     cols = lax.iota(jnp.int32, piece)[None, :]
     src_base = (jnp.where(valid, lax.div(a, d.k), 0) * d.H)[:, None]
-    # invalid lanes point at the last padded row, which is never a token's (the spare block's)
-    dst_base = (jnp.where(valid, row, d.Q - 1) * d.H)[:, None]
+    dst_base = (_off(valid, row, d.Q) * d.H)[:, None]
     m = valid[:, None]
 
     def copy(p, carry):
@@ -145,6 +146,42 @@ def _gather_rows(x_ref, xs_ref, a, row, valid, j, d: _Dims):
         pltriton.store(xs_ref.at[dst_base + h], vals.astype(xs_ref.dtype), mask=mq)
         return carry
     lax.fori_loop(0, per_program, copy, 0)
+
+
+def _zero_tails(xs_ref, slots, mine, c, j, d: _Dims):
+    """Zero slice ``j`` of the padding rows the tiles multiply: in each of the pairs ``mine`` (``[PP]``)
+    the rows after each side's tokens up to the end of its last block (``slots``: (first block, rows,
+    blocks) per side, ``[PP]`` each), and in program ``c == 0`` the spare block (the side of a tile
+    with no block of its own).  No output depends on them, but the tensor cores multiply stale bits at
+    a higher energy than zeros.  One masked store per side and piece, in a loop over the pairs that
+    have a tail, so a step of many pairs and few rows pays for the few."""
+    i32 = jnp.int32
+    piece, per_program = _row_pieces(d.H)
+    cols = lax.iota(i32, piece)[None, :]
+    r = lax.iota(i32, _pow2(d.bm))
+    p = lax.iota(i32, d.PP)
+
+    def zero(first_row, n, on=True):   # rows [first_row, first_row + n), n <= bm, where ``on``
+        m = (r < n) & on
+        base = (_off(m, first_row + r, d.Q) * d.H)[:, None]
+        for q in range(per_program):
+            h_piece = j * per_program + q
+            h = jnp.minimum(h_piece, d.H // piece - 1) * piece + cols
+            pltriton.store(xs_ref.at[base + h], jnp.zeros((r.shape[0], piece), xs_ref.dtype),
+                           mask=m[:, None] & (h_piece < d.H // piece))
+
+    tails = [blocks * d.bm - count for _, count, blocks in slots]
+    has = mine & ((tails[0] > 0) | (tails[1] > 0))
+    nth = jnp.cumsum(has.astype(i32)) - 1
+
+    def pair(l, carry):
+        at = has & (nth == l)
+        for (first, count, _), tail in zip(slots, tails):
+            pick = lambda v, at=at: jnp.sum(jnp.where(at, v, 0))  # noqa: E731
+            zero(pick(first) * d.bm + pick(count), pick(tail))
+        return carry
+    lax.fori_loop(0, jnp.sum(has.astype(i32)), pair, 0)
+    zero(d.spare * d.bm, d.bm, c == 0)
 
 
 def _row_pieces(H: int) -> tuple[int, int]:
@@ -199,6 +236,9 @@ def _place(a, slot, rank, tot_i, tot_j, prior_i, prior_j, c, G, base_ref, src_re
         pltriton.store(tiles_ref.at[t4 + 3], jnp.ones_like(p), mask=m)
         return carry
     lax.fori_loop(0, jnp.max(n), tile, 0)
+    if x_ref is not None and d.bm >= ZERO_TAILS_FROM:
+        _zero_tails(xs_ref, ((start_i, tot_i, blocks_i), (start_j, tot_j, blocks_j)),
+                    (p < d.P) & (lax.rem(p, G) == c), c, j, d)
 
 
 def _fused_kernel(ids_ref, pairs_ref, *refs, d: _Dims, interpret):
@@ -256,7 +296,9 @@ def pair_layout_and_rows(topk_ids: jax.Array, pairs: jax.Array, x: jax.Array, *,
                          chunk: int | None = None, interpret: bool = False):
     """``pair_layout``'s ``(tiles, src, row)`` and the grouped launches' input rows ``xs`` bf16
     [padded_rows, H], ``x[src]`` where ``src >= 0``, gathered by the same launches (no gather kernel
-    of its own); padding rows are not written (what they hold is never read into an output)."""
+    of its own).  From ``ZERO_TAILS_FROM``-row blocks the padding rows the tiles read (the tails of the
+    slots' last blocks, the spare block) are zero; other padding rows are not written (no output
+    depends on them)."""
     return _layout(topk_ids, pairs, x, block_m=block_m, chunk=chunk, interpret=interpret)
 
 

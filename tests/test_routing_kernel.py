@@ -59,10 +59,14 @@ def test_pair_layout_equals_the_xla_layout(e, k, t, unheld, hot, block_m, chunk)
     (8, 2, 1, 1100, jnp.bfloat16),          # one launch, rows in three slices, the last one short
     (8, 2, 13, 200, jnp.float32),           # a row narrower than the copy piece; f32 rows
     (64, 6, 40, 1536, jnp.bfloat16),        # two launches (count, place), three slices
+    (64, 6, 5, 512, jnp.bfloat16),          # one launch over 31 pairs, few of them with rows
+    (8, 2, 128, 256, jnp.bfloat16),         # 48-row blocks: the tails zeroed, several chunks per pair
 ])
 def test_pair_layout_and_rows_gathers_each_routed_token_row(e, k, t, h, dtype):
-    """``pair_layout_and_rows``: the same layout as ``pair_layout``, and every padded row that holds a
-    token holds that token's row, in bf16 (padding rows are not checked: they are not written)."""
+    """``pair_layout_and_rows``: the same layout as ``pair_layout``, every padded row that holds a token
+    holds that token's row, in bf16, and every other row of a block a live tile reads, and the spare
+    block, is zero from ``ZERO_TAILS_FROM``-row blocks (the interpreter fills what nothing writes with
+    NaN)."""
     rng = rng_for(900 + t)
     bm = grouped_block_m(t * k, e, t)
     pairs = jnp.asarray(rng.permutation(e)[:e - 2].reshape(-1, 2), jnp.int32)
@@ -75,7 +79,17 @@ def test_pair_layout_and_rows_gathers_each_routed_token_row(e, k, t, h, dtype):
     src = np.asarray(layout[1])
     assert xs.dtype == jnp.bfloat16 and xs.shape == (src.shape[0], h) and (src >= 0).any()
     held = src >= 0
-    assert np.array_equal(np.asarray(xs, np.float32)[held], np.asarray(x.astype(jnp.bfloat16), np.float32)[src[held]])
+    got = np.asarray(xs, np.float32)
+    assert np.array_equal(got[held], np.asarray(x.astype(jnp.bfloat16), np.float32)[src[held]])
+    read = np.zeros(src.shape[0], bool)
+    for _, b_i, b_j, live in np.asarray(layout[0]):
+        for b in (b_i, b_j):
+            read[b * bm:(b + 1) * bm] |= bool(live)
+    read[-bm:] = True   # the spare block (the side of a tile with no block of its own)
+    assert (read & ~held).sum() >= bm
+    zeroed = bm >= routing_kernel.ZERO_TAILS_FROM
+    padding = got[read & ~held]
+    assert (padding == 0).all() if zeroed else np.isnan(padding).all(), bm   # NaN: not written
 
 
 def test_fits_gates_on_size_and_dense_experts():

@@ -159,7 +159,6 @@ def _zero_tails(xs_ref, slots, mine, c, j, d: _Dims):
     piece, per_program = _row_pieces(d.H)
     cols = lax.iota(i32, piece)[None, :]
     r = lax.iota(i32, _pow2(d.bm))
-    p = lax.iota(i32, d.PP)
 
     def zero(first_row, n, on=True):   # rows [first_row, first_row + n), n <= bm, where ``on``
         m = (r < n) & on

@@ -23,6 +23,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n``, at least 2 (a Pallas-Triton block size)."""
+    return max(2, 1 << (n - 1).bit_length())
+
+
+def largest_pow2_divisor(x: int, cap: int) -> int:
+    """The largest power of two up to ``cap`` that divides ``x``."""
+    d = 1
+    while d < cap and x % (2 * d) == 0:
+        d *= 2
+    return d
+
+
 def _gpu():
     devs = [d for d in jax.devices() if d.platform == "gpu"]
     return devs[0] if devs else None

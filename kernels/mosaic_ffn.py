@@ -199,8 +199,7 @@ def _pair_rows(xs_pad, tiles, words, rows: int, block_m: int, configs, interpret
         tiles = absorb_spills(tiles, xs_pad.shape[0] // block_m - 1)
     # stream-K launches share the live tiles' K steps: they take how many there are
     n_live = jnp.sum(tiles[:, 3] > 0, dtype=jnp.int32).reshape(1) if cfg_gu.stream_k or cfg_down.stream_k else None
-    gemm = lambda **kw: mosaic_grouped_pair_gemm(tiles=tiles, block_m=block_m, interpret=interpret, n_live=n_live,  # noqa: E731
-                                                 **kw)
+    gemm = functools.partial(mosaic_grouped_pair_gemm, tiles=tiles, block_m=block_m, interpret=interpret, n_live=n_live)
     swiglu = lambda g, u: (jax.nn.silu(g.astype(jnp.float32)) * u).astype(jnp.bfloat16)  # noqa: E731
     if swiglu_in_kernel(block_m, cfg_gu):   # SwiGLU in the kernel's epilogue
         h = gemm(xs=xs_pad, words=words["gate_up"], swiglu=True, config=cfg_gu, name="mosaic_gate_up")

@@ -295,7 +295,10 @@ def _pair_tile(w_gmem, ai_gmem, aj_gmem, bi, bj, oi_gmem, oj_gmem, *, block_n, b
                              plgpu.SMEM((2, block_n, block_k), jnp.bfloat16))
     else:
         outs = pl.run_scoped(acc_scope, *accs)
-    finish = lambda: pl.run_scoped(lambda o_smem: store(outs, o_smem, n), plgpu.SMEM(o_shape, oi_gmem.dtype))  # noqa: E731
+
+    def finish():
+        pl.run_scoped(lambda o_smem: store(outs, o_smem, n), plgpu.SMEM(o_shape, oi_gmem.dtype))
+
     if partial is None:
         finish()
         return

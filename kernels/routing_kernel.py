@@ -29,6 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels.gpu import largest_pow2_divisor, next_pow2 as _pow2
+
 MAX_ROWS = 4096        # routed rows (T * top-k) the launches take
 # rows per program: of 32, 64 and 128, 32 ran fastest at every size and shape timed
 # (benchmarks/check_routing_kernel.py, H200)
@@ -51,10 +53,6 @@ def fits(rows: int, num_pairs: int, num_dense: int, block_m: int) -> bool:
 def default_chunk(rows: int) -> int:
     """Rows per program: ``CHUNK``, or the rows (power-of-two padded) where fewer: one launch."""
     return min(_pow2(rows), CHUNK)
-
-
-def _pow2(n: int) -> int:
-    return max(2, 1 << (n - 1).bit_length())
 
 
 def layout_sizes(rows: int, num_pairs: int, block_m: int) -> tuple[int, int]:
@@ -132,16 +130,13 @@ def _gather_rows(x_ref, xs_ref, a, row, valid, j, d: _Dims):
     padded row of ``xs_ref`` [Q * H] (bf16), in pieces of a power of two dividing H.  Addresses are a
     row base plus a run of a piece (no select per element), so that the loads and stores stay
     contiguous vectors; masked lanes point past the end (``_off``)."""
-    piece, per_program = _row_pieces(d.H)
-    cols = lax.iota(jnp.int32, piece)[None, :]
+    _, per_program = _row_pieces(d.H)
     src_base = (jnp.where(valid, lax.div(a, d.k), 0) * d.H)[:, None]
     dst_base = (_off(valid, row, d.Q) * d.H)[:, None]
-    m = valid[:, None]
 
     def copy(p, carry):
-        q = j * per_program + p
-        h = jnp.minimum(q, d.H // piece - 1) * piece + cols
-        mq = m & (q < d.H // piece)
+        h, in_row = _piece_columns(j, p, d)
+        mq = valid[:, None] & in_row
         vals = pltriton.load(x_ref.at[src_base + h], mask=mq, other=0)
         pltriton.store(xs_ref.at[dst_base + h], vals.astype(xs_ref.dtype), mask=mq)
         return carry
@@ -156,18 +151,16 @@ def _zero_tails(xs_ref, slots, mine, c, j, d: _Dims):
     a higher energy than zeros.  One masked store per side and piece, in a loop over the pairs that
     have a tail, so a step of many pairs and few rows pays for the few."""
     i32 = jnp.int32
-    piece, per_program = _row_pieces(d.H)
-    cols = lax.iota(i32, piece)[None, :]
+    _, per_program = _row_pieces(d.H)
     r = lax.iota(i32, _pow2(d.bm))
 
     def zero(first_row, n, on=True):   # rows [first_row, first_row + n), n <= bm, where ``on``
         m = (r < n) & on
         base = (_off(m, first_row + r, d.Q) * d.H)[:, None]
         for q in range(per_program):
-            h_piece = j * per_program + q
-            h = jnp.minimum(h_piece, d.H // piece - 1) * piece + cols
-            pltriton.store(xs_ref.at[base + h], jnp.zeros((r.shape[0], piece), xs_ref.dtype),
-                           mask=m[:, None] & (h_piece < d.H // piece))
+            h, in_row = _piece_columns(j, q, d)
+            pltriton.store(xs_ref.at[base + h], jnp.zeros((r.shape[0], h.shape[1]), xs_ref.dtype),
+                           mask=m[:, None] & in_row)
 
     tails = [blocks * d.bm - count for _, count, blocks in slots]
     has = mine & ((tails[0] > 0) | (tails[1] > 0))
@@ -183,11 +176,17 @@ def _zero_tails(xs_ref, slots, mine, c, j, d: _Dims):
     zero(d.spare * d.bm, d.bm, c == 0)
 
 
+def _piece_columns(j, p, d: _Dims):
+    """Columns ``[1, piece]`` of piece ``p`` of row slice ``j``, and whether that piece is inside the row
+    (the last slice may hold fewer pieces; its spare ones repeat the last piece's columns, masked off)."""
+    piece, per_program = _row_pieces(d.H)
+    q = j * per_program + p
+    return jnp.minimum(q, d.H // piece - 1) * piece + lax.iota(jnp.int32, piece)[None, :], q < d.H // piece
+
+
 def _row_pieces(H: int) -> tuple[int, int]:
     """(elements per copy: the largest power of two up to ``ROW_PIECE`` dividing ``H``, pieces per program)."""
-    piece = ROW_PIECE
-    while H % piece:
-        piece //= 2
+    piece = largest_pow2_divisor(H, ROW_PIECE)
     return piece, max(1, ROW_SPAN // piece)
 
 
@@ -197,7 +196,7 @@ def _place(a, slot, rank, tot_i, tot_j, prior_i, prior_j, c, G, base_ref, src_re
     totals per slot and the earlier chunks' counts (``[PP]`` each, i and j sides).  Given ``x_ref``,
     program ``(c, j)`` also gathers slice ``j`` of the chunk's token rows into ``xs_ref``, and only the
     programs ``(c, 0)`` write the tables (the others compute the same rows)."""
-    j = pl.program_id(1) if x_ref is not None else 0
+    j = pl.program_id(1)   # the row slice (0 where no rows are gathered)
     write = j == 0
     i32, bm = jnp.int32, d.bm
     p = lax.iota(i32, d.PP)
@@ -243,7 +242,7 @@ def _place(a, slot, rank, tot_i, tot_j, prior_i, prior_j, c, G, base_ref, src_re
 def _fused_kernel(ids_ref, pairs_ref, *refs, d: _Dims, interpret):
     x_ref, (tiles_ref, src_ref, row_ref, base_ref, *xs_ref) = (refs[0], refs[1:]) if d.H else (None, refs)
     a, slot, rank, cnt_i, cnt_j = _assign(ids_ref, pairs_ref, 0, d)
-    _clear(src_ref, tiles_ref, 0, 1, d, write=pl.program_id(1) == 0 if d.H else True)
+    _clear(src_ref, tiles_ref, 0, 1, d, write=pl.program_id(1) == 0)
     zero = jnp.zeros_like(cnt_i)
     _place(a, slot, rank, cnt_i, cnt_j, zero, zero, 0, 1, base_ref, src_ref, row_ref, tiles_ref, d, not interpret,
            x_ref, *xs_ref)

@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.gpu import silu
+from kernels.gpu import next_pow2, silu
 
 
 def share_start(g, total, ctas: int):
@@ -28,10 +28,6 @@ def share_start(g, total, ctas: int):
     (No product that could overflow int32.)"""
     q, r = total // ctas, total % ctas
     return g * q + jnp.minimum(g, r)
-
-
-def _pow2(n: int) -> int:
-    return max(8, 1 << (n - 1).bit_length())
 
 
 def _fixup_kernel(live_ref, tiles_ref, ws_ref, out_in, out_ref, *, ctas, nk, n_cols, n_acc, block_n, block_m,
@@ -48,7 +44,7 @@ def _fixup_kernel(live_ref, tiles_ref, ws_ref, out_in, out_ref, *, ctas, nk, n_c
 
     @pl.when(first_cut)
     def _():
-        c_blk, r_blk = lax.iota(i32, block_n)[:, None], lax.iota(i32, _pow2(block_m))[None, :]
+        c_blk, r_blk = lax.iota(i32, block_n)[:, None], lax.iota(i32, next_pow2(block_m))[None, :]
         in_block = r_blk < block_m
         piece = n_acc * block_n * block_m
 
@@ -61,7 +57,7 @@ def _fixup_kernel(live_ref, tiles_ref, ws_ref, out_in, out_ref, *, ctas, nk, n_c
             return c + 1, tuple(a + x for a, x in zip(accs, loads))
 
         more = lambda carry: (carry[0] < ctas) & (share_start(carry[0], total, ctas) < (u + 1) * nk)  # noqa: E731
-        zeros = tuple(jnp.zeros((block_n, _pow2(block_m)), jnp.float32) for _ in range(n_acc))
+        zeros = tuple(jnp.zeros((block_n, next_pow2(block_m)), jnp.float32) for _ in range(n_acc))
         _, accs = lax.while_loop(more, add, (g - 1, zeros))
         if swiglu:   # (gate_i, gate_j, up_i, up_j)
             results = [silu(gate) * up for gate, up in zip(accs[:2], accs[2:])]

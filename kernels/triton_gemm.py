@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.gpu import decode, k_splits, num_sms, silu, smem_budget
+from kernels.gpu import decode, k_splits, largest_pow2_divisor, num_sms, silu, smem_budget
 
 MIN_ROWS = 16  # smallest MMA row tile; fewer tokens are padded/masked up to it
 
@@ -54,13 +54,6 @@ class TritonConfig:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
-def _largest_pow2_divisor(x: int, cap: int) -> int:
-    d = 1
-    while d < cap and x % (2 * d) == 0:
-        d *= 2
-    return d
-
-
 def pair_config(m: int, k: int, n: int) -> TritonConfig:
     """Tile table of the pair kernel, by tokens per expert ``m`` and weight shape [k, n].
 
@@ -75,7 +68,7 @@ def pair_config(m: int, k: int, n: int) -> TritonConfig:
         bm, bn, bk_cap, warps = 64, 128, 64, 8
     else:
         bm, bn, bk_cap, warps = 128, 128, 64, 8
-    bk = max(_largest_pow2_divisor(k, bk_cap), 64)
+    bk = max(largest_pow2_divisor(k, bk_cap), 64)
     bn = min(bn, max(16, pl.next_power_of_2(n)))
     m_tiles, n_tiles, nk = pl.cdiv(max(m, 1), bm), pl.cdiv(n, bn), pl.cdiv(k, bk)
     split = k_splits(nk, m_tiles * n_tiles, 3 * num_sms() // 2)
@@ -91,7 +84,7 @@ def layer_config(rows: int, k: int, n: int, *, swiglu: bool = False) -> TritonCo
     launch has >= 2 programs per SM even if only one pair is active.
     """
     bm, warps = (16, 4) if rows <= 32 else (32, 4) if rows < 2048 else (128, 8)
-    bk = max(_largest_pow2_divisor(k, 64), 64)
+    bk = max(largest_pow2_divisor(k, 64), 64)
     bn = 64
     n_tiles, nk = pl.cdiv(n, bn), pl.cdiv(k, bk)
     split = 1 if swiglu else k_splits(nk, n_tiles, 2 * num_sms())

@@ -6,13 +6,14 @@ output checked against the jnp reference on fresh random data).  The Mosaic kern
 words stored transposed, ``[N, K]`` (``words.T``, prepared once, outside the timing).
 
     PYTHONPATH=. python3 benchmarks/bench_mosaic.py --out $OUT/bench_mosaic.json
+    PYTHONPATH=. python3 benchmarks/bench_mosaic.py --variants energy --ms 16,32,64 --sustained-s 1.0 ...   # at the power cap
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from common import bandwidth_ceilings, cupti_time, device_info, rel_err, write_json
+from common import bandwidth_ceilings, cupti_time, device_info, rel_err, sustained_time, write_json
 from bench_kernel import SHAPES, SMOKE_SHAPES, make_buffers, rotation
 
 import jax
@@ -40,6 +41,11 @@ CONTROL_VARIANTS = [
     dict(block_n=64, block_k=128, steps=8, _control="stream_only"),
     dict(block_n=64, block_k=64, steps=4, _control="stream_only"),
 ]
+# --variants energy: the same launch with and without the decode and the MMAs, to time back to back
+# (--sustained-s) where the board's power cap sets the clock: what each part costs in energy
+ENERGY_VARIANTS = [dict(block_n=64, block_k=128, steps=2, decode="prmt"),
+                   dict(block_n=64, block_k=128, steps=2, _control="no_decode"),
+                   dict(block_n=64, block_k=128, steps=2, _control="stream_only")]
 # --variants decode: one word per 16-bit op ("select") vs two per 32-bit op ("swar", "prmt")
 DECODE_VARIANTS = [
     dict(block_n=64, block_k=128, steps=4, decode="select"), dict(block_n=64, block_k=128, steps=4, decode="swar"),
@@ -72,7 +78,14 @@ def main():
     ap.add_argument("--ms", default="1,4,16,32,64,128")
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test (Mosaic interpreter)")
-    ap.add_argument("--variants", default="main", choices=["main", "controls", "decode", "default", "split", "large", "occupancy"],
+    ap.add_argument("--rotate", type=int, default=0,
+                    help="weight buffers per call (default: enough to exceed L2); more keep a back-to-back call "
+                         "longer than its host dispatch")
+    ap.add_argument("--sustained-s", type=float, default=0.0,
+                    help="also time each variant back to back after this many seconds of warm-up, with the SM "
+                         "clock and board power (common.sustained_time)")
+    ap.add_argument("--variants", default="main",
+                    choices=["main", "controls", "energy", "decode", "default", "split", "large", "occupancy"],
                     help="default: only pair_gemm(impl='mosaic') with mosaic_config's settings")
     args = ap.parse_args()
     t0 = time.time()
@@ -84,7 +97,7 @@ def main():
     for shape in args.shapes.split(","):
         k, n = {**SHAPES, **SMOKE_SHAPES}[shape]
         nbytes = k * n * 2
-        r = rotation(nbytes, 32)
+        r = args.rotate or rotation(nbytes, 32)
         bufs = make_buffers(k, n, r, seed=5)
         words = [b[0] for b in bufs]
         words_t = [jax.block_until_ready(jnp.array(w.T)) for w in words]
@@ -100,7 +113,8 @@ def main():
 
             def timed(name, fn, ws):
                 try:
-                    out, t, spread, kern = cupti_time(jax.jit(fn), (a_i, a_j, *ws), iterations=args.iters, per_call=r)
+                    jitted = jax.jit(fn)
+                    out, t, spread, kern = cupti_time(jitted, (a_i, a_j, *ws), iterations=args.iters, per_call=r)
                     (ei, fi), (ej, fj) = rel_err(out[0][0], ref[0]), rel_err(out[0][1], ref[1])
                     # two_dots multiplies the original (unmerged) weights: its err is not a check
                     checked = name != "two_dots" and "_control" not in name
@@ -108,6 +122,10 @@ def main():
                                                 if checked else None,
                                                 GBps=nbytes / t / 1e6, frac_copy_bw=nbytes / t / 1e6 / copy_bw,
                                                 kernels=kern)
+                    if args.sustained_s > 0:   # ms per launch, as the burst figure; about 1 s of calls timed
+                        sus = sustained_time(jitted, (a_i, a_j, *ws), warm_s=args.sustained_s,
+                                             calls=max(200, int(1000 / (t * r))))
+                        row["timings"][name]["sustained"] = {**sus, "ms": sus["ms"] / r}
                 except Exception as e:  # noqa: BLE001 (a variant that does not compile is recorded)
                     row["timings"][name] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
                 print(shape, m, name, {kk: v for kk, v in row["timings"][name].items() if kk != "kernels"}, flush=True)
@@ -120,7 +138,7 @@ def main():
                 timed("mosaic_default", lambda a_i, a_j, *ws: [
                     K.pair_gemm(a_i, a_j, w, transposed=True, impl="mosaic", interpret=args.interpret)
                     for w in ws], words_t)
-            for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "decode": DECODE_VARIANTS,
+            for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "energy": ENERGY_VARIANTS, "decode": DECODE_VARIANTS,
                       "default": [], "split": SPLIT_VARIANTS,
                       "large": LARGE_VARIANTS, "occupancy": OCCUPANCY_VARIANTS}[args.variants]:
                 if args.interpret and v.get("decode") in ("swar", "prmt"):

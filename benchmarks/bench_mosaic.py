@@ -6,7 +6,7 @@ output checked against the jnp reference on fresh random data).  The Mosaic kern
 words stored transposed, ``[N, K]`` (``words.T``, prepared once, outside the timing).
 
     PYTHONPATH=. python3 benchmarks/bench_mosaic.py --out $OUT/bench_mosaic.json
-    PYTHONPATH=. python3 benchmarks/bench_mosaic.py --variants energy --ms 16,32,64 --sustained-s 1.0 ...   # at the power cap
+    PYTHONPATH=. python3 benchmarks/bench_mosaic.py --variants energy --rotate 8 --sustained-s 1.0   # at the cap
 """
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ def main():
                 timed("mosaic_default", lambda a_i, a_j, *ws: [
                     K.pair_gemm(a_i, a_j, w, transposed=True, impl="mosaic", interpret=args.interpret)
                     for w in ws], words_t)
-            for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "energy": ENERGY_VARIANTS, "decode": DECODE_VARIANTS,
+            for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "energy": ENERGY_VARIANTS,
+                      "decode": DECODE_VARIANTS,
                       "default": [], "split": SPLIT_VARIANTS,
                       "large": LARGE_VARIANTS, "occupancy": OCCUPANCY_VARIANTS}[args.variants]:
                 if args.interpret and v.get("decode") in ("swar", "prmt"):

@@ -88,6 +88,8 @@ def main():
                     choices=["main", "controls", "energy", "decode", "default", "split", "large", "occupancy"],
                     help="default: only pair_gemm(impl='mosaic') with mosaic_config's settings")
     args = ap.parse_args()
+    if args.rotate < 0 or args.sustained_s < 0:
+        ap.error(f"--rotate and --sustained-s must be >= 0, got {args.rotate} and {args.sustained_s}")
     t0 = time.time()
     res = {"info": device_info(), "command": " ".join(__import__("sys").argv), "rows": []}
     if not args.interpret:
@@ -139,8 +141,7 @@ def main():
                     K.pair_gemm(a_i, a_j, w, transposed=True, impl="mosaic", interpret=args.interpret)
                     for w in ws], words_t)
             for v in {"main": VARIANTS, "controls": CONTROL_VARIANTS, "energy": ENERGY_VARIANTS,
-                      "decode": DECODE_VARIANTS,
-                      "default": [], "split": SPLIT_VARIANTS,
+                      "decode": DECODE_VARIANTS, "default": [], "split": SPLIT_VARIANTS,
                       "large": LARGE_VARIANTS, "occupancy": OCCUPANCY_VARIANTS}[args.variants]:
                 if args.interpret and v.get("decode") in ("swar", "prmt"):
                     continue   # the interpreter has no inline_mgpu
